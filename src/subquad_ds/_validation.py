@@ -1,0 +1,205 @@
+"""Input validation shared by every public class.
+
+Each public entry point validates once, here, and hands the Cython cores
+C-contiguous arrays of the structure's dtype, so the cores can run with
+bounds checks off.  Every message names the argument, states what was
+expected and what was received.  Validation never mutates its input and
+happens before any state changes, so a rejected call leaves a structure as
+it was.
+
+dtype policy (the scikit-learn tree rule): a structure built from a
+``np.float32`` ndarray works in float32, anything else (float64, integers,
+bools, lists) in float64.  Later inputs are cast to the structure's dtype.
+Complex, object, string and datetime inputs are rejected with TypeError.
+Non-contiguous and read-only inputs are accepted: they are copied to a
+contiguous array when needed and never written to.
+"""
+
+import numbers
+import operator
+
+import numpy as np
+
+from ._openmp_helpers import max_threads, openmp_enabled
+
+__all__ = [
+    "as_float_array",
+    "as_index_array",
+    "check_int",
+    "check_n_threads",
+    "check_random_state",
+    "check_scalar_or_vector",
+    "resolve_float_dtype",
+]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def resolve_float_dtype(X, dtype=None):
+    """Pick the working float dtype for a new structure.
+
+    ``dtype`` wins when given (it must be float32 or float64); otherwise
+    float32 if ``X`` is already a float32 ndarray, else float64.
+    """
+    if dtype is not None:
+        dt = np.dtype(dtype)
+        if dt not in _FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float32 or float64; got {dt}")
+        return dt
+    if isinstance(X, np.ndarray) and X.dtype == np.float32:
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def _check_numeric_kind(arr, name):
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name} must hold real numbers (bool, int or float); got dtype {arr.dtype}"
+        )
+
+
+def as_float_array(X, name, *, dtype, ndim=None, shape=None, allow_empty=True,
+                   finite=True):
+    """Validate ``X`` and return it as a C-contiguous array of ``dtype``.
+
+    Parameters
+    ----------
+    X : array-like
+        The input.
+    name : str
+        The argument's name, used in messages.
+    dtype : numpy dtype
+        float32 or float64; the result has this dtype.
+    ndim : int or tuple of int, optional
+        Accepted numbers of dimensions.
+    shape : tuple, optional
+        Expected shape; ``None`` entries are free.
+    allow_empty : bool, default=True
+        Whether a zero-size array is accepted.
+    finite : bool, default=True
+        Reject NaN and infinity.
+
+    Returns
+    -------
+    out : ndarray
+        ``X`` itself when it already fits (no copy), otherwise a contiguous
+        copy of ``dtype``.  The result may be read-only: callers must not
+        write to it.
+
+    Raises
+    ------
+    TypeError
+        Non-numeric dtype (complex, object, string, ...).
+    ValueError
+        Wrong number of dimensions or shape, empty input when not allowed,
+        NaN or infinity when ``finite``.
+    """
+    if isinstance(X, np.ndarray):
+        arr = X
+    else:
+        try:
+            arr = np.asarray(X)
+        except (ValueError, TypeError) as exc:
+            raise TypeError(f"{name} must be an array of real numbers; {exc}") from None
+    _check_numeric_kind(arr, name)
+    if ndim is not None:
+        ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if arr.ndim not in ndims:
+            expected = " or ".join(f"{d}-D" for d in ndims)
+            raise ValueError(f"{name} must be {expected}; got shape {arr.shape}")
+    if shape is not None:
+        if arr.ndim != len(shape) or any(
+            s is not None and s != a for s, a in zip(shape, arr.shape)
+        ):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name} must have shape {want}; got shape {arr.shape}")
+    if not allow_empty and arr.size == 0:
+        raise ValueError(f"{name} is empty; got shape {arr.shape}")
+    with np.errstate(over="ignore"):  # overflow to inf is reported just below
+        out = np.ascontiguousarray(arr, dtype=dtype)
+    if finite and out.size and not np.isfinite(out).all():
+        # Check after the cast: a float64 value beyond float32 range becomes inf.
+        raise ValueError(f"{name} must be finite; found NaN or inf")
+    return out
+
+
+def as_index_array(ids, name, *, ndim=1):
+    """Validate integer ids and return a C-contiguous ``np.intp`` array.
+
+    Scalars are promoted to 1-D.  Floats, even integral ones, are rejected
+    with TypeError, like numpy fancy indexing.
+    """
+    arr = np.asarray(ids)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.dtype.kind not in "iu" and not (arr.size == 0 and arr.dtype.kind == "f"):
+        raise TypeError(f"{name} must be integers; got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got shape {arr.shape}")
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.intp).max:
+        raise ValueError(f"{name} has values beyond the np.intp range")
+    return np.ascontiguousarray(arr, dtype=np.intp)
+
+
+def check_int(value, name, *, minimum=None, maximum=None, allow_none=False):
+    """Return ``value`` as a Python int after checking type and range."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer; got {value!r}")
+    value = operator.index(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}; got {value}")
+    return value
+
+
+def check_scalar_or_vector(b, name, *, length, dtype):
+    """Broadcast a scalar or a vector to shape ``(length,)`` of ``dtype``.
+
+    Used for per-query thresholds: ``b`` must broadcast to ``(length,)``.
+    """
+    arr = as_float_array(b, name, dtype=dtype, ndim=(0, 1))
+    if arr.ndim == 1 and arr.shape[0] not in (1, length):
+        raise ValueError(
+            f"{name} must broadcast to ({length},); got shape {arr.shape}"
+        )
+    return np.ascontiguousarray(np.broadcast_to(arr, (length,)), dtype=dtype)
+
+
+def check_n_threads(n_threads):
+    """Resolve ``n_threads`` to a positive thread count.
+
+    ``None`` and ``-1`` mean every usable core; ``-k`` means
+    ``n_cpus + 1 - k`` (at least 1); 0 is invalid.  Without OpenMP the
+    answer is always 1.
+    """
+    if n_threads is None:
+        n_threads = -1
+    n_threads = check_int(n_threads, "n_threads")
+    if n_threads == 0:
+        raise ValueError("n_threads = 0 is invalid")
+    if not openmp_enabled():
+        return 1
+    n_cpus = max_threads()
+    if n_threads < 0:
+        return max(1, n_cpus + 1 + n_threads)
+    return n_threads
+
+
+def check_random_state(seed, name="random_state"):
+    """Turn ``seed`` into a ``np.random.Generator``.
+
+    None gives fresh OS entropy, an int or a ``SeedSequence`` seeds a new
+    PCG64 generator, and a Generator is returned unchanged (shared state).
+    """
+    if seed is None or isinstance(seed, (numbers.Integral, np.random.SeedSequence)):
+        if isinstance(seed, (bool, np.bool_)):
+            raise TypeError(f"{name} must be None, an int, a SeedSequence or a Generator; got {seed!r}")
+        return np.random.default_rng(seed)
+    if isinstance(seed, np.random.Generator):
+        return seed
+    raise TypeError(
+        f"{name} must be None, an int, a SeedSequence or a Generator; got {seed!r}"
+    )
