@@ -180,7 +180,8 @@ def _write_plot(results, args, path):
     return True
 
 
-def cmd_train(args, out=sys.stdout, err=sys.stderr):
+def cmd_train(args):
+    out, err = sys.stdout, sys.stderr
     from .datasets import load_default_task
 
     X, y = load_default_task(args.task, n_samples=args.n_samples, dtype=np.dtype(args.dtype).type)
@@ -218,7 +219,8 @@ def fit_exponent(widths, seconds):
     return float(slope)
 
 
-def cmd_bench(args, out=sys.stdout, err=sys.stderr):
+def cmd_bench(args):
+    out = sys.stdout
     from .datasets import load_default_task
     from .mlp import SparseMLP
 
