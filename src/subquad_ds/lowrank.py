@@ -207,6 +207,9 @@ class LowRankUpdatedMatrix:
     """
 
     ndim = 2
+    # Make ``ndarray @ LowRankUpdatedMatrix`` call __rmatmul__ instead of
+    # densifying through __array__.
+    __array_ufunc__ = None
 
     def __init__(self, W0, *, max_rank=None, copy=True):
         if not isinstance(copy, (bool, np.bool_)):
