@@ -190,6 +190,18 @@ def test_float32_agrees_with_float64(rng):
     assert_allclose(A32.matvec(x), A64.matvec(x), rtol=1e-4, atol=1e-4)
 
 
+def test_as_float_array_order():
+    from subquad_ds._validation import as_float_array
+
+    c = np.ones((3, 2))
+    f = np.asfortranarray(c)
+    assert as_float_array(f, "X", dtype=np.float64, order="A") is f
+    assert as_float_array(c, "X", dtype=np.float64, order="A") is c
+    assert as_float_array(c, "X", dtype=np.float64, order="F").flags.f_contiguous
+    assert as_float_array(f, "X", dtype=np.float64).flags.c_contiguous
+    assert as_float_array(c[:, ::2], "X", dtype=np.float64, order="A").flags.c_contiguous
+
+
 def test_dtype_rule():
     assert LowRankUpdatedMatrix(np.ones((2, 2), dtype=np.float32)).dtype == np.float32
     assert LowRankUpdatedMatrix(np.ones((2, 2), dtype=np.float64)).dtype == np.float64
@@ -257,7 +269,10 @@ def test_memmap_base_is_never_written(tmp_path, dtype, order, mmap_mode, rng):
     B = A.copy()
     B.update(rng.standard_normal(m), rng.standard_normal(n))
     B.flush()
-    del A, B, W
+    C = pickle.loads(pickle.dumps(A))
+    assert C.frozen and not isinstance(C._base, np.memmap)
+    assert_array_equal(C.toarray(), A.toarray())
+    del A, B, C, W
     assert path.read_bytes() == before
 
 
