@@ -119,114 +119,80 @@ def gemv(const floating[::1, :] S, bint trans, const floating[::1] x,
                   &beta, &y[0], &inc)
 
 
+cdef void _gather_mv(const floating[::1, :] S, bint trans,
+                     const Py_ssize_t* rows, Py_ssize_t n_out,
+                     const Py_ssize_t* idx, Py_ssize_t n_in, const floating* vals,
+                     floating* y, bint accumulate, int n_threads) noexcept nogil:
+    """y[i] = [y[i] +] sum_t vals[t] * op(S)[row(i), col(t)] for i < n_out.
+
+    ``row(i) = rows[i]`` and ``col(t) = idx[t]``; a NULL ``rows`` or ``idx``
+    means the identity (all output rows, a dense input vector).
+    """
+    cdef Py_ssize_t i, t, b, i0, i1, n_blocks
+    cdef const floating* col
+    cdef floating v, acc
+    if trans:
+        # Row row(i) of op(S) is the contiguous column row(i) of S: one
+        # (gathered) dot product per output entry.
+        for i in prange(n_out, schedule='static', num_threads=n_threads):
+            col = &S[0, rows[i] if rows != NULL else i]
+            acc = y[i] if accumulate else 0
+            if idx == NULL:
+                for t in range(n_in):
+                    acc = acc + vals[t] * col[t]
+            else:
+                for t in range(n_in):
+                    acc = acc + vals[t] * col[idx[t]]
+            y[i] = acc
+    else:
+        # Column col(t) of op(S) is contiguous in S: add the columns, one
+        # L1-sized block of outputs at a time (gathering row(i) within it).
+        n_blocks = (n_out + ROW_BLOCK - 1) // ROW_BLOCK
+        for b in prange(n_blocks, schedule='static', num_threads=n_threads):
+            i0 = b * ROW_BLOCK
+            i1 = i0 + ROW_BLOCK
+            if i1 > n_out:
+                i1 = n_out
+            if not accumulate:
+                for i in range(i0, i1):
+                    y[i] = 0
+            for t in range(n_in):
+                v = vals[t]
+                col = &S[0, idx[t] if idx != NULL else t]
+                if rows == NULL:
+                    for i in range(i0, i1):
+                        y[i] = y[i] + v * col[i]
+                else:
+                    for i in range(i0, i1):
+                        y[i] = y[i] + v * col[rows[i]]
+
+
 def spmv(const floating[::1, :] S, bint trans, const Py_ssize_t[::1] idx,
          const floating[::1] vals, floating[::1] y, bint accumulate, int n_threads):
     """y = [y +] op(S)[:, idx] @ vals (duplicate indices add up)."""
-    cdef Py_ssize_t p = y.shape[0]
-    cdef Py_ssize_t nnz = idx.shape[0]
-    cdef Py_ssize_t n_blocks, b, i, i0, i1, t
-    cdef const floating* col
-    cdef floating v, acc
-    if p == 0:
+    if y.shape[0] == 0:
         return
-    if not trans:
-        # op(S) = S: add nnz contiguous columns, one L1-sized block of y at a time.
-        n_blocks = (p + ROW_BLOCK - 1) // ROW_BLOCK
-        with nogil:
-            for b in prange(n_blocks, schedule='static', num_threads=n_threads):
-                i0 = b * ROW_BLOCK
-                i1 = i0 + ROW_BLOCK
-                if i1 > p:
-                    i1 = p
-                if not accumulate:
-                    for i in range(i0, i1):
-                        y[i] = 0
-                for t in range(nnz):
-                    v = vals[t]
-                    col = &S[0, idx[t]]
-                    for i in range(i0, i1):
-                        y[i] = y[i] + v * col[i]
-    else:
-        # op(S)[i, j] = S[j, i]: output i is a gathered dot along column i of S.
-        with nogil:
-            for i in prange(p, schedule='static', num_threads=n_threads):
-                col = &S[0, i]
-                acc = y[i] if accumulate else 0
-                for t in range(nnz):
-                    acc = acc + vals[t] * col[idx[t]]
-                y[i] = acc
+    with nogil:
+        _gather_mv(S, trans, NULL, y.shape[0], &idx[0], idx.shape[0], &vals[0],
+                   &y[0], accumulate, n_threads)
 
 
 def gemv_rows(const floating[::1, :] S, bint trans, const Py_ssize_t[::1] rows,
               const floating[::1] x, floating[::1] y, bint accumulate, int n_threads):
     """y = [y +] op(S)[rows, :] @ x (y has len(rows) entries)."""
-    cdef Py_ssize_t k = rows.shape[0]
-    cdef Py_ssize_t q = x.shape[0]
-    cdef Py_ssize_t r, j, r0, r1, b, n_blocks
-    cdef const floating* col
-    cdef floating xj, acc
-    if k == 0:
+    if rows.shape[0] == 0:
         return
-    if trans:
-        # Row rows[r] of op(S) is the contiguous column rows[r] of S.
-        with nogil:
-            for r in prange(k, schedule='static', num_threads=n_threads):
-                col = &S[0, rows[r]]
-                acc = y[r] if accumulate else 0
-                for j in range(q):
-                    acc = acc + col[j] * x[j]
-                y[r] = acc
-    else:
-        # Row rows[r] of S is strided: walk the columns, gather the rows.
-        n_blocks = (k + ROW_BLOCK - 1) // ROW_BLOCK
-        with nogil:
-            for b in prange(n_blocks, schedule='static', num_threads=n_threads):
-                r0 = b * ROW_BLOCK
-                r1 = r0 + ROW_BLOCK
-                if r1 > k:
-                    r1 = k
-                if not accumulate:
-                    for r in range(r0, r1):
-                        y[r] = 0
-                for j in range(q):
-                    xj = x[j]
-                    col = &S[0, j]
-                    for r in range(r0, r1):
-                        y[r] = y[r] + xj * col[rows[r]]
+    with nogil:
+        _gather_mv(S, trans, &rows[0], rows.shape[0], NULL, x.shape[0], &x[0],
+                   &y[0], accumulate, n_threads)
 
 
 def spmv_rows(const floating[::1, :] S, bint trans, const Py_ssize_t[::1] rows,
               const Py_ssize_t[::1] idx, const floating[::1] vals, floating[::1] y,
               bint accumulate, int n_threads):
     """y = [y +] op(S)[rows, idx] @ vals (y has len(rows) entries)."""
-    cdef Py_ssize_t k = rows.shape[0]
-    cdef Py_ssize_t nnz = idx.shape[0]
-    cdef Py_ssize_t r, t, r0, r1, b, n_blocks
-    cdef const floating* col
-    cdef floating v, acc
-    if k == 0:
+    if rows.shape[0] == 0:
         return
-    if trans:
-        with nogil:
-            for r in prange(k, schedule='static', num_threads=n_threads):
-                col = &S[0, rows[r]]
-                acc = y[r] if accumulate else 0
-                for t in range(nnz):
-                    acc = acc + vals[t] * col[idx[t]]
-                y[r] = acc
-    else:
-        n_blocks = (k + ROW_BLOCK - 1) // ROW_BLOCK
-        with nogil:
-            for b in prange(n_blocks, schedule='static', num_threads=n_threads):
-                r0 = b * ROW_BLOCK
-                r1 = r0 + ROW_BLOCK
-                if r1 > k:
-                    r1 = k
-                if not accumulate:
-                    for r in range(r0, r1):
-                        y[r] = 0
-                for t in range(nnz):
-                    v = vals[t]
-                    col = &S[0, idx[t]]
-                    for r in range(r0, r1):
-                        y[r] = y[r] + v * col[rows[r]]
+    with nogil:
+        _gather_mv(S, trans, &rows[0], rows.shape[0], &idx[0], idx.shape[0], &vals[0],
+                   &y[0], accumulate, n_threads)

@@ -41,6 +41,16 @@ def _is_memory_mapped(a):
     return False
 
 
+def _check_index_range(ids, name, upper):
+    """``ids`` as a 1-D intp array with every value in ``[0, upper)``."""
+    ids = as_index_array(ids, name)
+    if ids.size and (ids.min() < 0 or ids.max() >= upper):
+        raise ValueError(
+            f"{name} must be in [0, {upper}); got values from {ids.min()} to {ids.max()}"
+        )
+    return ids
+
+
 def _n_threads(work):
     return max_threads() if work >= _PARALLEL_MIN_WORK else 1
 
@@ -391,29 +401,18 @@ class LowRankUpdatedMatrix:
         inner, outer = (U, V) if transpose else (V, U)
         return dense, inner, outer
 
-    def _check_rows(self, rows, p):
-        rows = as_index_array(rows, "rows")
-        if rows.size and (rows.min() < 0 or rows.max() >= p):
-            raise ValueError(
-                f"rows must be in [0, {p}); got values from {rows.min()} to {rows.max()}"
-            )
-        return rows
 
     def _check_sparse(self, x, q):
         if len(x) != 2:
             raise ValueError(
                 f"a sparse x must be a pair (indices, values); got a tuple of length {len(x)}"
             )
-        idx = as_index_array(x[0], "x indices")
+        idx = _check_index_range(x[0], "x indices", q)
         vals = as_float_array(x[1], "x values", dtype=self._dtype, ndim=1)
         if idx.shape != vals.shape:
             raise ValueError(
                 "x indices and x values must have the same length; "
                 f"got {idx.shape[0]} and {vals.shape[0]}"
-            )
-        if idx.size and (idx.min() < 0 or idx.max() >= q):
-            raise ValueError(
-                f"x indices must be in [0, {q}); got values from {idx.min()} to {idx.max()}"
             )
         return idx, vals
 
@@ -431,7 +430,7 @@ class LowRankUpdatedMatrix:
             if x.shape != (q,):
                 raise ValueError(f"x must have shape ({q},) or ({q}, 1); got shape {x.shape}")
         if rows is not None:
-            rows = self._check_rows(rows, p)
+            rows = _check_index_range(rows, "rows", p)
         n_out = p if rows is None else rows.shape[0]
         y = np.empty(n_out, dtype=self._dtype)
         dense, inner, outer = self._operands(transpose)
