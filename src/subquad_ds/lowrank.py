@@ -124,6 +124,13 @@ class LowRankUpdatedMatrix:
         True if the base is a read-only or memory-mapped ``W0`` used without
         a copy (folds then go to a separate delta).
 
+    Raises
+    ------
+    ValueError
+        ``W0`` not 2-D, empty or not finite; ``max_rank`` out of range.
+    TypeError
+        Non-numeric ``W0``; non-integer ``max_rank``; non-bool ``copy``.
+
     See Also
     --------
     scipy.sparse.linalg.aslinearoperator : wraps this object as a LinearOperator
