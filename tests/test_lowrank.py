@@ -502,8 +502,13 @@ def test_aslinearoperator_lsqr(rng):
 
 # ---------------------------------------------------------------- threads
 
-def test_thread_count_does_not_change_results(dtype):
+def test_thread_count_does_not_change_results(dtype, monkeypatch):
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    from subquad_ds import lowrank
+    from subquad_ds._openmp_helpers import max_threads
+
+    monkeypatch.setattr(lowrank, "_PARALLEL_MIN_WORK", 0)  # threads even for small calls
+    assert lowrank._n_threads(1) == max_threads()
     rng = np.random.default_rng(3)
     m, n = 2048, 300
     A, _, _ = make_matrix(rng, m, n, dtype, max_rank=8)

@@ -13,9 +13,13 @@ __all__ = ["LowRankUpdatedMatrix", "default_max_rank"]
 
 _STATE_VERSION = 1
 _BLAS_INT_MAX = 2**31 - 1
-# Below this many multiply-adds a sparse or row-restricted kernel runs on one
-# thread: starting an OpenMP team costs a few microseconds.
-_PARALLEL_MIN_WORK = 1 << 16
+# Below this many multiply-adds (about a millisecond on one core) a sparse or
+# row-restricted kernel runs on one thread.  These kernels are memory-bound, so
+# a second thread gains little on short calls, while a thread team whose
+# members are descheduled on a busy machine costs a whole time slice (measured
+# here: a 1%-dense matvec at m = 8192 took 94 us on one thread and 12 ms on
+# two while other processes kept both cores busy).
+_PARALLEL_MIN_WORK = 1 << 22
 
 
 def default_max_rank(m, n):
