@@ -170,8 +170,10 @@ def test_drift_after_10000_rank1_updates(dtype, mode):
     eps = np.finfo(dtype).eps
     # Each entry is a sum of `steps` terms of size ~1/sqrt(steps): the error of
     # summing them in the working precision grows like sqrt(#folds) * eps.
+    # Observed: 5-8 eps (float32) and ~33 eps (float64) for 625 folds; eager
+    # float32 `W += outer(u, v)` reaches ~30 eps on the same sequence.
     err = np.abs(A.toarray() - W).max() / np.abs(W).max()
-    assert err < 20 * np.sqrt(A.n_flushes) * eps, err
+    assert err < 4 * np.sqrt(A.n_flushes) * eps, err / eps
     x = rng.standard_normal(n)
     y = W @ x
     assert np.abs(A.matvec(x) - y).max() / np.abs(y).max() < 100 * np.sqrt(A.n_flushes) * eps
