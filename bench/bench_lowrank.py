@@ -15,6 +15,9 @@ Groups (one per operation and size):
   ``(indices, values)`` against the dense matvec (ours and numpy) and the
   numpy gather ``W[:, idx] @ vals``.
 * ``lowrank-spmv-rows-m8192-p0.01``: the same, only 1% of output rows.
+* ``lowrank-sparse-rmatvec-m8192-p0.01``: ``W.T @ x`` for a sparse x, on the
+  default Fortran base (rows of W are strided: gathered reads) and on a
+  C-ordered base passed with ``copy=False`` (rows contiguous), against dense.
 * ``lowrank-flush-r64-m8192``: folding 64 pending rank-1 updates against
   numpy's ``W += U @ V.T``.
 
@@ -225,6 +228,39 @@ def test_spmv_rows_numpy_gather(benchmark, data, machine_info, single_thread):
     _info(benchmark, machine_info, single_thread, impl="numpy W[np.ix_(rows, idx)] @ vals")
     W, idx, vals, rows = data["W_f"], data["idx"], data["vals"], data["rows"]
     benchmark(lambda: W[np.ix_(rows, idx)] @ vals)
+
+
+RMATVEC_GROUP = f"lowrank-sparse-rmatvec-m{M}-p{DENSITY}"
+
+
+@pytest.fixture(scope="module")
+def c_ordered(data):
+    """A matrix on the C-ordered W (copy=False): rows of W are contiguous."""
+    A = LowRankUpdatedMatrix(data["W_c"], copy=False)
+    assert np.shares_memory(A._base, data["W_c"])
+    return A
+
+
+def test_sparse_rmatvec_subquad_ds_fortran(benchmark, data, lazy, machine_info,
+                                           single_thread):
+    benchmark.group = RMATVEC_GROUP
+    _info(benchmark, machine_info, single_thread, pending_rank=0,
+          impl="W.T @ sparse x, default Fortran base (gathered rows)")
+    benchmark(lazy[0].rmatvec, (data["idx"], data["vals"]))
+
+
+def test_sparse_rmatvec_subquad_ds_c(benchmark, data, c_ordered, machine_info, single_thread):
+    benchmark.group = RMATVEC_GROUP
+    _info(benchmark, machine_info, single_thread, pending_rank=0,
+          impl="W.T @ sparse x, C-ordered base via copy=False (contiguous rows)")
+    benchmark(c_ordered.rmatvec, (data["idx"], data["vals"]))
+
+
+def test_sparse_rmatvec_numpy_dense(benchmark, data, machine_info, single_thread):
+    benchmark.group = RMATVEC_GROUP
+    _info(benchmark, machine_info, single_thread, impl="numpy W.T @ x (x densified)")
+    W, xd = data["W_c"], _dense_x(data)
+    benchmark(lambda: W.T @ xd)
 
 
 # ------------------------------------------------------------------ fold
