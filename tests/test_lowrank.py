@@ -15,7 +15,7 @@ from hypothesis.stateful import (
     rule,
 )
 from numpy.testing import assert_allclose, assert_array_equal
-from scipy.sparse.linalg import aslinearoperator, cg, lsqr
+from scipy.sparse.linalg import LinearOperator, aslinearoperator, cg, lsqr
 
 from subquad_ds import LowRankUpdatedMatrix
 from subquad_ds.lowrank import default_max_rank
@@ -98,6 +98,7 @@ def check_all_products(A, ref, rng, dtype):
     assert A.matmat(np.empty((n, 0))).shape == (m, 0)
     assert_product_close(A.toarray(), ref, dtype, scale_w)
     assert_product_close(np.asarray(A), ref, dtype, scale_w)
+    assert np.asarray(A, dtype=np.float64).dtype == np.float64
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -489,17 +490,22 @@ def test_aslinearoperator_cg(dtype, rng):
 
 def test_aslinearoperator_lsqr(rng):
     m, n = 60, 25
-    A = LowRankUpdatedMatrix(rng.standard_normal((m, n)), max_rank=4)
+    W0 = rng.standard_normal((m, n))
+    A = LowRankUpdatedMatrix(W0, max_rank=4)
     updates = [(rng.standard_normal((m, 2)), rng.standard_normal((n, 2))) for _ in range(3)]
     for U, V in updates:
         A.update(U, V)
-    ref = lowrank_dense(rng.standard_normal((m, n)) * 0 + A.toarray(), [])
+    ref = lowrank_dense(W0, updates)
     b = rng.standard_normal(m)
     op = aslinearoperator(A)
     x = lsqr(op, b, atol=1e-12, btol=1e-12, iter_lim=1000)[0]
     assert_allclose(x, np.linalg.lstsq(ref, b, rcond=None)[0], rtol=1e-6, atol=1e-8)
     assert_allclose(op.rmatmat(np.eye(m)), ref.T, atol=1e-12)
     assert_allclose(op.matmat(np.eye(n)), ref, atol=1e-12)
+    full = LinearOperator(A.shape, matvec=A.matvec, rmatvec=A.rmatvec, matmat=A.matmat,
+                          rmatmat=A.rmatmat, dtype=A.dtype)
+    assert_allclose(full.matmat(np.eye(n)), ref, atol=1e-12)
+    assert_allclose(full.H.matmat(np.eye(m)), ref.T, atol=1e-12)
 
 
 # ---------------------------------------------------------------- threads
@@ -616,6 +622,28 @@ class LowRankMachine(RuleBasedStateMachine):
     @rule()
     def pickle_round_trip(self):
         self.A = pickle.loads(pickle.dumps(self.A))
+
+    @rule()
+    def copy_then_diverge(self):
+        """A copy takes its own updates; the original keeps its state."""
+        B = self.A.copy()
+        m, n = self.A.shape
+        before = state_of(self.A)
+        for _ in range(self.A.max_rank + 1):  # forces a fold in B
+            B.update(self.rng.standard_normal(m), self.rng.standard_normal(n))
+        assert_same_state(self.A, before)
+        assert B.frozen == self.A.frozen
+
+    @rule(nnz=st.integers(0, 4))
+    def bad_sparse_product(self, nnz):
+        m, n = self.A.shape
+        state = state_of(self.A)
+        idx = np.full(max(nnz, 1), n)  # out of range
+        with pytest.raises(ValueError, match=r"x indices must be in \[0, "):
+            self.A.matvec((idx, np.ones(idx.shape[0])))
+        with pytest.raises(ValueError, match="rows must be in"):
+            self.A.matvec(np.ones(n), rows=[m])
+        assert_same_state(self.A, state)
 
     @precondition(lambda self: getattr(self, "frozen_copy", None) is not None)
     @invariant()

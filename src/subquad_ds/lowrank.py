@@ -140,6 +140,10 @@ class LowRankUpdatedMatrix:
     scipy.sparse.linalg.aslinearoperator : wraps this object as a LinearOperator
         (it has ``shape``, ``dtype``, ``matvec``, ``rmatvec`` and ``rmatmat``),
         so it can be passed to ``scipy.sparse.linalg.cg``, ``lsqr`` and friends.
+        ``aslinearoperator`` does not forward ``matmat`` (its ``matmat`` loops
+        over columns); for block methods build
+        ``LinearOperator(A.shape, matvec=A.matvec, rmatvec=A.rmatvec,
+        matmat=A.matmat, rmatmat=A.rmatmat, dtype=A.dtype)``.
 
     Notes
     -----
