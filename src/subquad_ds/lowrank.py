@@ -167,7 +167,7 @@ class LowRankUpdatedMatrix:
     ``j`` of ``W`` is contiguous, so a sparse ``matvec`` streams ``nnz``
     contiguous columns (``m * nnz`` elements).  A sparse ``rmatvec`` needs
     rows of ``W`` instead and then touches one cache line per nonzero per
-    column: at 1% density and m = n = 8192 it measured about 50-100x slower
+    column: at 1% density and m = n = 8192 it measured about 40-100x slower
     than the sparse ``matvec`` and only 2-4x faster than a dense product.  A
     C-ordered ``W0`` passed with ``copy=False`` keeps its layout and the two
     roles swap, so pick the layout for the sparse direction you use most.  The pending
@@ -533,7 +533,7 @@ class LowRankUpdatedMatrix:
         -----
         Same costs as :meth:`matvec` with ``m`` and ``n`` swapped.  A sparse
         ``rmatvec`` reads rows of the base; with the default Fortran storage
-        these are strided, one cache line per nonzero per column (50-100x
+        these are strided, one cache line per nonzero per column (40-100x
         slower than a sparse ``matvec`` at 1% density, m = 8192).  Build
         from a C-ordered ``W0`` with ``copy=False`` when sparse ``rmatvec``
         is the hot direction.
