@@ -5,9 +5,11 @@ are re-exported here.
 """
 
 from ._openmp_helpers import openmp_enabled
+from .lowrank import LowRankUpdatedMatrix
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LowRankUpdatedMatrix",
     "openmp_enabled",
 ]

@@ -59,8 +59,8 @@ def _check_numeric_kind(arr, name):
 
 
 def as_float_array(X, name, *, dtype, ndim=None, shape=None, allow_empty=True,
-                   finite=True):
-    """Validate ``X`` and return it as a C-contiguous array of ``dtype``.
+                   finite=True, order="C"):
+    """Validate ``X`` and return it as a contiguous array of ``dtype``.
 
     Parameters
     ----------
@@ -78,6 +78,10 @@ def as_float_array(X, name, *, dtype, ndim=None, shape=None, allow_empty=True,
         Whether a zero-size array is accepted.
     finite : bool, default=True
         Reject NaN and infinity.
+    order : {"C", "F", "A"}, default="C"
+        Memory layout of the result: C-contiguous, Fortran-contiguous, or
+        ``"A"``: either, keeping ``X``'s layout when it is already
+        contiguous (a copy, when needed, is C-contiguous).
 
     Returns
     -------
@@ -115,8 +119,13 @@ def as_float_array(X, name, *, dtype, ndim=None, shape=None, allow_empty=True,
             raise ValueError(f"{name} must have shape {want}; got shape {arr.shape}")
     if not allow_empty and arr.size == 0:
         raise ValueError(f"{name} is empty; got shape {arr.shape}")
+    if order == "A":
+        order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
     with np.errstate(over="ignore"):  # overflow to inf is reported just below
-        out = np.ascontiguousarray(arr, dtype=dtype)
+        if order == "F":
+            out = np.asfortranarray(arr, dtype=dtype)
+        else:
+            out = np.ascontiguousarray(arr, dtype=dtype)
     if finite and out.size and not np.isfinite(out).all():
         # Check after the cast: a float64 value beyond float32 range becomes inf.
         raise ValueError(f"{name} must be finite; found NaN or inf")
