@@ -85,3 +85,13 @@ def tensorsketch_variance(x, y, dims, sketch_size):
             hits += H[0] == H[1] and H[2] == H[3]
         total += w * hits / s ** (len(uj) + len(uk))
     return total
+
+
+def kron_jacobian(factors):
+    """Dense J whose layer-l block row i is np.kron(D_l[i], H_{l-1}[i]) (float64)."""
+    blocks = []
+    for D, H in factors:
+        D = D.toarray() if hasattr(D, "toarray") else np.asarray(D)
+        H = H.toarray() if hasattr(H, "toarray") else np.asarray(H)
+        blocks.append(np.stack([np.kron(D[i], H[i]) for i in range(D.shape[0])]))
+    return np.hstack(blocks)
