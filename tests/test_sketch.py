@@ -272,7 +272,10 @@ def test_empty_batch():
         np.zeros((0, 5)), np.zeros((0, 2))).shape == (0, 3)
 
 
-def test_thread_count_does_not_change_result(rng):
+def test_thread_count_does_not_change_result(rng, monkeypatch):
+    import subquad_ds.sketch as mod
+
+    monkeypatch.setattr(mod, "_PARALLEL_MIN_WORK", 0)  # threads even for small inputs
     X = _sparse_rows(rng, 300, 500, 0.05, np.float64)
     V = rng.standard_normal((300, 7))
     outs = [TensorSketch((500, 7), 64, random_state=0, n_threads=t).transform(X, V)
