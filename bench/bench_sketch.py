@@ -207,3 +207,41 @@ def test_gauss_newton_solve(benchmark, gn_problem, method, machine_info):
     benchmark.extra_info.update(machine_info)
     benchmark.extra_info.update(n=n, m=M, frac=frac, depth=3, damping=damping,
                                 iterations=info["iterations"], sketch_size=info["sketch_size"])
+
+
+# ----------------------------------------------------------------------------
+# sketched_lstsq vs dense direct solvers
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lstsq_problem():
+    rng = np.random.default_rng(1234)
+    m, n = 20000, 200
+    Q, _ = np.linalg.qr(rng.standard_normal((m, n)))
+    W, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (Q * np.logspace(0, -8, n)) @ W.T  # cond 1e8
+    b = A @ rng.standard_normal(n) + 0.1 * rng.standard_normal(m)
+    return A, b
+
+
+def _optimality(A, b, x):
+    r = b - A @ x
+    return float(np.linalg.norm(A.T @ r) / (np.linalg.norm(A, 2) * np.linalg.norm(r)))
+
+
+@pytest.mark.parametrize("solver", ["sketched_lstsq", "numpy.linalg.lstsq", "scipy.linalg.lstsq"])
+def test_lstsq_m20000_n200_cond1e8(benchmark, lstsq_problem, solver, machine_info):
+    import scipy.linalg
+
+    from subquad_ds import sketched_lstsq
+
+    A, b = lstsq_problem
+    benchmark.group = "lstsq-m20000-n200-cond1e8"
+    fn = {
+        "sketched_lstsq": lambda: sketched_lstsq(A, b, random_state=0),
+        "numpy.linalg.lstsq": lambda: np.linalg.lstsq(A, b, rcond=None)[0],
+        "scipy.linalg.lstsq": lambda: scipy.linalg.lstsq(A, b, lapack_driver="gelsy")[0],
+    }[solver]
+    x = benchmark(fn)
+    benchmark.extra_info.update(machine_info)
+    benchmark.extra_info.update(m=20000, n=200, cond=1e8, optimality=_optimality(A, b, x))

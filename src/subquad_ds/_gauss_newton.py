@@ -14,7 +14,7 @@ H_{l-1}[i] (dense for the first layer, sparse after).  Hence
 and J itself (n x sum_l m_l d_l entries, 16.7M columns per layer at
 m = 4096) is never formed.
 
-Two solvers:
+Three solvers:
 
 ``method="exact"``
     Form the n x n Gram from the factors with sparse products, cost
@@ -33,20 +33,31 @@ Two solvers:
        O(n s^2 + s^3) setup (s < n), or through a Cholesky of P
        (O(n^2 s + n^3 / 3)) when s >= n or lambda = 0.
     3. Preconditioned CG on (J J^T + lambda I) alpha = r with the
-       matrix-free product J (J^T v): W_l = D_l^T diag(v) H_{l-1} into a
-       dense m_l x d_l buffer, then (D_l W_l H_{l-1}^T)_ii; O(sum_l
-       nnz-pairs) = O(n k_D k_H) per layer and product, never O(n^2).
+       matrix-free product J (J^T v), organised by neuron r: the row
+       W_l[r, :] = sum_{i: r in supp D_l[i]} v_i D_l[i, r] H_{l-1}[i] is built
+       in a cache-resident scratch row and immediately contracted back,
+       (J J^T v)_i += D_l[i, r] <W_l[r, :], H_{l-1}[i]> (Cython kernel
+       ``kron_gram_matvec``); O(n k_D k_H) per layer and product, never
+       O(n^2) time or memory.
     When S embeds range(J^T) with distortion eps (s large enough for the
     statistical dimension of J J^T at lambda), the preconditioned system has
     condition number (1 + eps) / (1 - eps) and CG needs O(log(1/tol))
     iterations whatever cond(J J^T).
 
-Which one pays (measured in notes/sketch_results.md): at these factor sizes
-the exact Gram is cheap because sparse supports make D D^T cost n^2 k^2/m,
-not n^2 m; a well-conditioned sketch needs s >= n when lambda is small,
-and then the sketched setup alone costs more than the Cholesky.  The
-sketched solver is the one that needs no n x n matrix (memory O(n s + m d))
-and wins when lambda is large enough that s << n suffices.
+``method="jacobi"``
+    The same matrix-free CG, preconditioned by the exact diagonal
+    diag(J J^T)_i = sum_l ||D_l[i]||^2 ||H_{l-1}[i]||^2 (O(nnz) to build).
+
+Which one pays (measured single-threaded at m = 4096, 1% and 5% active,
+L = 3, n = 64..4096; notes/sketch_results.md, bench/sketch_gn_crossover.py):
+the exact Gram wins up to n ~ 2048-4096, because sparse supports make
+D D^T cost n^2 k^2 / m, not n^2 m; the Jacobi CG wins beyond (J J^T of wide
+sparse layers is well conditioned: 5-9 iterations to 1e-10).  The
+TensorSketch preconditioner never paid: at small damping it needs s >= n
+(s = 4 n: ~30 iterations), and building Z Z^T + lambda I (n^2 s) then costs
+more than the exact Cholesky (n^3 / 3); it can pay only when a large damping
+makes s << n enough (Woodbury), or for an ill-conditioned J J^T at n too
+large for the exact Gram.
 """
 
 import time
@@ -69,12 +80,11 @@ __all__ = ["solve_gauss_newton", "gram_matrix", "jacobian_rmatvec", "jacobian_gr
 
 _METHODS = ("auto", "exact", "sketched", "jacobi")
 
-# method="auto" uses the exact Gram up to this many samples: it was faster
-# than the sketched solver at every n measured (64..4096, m = 4096, 1-5%
-# active, L = 3; notes/sketch_results.md) and its n x n float64 Gram stays
-# under 1.6 GiB; beyond, the matrix-free sketched solver avoids the O(n^2)
-# memory.
-AUTO_EXACT_MAX_N = 15000
+# method="auto" uses the exact Gram (a direct solve: robust whatever the
+# conditioning) up to this many samples and the matrix-free Jacobi CG beyond,
+# where it was faster in the measurements (notes/sketch_results.md) and
+# needs no n x n matrix.
+AUTO_EXACT_MAX_N = 3000
 
 _PARALLEL_MIN_WORK = 100_000
 
@@ -307,7 +317,7 @@ def solve_gauss_newton(factors, residual, *, damping, method="auto", sketch_size
         lambda (Levenberg-Marquardt damping).  0 is allowed when J J^T is
         positive definite.
     method : {"auto", "exact", "sketched", "jacobi"}, default="auto"
-        "auto": exact when n <= AUTO_EXACT_MAX_N, else sketched.  "jacobi":
+        "auto": exact when n <= AUTO_EXACT_MAX_N (3000), else jacobi.  "jacobi":
         matrix-free CG preconditioned by the exact diagonal of J J^T (O(nnz)
         to build): no sketch, good when J J^T is well conditioned, as it is
         for wide sparse layers at initialisation (measured cond ~2-3).
@@ -360,7 +370,7 @@ def solve_gauss_newton(factors, residual, *, damping, method="auto", sketch_size
     max_iter = 200 if max_iter is None else max_iter
     threads = check_n_threads(n_threads)
     if method == "auto":
-        method = "exact" if n <= AUTO_EXACT_MAX_N else "sketched"
+        method = "exact" if n <= AUTO_EXACT_MAX_N else "jacobi"
 
     info = {"method": method, "iterations": 0, "residual_norms": [], "converged": True,
             "sketch_size": None, "preconditioner": None, "time_gram": 0.0,
