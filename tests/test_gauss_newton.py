@@ -165,3 +165,46 @@ def test_validation_messages(small):
         solve_gauss_newton([(factors[0][0], np.full((30, 5), np.inf))], r, damping=1.0)
     with pytest.raises(ValueError, match="sketch_size must be >= 1"):
         solve_gauss_newton(factors, r, damping=1.0, method="sketched", sketch_size=0)
+
+
+def _tiny_mlp_factors(X, W1, W2, a):
+    """Forward pass of f(x) = a^T relu(W2 relu(W1 x)); returns f and the GN factors."""
+    z1 = X @ W1.T
+    h1 = np.maximum(z1, 0.0)
+    z2 = h1 @ W2.T
+    h2 = np.maximum(z2, 0.0)
+    f = h2 @ a
+    D2 = a * (z2 > 0)              # df/dz2, (n, m)
+    D1 = (D2 @ W2) * (z1 > 0)      # df/dz1, (n, m)
+    return f, [(sp.csr_array(D1), X), (sp.csr_array(D2), sp.csr_array(h1))]
+
+
+@pytest.mark.parametrize("method", ["exact", "jacobi"])
+def test_gauss_newton_trains_a_tiny_mlp(method):
+    """A reference Gauss-Newton loop: dW_l = -J_l^T alpha reaches MSE <= 1e-10 in <= 10 steps.
+
+    This fixes the conventions the trainer relies on: row i of the layer-l
+    Jacobian is D_l[i] (x) H_{l-1}[i] with D_l = df/dz_l, and
+    jacobian_rmatvec(factors, alpha)[l] has the shape of W_l.
+    """
+    rng = np.random.default_rng(0)
+    n, d, m = 16, 4, 64
+    X = rng.standard_normal((n, d))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    y = np.sin(X @ rng.standard_normal(d))
+    W1 = rng.standard_normal((m, d)) * np.sqrt(2.0 / d)
+    W2 = rng.standard_normal((m, m)) * np.sqrt(2.0 / m)
+    a = rng.choice([-1.0, 1.0], size=m) / np.sqrt(m)
+    losses = []
+    for _ in range(10):
+        f, factors = _tiny_mlp_factors(X, W1, W2, a)
+        losses.append(np.mean((f - y) ** 2))
+        if losses[-1] <= 1e-10:
+            break
+        damping = 1e-10 * np.mean(np.diag(gram_matrix(factors)))
+        alpha, _ = solve_gauss_newton(factors, f - y, damping=damping, method=method)
+        dW1, dW2 = jacobian_rmatvec(factors, alpha)
+        W1 -= dW1
+        W2 -= dW2
+    assert losses[-1] <= 1e-10, losses
+    assert len(losses) <= 7  # quadratic convergence: 0.68, 5e-3, 2e-4, 1e-6, 5e-13
