@@ -208,3 +208,18 @@ def test_gauss_newton_trains_a_tiny_mlp(method):
         W2 -= dW2
     assert losses[-1] <= 1e-10, losses
     assert len(losses) <= 7  # quadratic convergence: 0.68, 5e-3, 2e-4, 1e-6, 5e-13
+
+
+def test_gram_kernel_threads_and_empty_rows(rng, monkeypatch):
+    import subquad_ds._gauss_newton as mod
+
+    monkeypatch.setattr(mod, "_PARALLEL_MIN_WORK", 0)  # use threads even on a small input
+    factors = _factors(rng, 50, d=3, widths=(40, 30), k=4)
+    keep = sp.diags_array((np.arange(50) % 7 != 0).astype(float))  # some zero rows
+    factors = [(sp.csr_array(keep @ D), H) for D, H in factors]
+    J = kron_jacobian(factors)
+    G1 = gram_matrix(factors, n_threads=1)
+    G2 = gram_matrix(factors, n_threads=2)
+    assert_allclose(G1, J @ J.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(G1, G2)
+    np.testing.assert_array_equal(G1, G1.T)

@@ -133,22 +133,49 @@ def _check_factors(factors, n_rows=None):
     return out, n
 
 
-def gram_matrix(factors):
+def gram_matrix(factors, *, n_threads=None):
     """The exact Gram J J^T = sum_l (D_l D_l^T) o (H_{l-1} H_{l-1}^T), dense (n, n).
 
     O(sum_l n^2 (k_D^2 / m_l + k_H^2 / d_l)) with sparse factors, never
     forming a Kronecker row.
     """
     factors, n = _check_factors(factors)
-    return _gram(factors, n)
+    G = _gram_lower(factors, n, check_n_threads(n_threads))
+    return G + np.tril(G, -1).T
 
 
-def _gram(factors, n):
+def _sparse_gram_lower(M, n_threads, out=None):
+    """Lower triangle of M M^T (dense, upper part zero) for a CSR M (Cython kernel)."""
+    n = M.shape[0]
+    if n_threads > 1 and M.nnz * max(1, M.nnz // max(1, M.shape[1])) < _PARALLEL_MIN_WORK:
+        n_threads = 1
+    Mc = sp.csc_array(M)
+    Mc.sort_indices()
+    data, indices, indptr = _as_csr_index_pair(M)
+    c_data, c_rows, c_indptr = _as_csr_index_pair(
+        sp.csr_array((Mc.data, Mc.indices, Mc.indptr), shape=(M.shape[1], n)))
+    if len({indices.dtype, c_rows.dtype}) > 1:
+        indices, indptr = indices.astype(np.int64), indptr.astype(np.int64)
+        c_rows, c_indptr = c_rows.astype(np.int64), c_indptr.astype(np.int64)
+    out = np.zeros((n, n)) if out is None else out
+    scratch = np.zeros((n_threads, n))
+    _sketch.csr_gram_lower(data, indices, indptr, c_indptr, c_rows, c_data, out, scratch,
+                           n_threads)
+    return out
+
+
+def _gram_lower(factors, n, n_threads):
+    """sum_l (D_l D_l^T) o (H_{l-1} H_{l-1}^T), lower triangle only (upper part zero)."""
     G = np.zeros((n, n))
+    DD = np.zeros((n, n))  # the kernel writes only the lower triangle: the upper stays 0
+    HH = np.empty((n, n))
     for D, H in factors:
-        DD = (D @ D.T).toarray()
-        HH = (H @ H.T).toarray() if is_sparse(H) else H @ H.T
-        DD *= HH
+        _sparse_gram_lower(D, n_threads, out=DD)
+        if is_sparse(H):
+            _sparse_gram_lower(H, n_threads, out=HH)
+        else:
+            np.matmul(H, H.T, out=HH)
+        DD *= HH  # the upper triangle of DD is zero, so G stays lower
         G += DD
     return G
 
@@ -377,7 +404,7 @@ def solve_gauss_newton(factors, residual, *, damping, method="auto", sketch_size
             "time_factor": 0.0, "time_sketch": 0.0, "time_iterations": 0.0}
     if method == "exact":
         t0 = time.perf_counter()
-        G = _gram(factors, n)
+        G = _gram_lower(factors, n, threads)  # cho_factor(lower=True) reads only this
         G[np.diag_indices_from(G)] += damping
         t1 = time.perf_counter()
         try:

@@ -134,3 +134,38 @@ def kron_gram_matvec(const index_t[::1] dc_indptr, const index_t[::1] dc_rows,
                 i = dc_rows[p]
                 for q in range(h_indptr[i], h_indptr[i + 1]):
                     w_scratch[t, h_indices[q]] = 0.0
+
+
+def csr_gram_lower(const double[::1] data, const index_t[::1] indices,
+                   const index_t[::1] indptr,
+                   const index_t[::1] c_indptr, const index_t[::1] c_rows,
+                   const double[::1] c_data,
+                   double[:, ::1] out, double[:, ::1] scratch, int n_threads):
+    """out[i, j] = <X[i], X[j]> for j <= i (the lower triangle of X X^T).
+
+    X is given twice: by rows (CSR: data, indices, indptr) and by columns
+    (CSC: c_indptr, c_rows sorted within each column, c_data).  Row i
+    (Gustavson): for each nonzero X[i, r], walk column r up to sample i and
+    accumulate into a dense per-thread scratch row, then copy it into out
+    and reset it.  O(sum_r nnz(col r)^2 / 2 + n^2 / 2): two samples whose
+    supports do not overlap cost nothing but the copy.  Rows run in
+    parallel (each writes only out[i, :i+1]).  scratch is (n_threads, n),
+    zero on entry and on exit.
+    """
+    cdef intp_t i, p, q, r, j, t
+    cdef double a
+    cdef intp_t n_samples = indptr.shape[0] - 1
+    with nogil:
+        for i in prange(n_samples, schedule="guided", num_threads=n_threads):
+            t = threadid()
+            for p in range(indptr[i], indptr[i + 1]):
+                r = indices[p]
+                a = data[p]
+                for q in range(c_indptr[r], c_indptr[r + 1]):
+                    j = c_rows[q]
+                    if j > i:
+                        break
+                    scratch[t, j] += a * c_data[q]
+            for j in range(i + 1):
+                out[i, j] = scratch[t, j]
+                scratch[t, j] = 0.0
