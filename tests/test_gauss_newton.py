@@ -159,8 +159,12 @@ def test_validation_messages(small):
         solve_gauss_newton(factors, r[:5], damping=1.0)
     with pytest.raises(ValueError, match="residual must be finite"):
         solve_gauss_newton(factors, np.full(30, np.nan), damping=1.0)
-    with pytest.raises(ValueError, match="damping must be finite and >= 0"):
+    with pytest.raises(ValueError, match="damping must be >= 0.0; got -1.0"):
         solve_gauss_newton(factors, r, damping=-1.0)
+    with pytest.raises(ValueError, match="damping must be finite"):
+        solve_gauss_newton(factors, r, damping=np.inf)
+    with pytest.raises(ValueError, match="tol must be < 1.0"):
+        solve_gauss_newton(factors, r, damping=1.0, tol=1.0)
     with pytest.raises(ValueError, match=r"factors\[0\]\[1\] \(H\) must be finite"):
         solve_gauss_newton([(factors[0][0], np.full((30, 5), np.inf))], r, damping=1.0)
     with pytest.raises(ValueError, match="sketch_size must be >= 1"):
@@ -223,3 +227,29 @@ def test_gram_kernel_threads_and_empty_rows(rng, monkeypatch):
     assert_allclose(G1, J @ J.T, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(G1, G2)
     np.testing.assert_array_equal(G1, G1.T)
+
+
+def test_auto_follows_the_cost_model(small, monkeypatch):
+    import subquad_ds._gauss_newton as mod
+
+    factors, J, r = small
+    monkeypatch.setattr(mod, "AUTO_EXACT_MIN_N", 10)
+    monkeypatch.setattr(mod, "_T_FLOP", 1.0)  # Cholesky "expensive": Jacobi CG
+    alpha, info = solve_gauss_newton(factors, r, damping=1e-2)
+    assert info["method"] == "jacobi" and info["auto_estimate"][0] > info["auto_estimate"][1]
+    assert np.linalg.norm((J @ J.T + 1e-2 * np.eye(30)) @ alpha - r) <= 1e-9 * np.linalg.norm(r)
+    monkeypatch.setattr(mod, "_T_FLOP", 0.0)
+    monkeypatch.setattr(mod, "_T_KRON", 1.0)
+    assert solve_gauss_newton(factors, r, damping=1e-2)[1]["method"] == "exact"
+
+
+def test_cost_model_counts(rng):
+    from subquad_ds._gauss_newton import _check_factors, _estimate_seconds
+
+    import subquad_ds._gauss_newton as mod
+
+    factors, n = _check_factors(_factors(rng, 30))
+    exact, jacobi = _estimate_seconds(factors, n)
+    # layer 1: 3 x 5 pairs per sample, layer 2: 3 x 3
+    assert jacobi == pytest.approx(mod.AUTO_CG_ITERS * mod._T_KRON * 30 * (15 + 9))
+    assert exact > mod._T_FLOP * 30**3 / 3

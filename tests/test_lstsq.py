@@ -164,8 +164,10 @@ def test_validation_messages():
         sketched_lstsq(A, np.full(10, np.inf))
     with pytest.raises(ValueError, match="sketch_size must be >= 3; got 2"):
         sketched_lstsq(A, b, sketch_size=2)
-    with pytest.raises(ValueError, match=r"tol must be in \[0, 1\)"):
+    with pytest.raises(ValueError, match="tol must be < 1.0; got 2.0"):
         sketched_lstsq(A, b, tol=2.0)
+    with pytest.raises(TypeError, match="tol must be a real number"):
+        sketched_lstsq(A, b, tol="small")
     with pytest.raises(TypeError, match="A must be an ndarray, a scipy.sparse matrix or a LinearOperator"):
         sketched_lstsq("A", b)
     with pytest.raises(ValueError, match="A must be 2-D"):

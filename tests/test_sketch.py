@@ -347,3 +347,17 @@ def test_tensorsketch_validation():
 def test_repr():
     assert repr(CountSketch(10, 4)) == "<CountSketch(input_dim=10, sketch_size=4)>"
     assert repr(TensorSketch((3, 2), 4)) == "<TensorSketch(input_dims=(3, 2), sketch_size=4)>"
+
+
+@pytest.mark.parametrize("cls", ALL_SKETCHES)
+def test_pickle_round_trip(cls, rng):
+    import pickle
+
+    X = rng.standard_normal((4, 20))
+    sk = cls(20, 8, random_state=0)
+    for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
+        clone = pickle.loads(pickle.dumps(sk, protocol=protocol))
+        assert_array_equal(clone.transform(X), sk.transform(X))
+    ts = TensorSketch((20, 3), 8, random_state=0)
+    V = rng.standard_normal((4, 3))
+    assert_array_equal(pickle.loads(pickle.dumps(ts)).transform(X, V), ts.transform(X, V))

@@ -49,10 +49,11 @@ Three solvers:
     diag(J J^T)_i = sum_l ||D_l[i]||^2 ||H_{l-1}[i]||^2 (O(nnz) to build).
 
 Which one pays (measured single-threaded at m = 4096, 1% and 5% active,
-L = 3, n = 64..4096; notes/sketch_results.md, bench/sketch_gn_crossover.py):
-the exact Gram wins up to n ~ 2048-4096, because sparse supports make
-D D^T cost n^2 k^2 / m, not n^2 m; the Jacobi CG wins beyond (J J^T of wide
-sparse layers is well conditioned: 5-9 iterations to 1e-10).  The
+L = 3, n = 64..8192; notes/sketch_results.md, bench/sketch_gn_crossover.py):
+the exact Gram wins up to n ~ 2000 at 1% active and ~10000 at 5%, because
+sparse supports make D D^T cost n^2 k^2 / m, not n^2 m; the Jacobi CG wins
+beyond (J J^T of wide sparse layers is well conditioned: 5-10 iterations
+to 1e-10).  The
 TensorSketch preconditioner never paid: at small damping it needs s >= n
 (s = 4 n: ~30 iterations), and building Z Z^T + lambda I (n^2 s) then costs
 more than the exact Cholesky (n^3 / 3); it can pay only when a large damping
@@ -69,6 +70,7 @@ import scipy.sparse as sp
 from . import _sketch
 from ._validation import (
     as_float_array,
+    check_float,
     check_int,
     check_n_threads,
     check_random_state,
@@ -80,11 +82,19 @@ __all__ = ["solve_gauss_newton", "gram_matrix", "jacobian_rmatvec", "jacobian_gr
 
 _METHODS = ("auto", "exact", "sketched", "jacobi")
 
-# method="auto" uses the exact Gram (a direct solve: robust whatever the
-# conditioning) up to this many samples and the matrix-free Jacobi CG beyond,
-# where it was faster in the measurements (notes/sketch_results.md) and
-# needs no n x n matrix.
-AUTO_EXACT_MAX_N = 3000
+# method="auto": the exact Gram (a direct solve, robust whatever the
+# conditioning) always up to AUTO_EXACT_MIN_N samples; beyond, whichever of
+# exact and Jacobi CG a cost model predicts faster.  The model's constants
+# were fitted to single-threaded measurements on the project machine
+# (notes/sketch_results.md: m = 4096, 1% and 5% active, L = 3, n up to 8192;
+# it predicts those times within ~25%):
+#   exact  = T_FLOP n^3/3 (Cholesky) + T_PAIR sum_M sum_r nnz(M[:, r])^2 / 2
+#            (sparse Gram products) + T_N2 L n^2 (dense passes)
+#   jacobi = AUTO_CG_ITERS * T_KRON sum_l sum_i nnz(D_l[i]) nnz(H_{l-1}[i])
+# The measured crossover is n ~ 2000 at 1% active and ~10000 at 5%.
+AUTO_EXACT_MIN_N = 1024
+AUTO_CG_ITERS = 10
+_T_FLOP, _T_PAIR, _T_N2, _T_KRON = 3.7e-11, 3.3e-9, 1.5e-8, 4.3e-9
 
 _PARALLEL_MIN_WORK = 100_000
 
@@ -178,6 +188,24 @@ def _gram_lower(factors, n, n_threads):
         DD *= HH  # the upper triangle of DD is zero, so G stays lower
         G += DD
     return G
+
+
+def _estimate_seconds(factors, n):
+    """Predicted (exact, jacobi) solve times from nonzero counts (see AUTO_*)."""
+    pairs = 0.0
+    flops = float(n) ** 3 / 3
+    kron = 0.0
+    for D, H in factors:
+        for M in (D, H):
+            if is_sparse(M):
+                counts = np.bincount(M.indices, minlength=M.shape[1]).astype(np.float64)
+                pairs += counts @ counts / 2
+            else:
+                flops += float(n) ** 2 * M.shape[1]
+        h_nnz = np.diff(H.indptr) if is_sparse(H) else np.full(n, H.shape[1])
+        kron += float(np.diff(D.indptr).astype(np.float64) @ h_nnz)
+    exact = _T_FLOP * flops + _T_PAIR * pairs + _T_N2 * len(factors) * float(n) ** 2
+    return exact, AUTO_CG_ITERS * _T_KRON * kron
 
 
 def _gram_diagonal(factors):
@@ -344,7 +372,10 @@ def solve_gauss_newton(factors, residual, *, damping, method="auto", sketch_size
         lambda (Levenberg-Marquardt damping).  0 is allowed when J J^T is
         positive definite.
     method : {"auto", "exact", "sketched", "jacobi"}, default="auto"
-        "auto": exact when n <= AUTO_EXACT_MAX_N (3000), else jacobi.  "jacobi":
+        "auto": exact when n <= AUTO_EXACT_MIN_N (1024), else the faster of
+        exact and jacobi by a cost model fitted on this project's
+        measurements (exact up to n ~ 2000 at 1% active, ~10000 at 5%).
+        "jacobi":
         matrix-free CG preconditioned by the exact diagonal of J J^T (O(nnz)
         to build): no sketch, good when J J^T is well conditioned, as it is
         for wide sparse layers at initialisation (measured cond ~2-3).
@@ -367,7 +398,9 @@ def solve_gauss_newton(factors, residual, *, damping, method="auto", sketch_size
     info : dict
         ``method``, ``iterations`` (0 for exact), ``residual_norms``
         (relative, per CG iteration), ``converged``, ``sketch_size``,
-        ``preconditioner`` ("woodbury" or "cholesky"), and timings
+        ``preconditioner`` ("woodbury", "cholesky" or "jacobi"),
+        ``auto_estimate`` (predicted (exact, jacobi) seconds when "auto"
+        had to choose, else None), and timings
         ``time_gram``, ``time_factor``, ``time_sketch``, ``time_iterations``.
 
     Raises
@@ -380,28 +413,23 @@ def solve_gauss_newton(factors, residual, *, damping, method="auto", sketch_size
         raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
     factors, n = _check_factors(factors)
     residual = as_float_array(residual, "residual", dtype=np.float64, shape=(n,))
-    try:
-        damping = float(damping)
-    except (TypeError, ValueError):
-        raise TypeError(f"damping must be a real number; got {damping!r}") from None
-    if not (damping >= 0.0 and np.isfinite(damping)):
-        raise ValueError(f"damping must be finite and >= 0; got {damping}")
-    try:
-        tol = float(tol)
-    except (TypeError, ValueError):
-        raise TypeError(f"tol must be a real number; got {tol!r}") from None
-    if not (0.0 <= tol < 1.0):
-        raise ValueError(f"tol must be in [0, 1); got {tol}")
+    damping = check_float(damping, "damping", minimum=0.0)
+    tol = check_float(tol, "tol", minimum=0.0, below=1.0)
     s = check_int(sketch_size, "sketch_size", minimum=1, allow_none=True)
     max_iter = check_int(max_iter, "max_iter", minimum=1, allow_none=True)
     max_iter = 200 if max_iter is None else max_iter
     threads = check_n_threads(n_threads)
+    estimate = None
     if method == "auto":
-        method = "exact" if n <= AUTO_EXACT_MAX_N else "jacobi"
+        method = "exact"
+        if n > AUTO_EXACT_MIN_N:
+            estimate = _estimate_seconds(factors, n)
+            method = "exact" if estimate[0] <= estimate[1] else "jacobi"
 
     info = {"method": method, "iterations": 0, "residual_norms": [], "converged": True,
             "sketch_size": None, "preconditioner": None, "time_gram": 0.0,
-            "time_factor": 0.0, "time_sketch": 0.0, "time_iterations": 0.0}
+            "time_factor": 0.0, "time_sketch": 0.0, "time_iterations": 0.0,
+            "auto_estimate": estimate}
     if method == "exact":
         t0 = time.perf_counter()
         G = _gram_lower(factors, n, threads)  # cho_factor(lower=True) reads only this

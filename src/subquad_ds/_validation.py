@@ -252,3 +252,17 @@ def as_float_csr(X, name, *, dtype, shape=None, finite=True):
     if finite and X.nnz and not np.isfinite(X.data).all():
         raise ValueError(f"{name} must be finite; found NaN or inf")
     return X
+
+
+def check_float(value, name, *, minimum=None, below=None):
+    """Return ``value`` as a finite Python float in [minimum, below)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number; got {value!r}")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+    if below is not None and value >= below:
+        raise ValueError(f"{name} must be < {below}; got {value}")
+    return value

@@ -30,7 +30,13 @@ import scipy.linalg
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
-from ._validation import as_float_array, check_int, check_random_state, is_sparse
+from ._validation import (
+    as_float_array,
+    check_float,
+    check_int,
+    check_random_state,
+    is_sparse,
+)
 
 __all__ = ["sketched_lstsq"]
 
@@ -260,12 +266,7 @@ def sketched_lstsq(A, b, *, sketch_size=None, tol=1e-10, max_iter=None,
     s = _default_sketch_size(m, n) if s is None else min(s, m)
     max_iter = check_int(max_iter, "max_iter", minimum=0, allow_none=True)
     max_iter = 100 if max_iter is None else max_iter
-    try:
-        tol = float(tol)
-    except (TypeError, ValueError):
-        raise TypeError(f"tol must be a real number; got {tol!r}") from None
-    if not (0.0 <= tol < 1.0):
-        raise ValueError(f"tol must be in [0, 1); got {tol}")
+    tol = check_float(tol, "tol", minimum=0.0, below=1.0)
     rng = check_random_state(random_state)
 
     if kind == "operator":
