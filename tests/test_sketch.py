@@ -67,11 +67,31 @@ def test_tensorsketch_csr_equals_dense(dtype, rng):
     U = _sparse_rows(rng, 40, 200, 0.05, dtype)
     V = _sparse_rows(rng, 40, 150, 0.05, dtype)
     ts = TensorSketch((200, 150), 64, random_state=0)
-    Z = ts.transform(U, V)
-    assert_array_equal(Z, ts.transform(U.toarray(), V.toarray()))
-    assert_array_equal(Z, ts.transform(U, V.toarray()))
+    Z = ts.transform(U, V)  # both sparse and small supports: direct convolution
+    # dense input goes through the FFT: equal up to the FFT's rounding
+    atol = 30 * np.finfo(dtype).eps * np.abs(Z).max()
+    assert_allclose(Z, ts.transform(U.toarray(), V.toarray()), rtol=0, atol=atol)
+    assert_array_equal(ts.transform(U, V.toarray()), ts.transform(U.toarray(), V.toarray()))
     expected = countsketch_rows(kron_rows(U.toarray(), V.toarray()), ts.buckets_, ts.signs_, 64)
     assert_allclose(Z, expected, rtol=rtol_for(dtype), atol=rtol_for(dtype) * 10)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1e9, 0.05], ids=["fft", "direct", "mixed"])
+def test_tensorsketch_direct_and_fft_paths(ratio, dtype, rng, monkeypatch):
+    import subquad_ds.sketch as mod
+
+    monkeypatch.setattr(mod, "_DIRECT_PAIRS_PER_FFT", ratio)
+    U = _sparse_rows(rng, 60, 90, 0.1, dtype)
+    V = sp.csr_array(_sparse_rows(rng, 60, 70, 0.2, dtype).toarray() * (rng.random((60, 1)) < 0.7))
+    V.eliminate_zeros()
+    U64 = sp.csr_array((U.data, U.indices.astype(np.int64), U.indptr.astype(np.int64)),
+                       shape=U.shape)  # mixed index dtypes are accepted
+    ts = TensorSketch((90, 70), 32, random_state=4)
+    expected = countsketch_rows(kron_rows(U.toarray(), V.toarray()), ts.buckets_, ts.signs_, 32)
+    for Ui in (U, U64):
+        Z = ts.transform(Ui, V)
+        assert Z.dtype == dtype
+        assert_allclose(Z, expected, rtol=rtol_for(dtype), atol=rtol_for(dtype) * 10)
 
 
 def test_tensorsketch_blocks_rows(monkeypatch, rng):

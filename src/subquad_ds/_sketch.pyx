@@ -169,3 +169,42 @@ def csr_gram_lower(const double[::1] data, const index_t[::1] indices,
             for j in range(i + 1):
                 out[i, j] = scratch[t, j]
                 scratch[t, j] = 0.0
+
+
+def tensorsketch_direct_csr(const floating[::1] u_data, const index_t[::1] u_indices,
+                            const index_t[::1] u_indptr,
+                            const floating[::1] v_data, const index_t[::1] v_indices,
+                            const index_t[::1] v_indptr,
+                            const intp_t[::1] rows,
+                            const intp_t[::1] h1, const floating[::1] g1,
+                            const intp_t[::1] h2, const floating[::1] g2,
+                            floating[:, ::1] out, int n_threads):
+    """TensorSketch of the listed rows by direct sparse convolution.
+
+    For row i = rows[t]: out[i] = 0, then for every pair (j, k) of nonzeros
+    of U[i] and V[i], out[i, (h1[j] + h2[k]) mod s] += g1[j] g2[k] U[i, j]
+    V[i, k]: the circular convolution of the two sparse CountSketches,
+    O(nnz(U[i]) nnz(V[i])) instead of O(s log s) by FFT, so cheaper when
+    the supports are small.  Same sketch as the FFT path (up to rounding).
+    """
+    cdef intp_t t, i, p, q, j, k, b, c, col
+    cdef floating a
+    cdef intp_t s = out.shape[1]
+    cdef intp_t n_rows = rows.shape[0]
+    if n_rows < 4 * n_threads:
+        n_threads = 1
+    with nogil:
+        for t in prange(n_rows, schedule="static", num_threads=n_threads):
+            i = rows[t]
+            for col in range(s):
+                out[i, col] = 0
+            for p in range(u_indptr[i], u_indptr[i + 1]):
+                j = u_indices[p]
+                a = g1[j] * u_data[p]
+                b = h1[j]
+                for q in range(v_indptr[i], v_indptr[i + 1]):
+                    k = v_indices[q]
+                    c = b + h2[k]
+                    if c >= s:
+                        c = c - s
+                    out[i, c] += a * g2[k] * v_data[q]
