@@ -76,7 +76,7 @@ from ._validation import (
     check_random_state,
     is_sparse,
 )
-from .sketch import TensorSketch
+from .sketch import TensorSketch, _csr_index_arrays
 
 __all__ = ["solve_gauss_newton", "gram_matrix", "jacobian_rmatvec", "jacobian_gram_matvec"]
 
@@ -220,12 +220,9 @@ def _gram_diagonal(factors):
 
 
 def _as_csr_index_pair(M):
-    """CSR pieces with one shared int32/int64 index dtype, for the kernels."""
+    """(data, indices, indptr) with one shared int32/int64 index dtype, for the kernels."""
     M = M if is_sparse(M) else sp.csr_array(M)
-    indices, indptr = M.indices, M.indptr
-    if indices.dtype != indptr.dtype or indices.dtype not in (np.int32, np.int64):
-        indices, indptr = indices.astype(np.int64), indptr.astype(np.int64)
-    return (np.ascontiguousarray(M.data, dtype=np.float64), indices, indptr)
+    return (np.ascontiguousarray(M.data, dtype=np.float64), *_csr_index_arrays(M))
 
 
 class _KronOperator:

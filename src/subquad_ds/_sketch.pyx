@@ -5,11 +5,15 @@ Design
 ------
 A CountSketch of R^d into R^s is a bucket map ``h : [d] -> [s]`` and a sign
 map ``g : [d] -> {-1, +1}``; the sketch of a row x is
-``y[h[j]] += g[j] * x[j]``.  Every kernel here sketches a batch of rows:
+``y[h[j]] += g[j] * x[j]``.  The sketch kernels take a batch of rows:
 row i of the input only writes row i of ``out``, so rows are independent
 and the batch loop is an OpenMP ``prange`` with the GIL released; no
 atomics, no per-thread buffers, and the result does not depend on the
-number of threads (each output entry is summed in the same order).
+number of threads (each output entry is summed in the same order).  The
+Gauss-Newton kernels at the end (Gram and matrix-free J J^T v of a
+Jacobian with Kronecker rows) use per-thread scratch rows; csr_gram_lower
+is also thread-count independent, kron_gram_matvec sums per-thread partial
+results, so its last bits depend on the thread count.
 
 Kernels
 -------
@@ -18,6 +22,14 @@ countsketch_dense(X, buckets, signs, out, n_threads)
 countsketch_csr(data, indices, indptr, buckets, signs, out, n_threads)
     CSR rows: O(nnz); indices need not be sorted, duplicates add up
     (the sketch is linear).
+tensorsketch_direct_csr(U, V, rows, h1, g1, h2, g2, out, n_threads)
+    TensorSketch of sparse pairs by direct circular convolution of the two
+    sparse CountSketches: O(nnz(u) nnz(v)) per row, no FFT; the public
+    class routes a row here when that beats s log s.
+csr_gram_lower(X by rows, X by columns, out, scratch, n_threads)
+    Lower triangle of X X^T for a sparse X, row by row (Gustavson) into a
+    per-thread dense scratch row; O(sum_r nnz(col r)^2 / 2 + n^2 / 2).
+    The exact Gauss-Newton Gram is sum_l (D D^T) o (H H^T) of such blocks.
 kron_rmatvec
     W += J^T v = sum_i v_i D[i]^T H[i] for a Jacobian whose row i is the
     Kronecker product D[i] (x) H[i] (sparse row of D, sparse or dense row
@@ -31,8 +43,11 @@ kron_gram_matvec
     O(sum_i nnz(D[i]) nnz(H[i])) work, neurons split over threads.
 
 Invariants the callers (``subquad_ds.sketch``, ``_gauss_newton``) establish:
-arrays are C-contiguous, of one float dtype per call, ``out`` is zeroed and
-of shape (n, s), every bucket is in [0, s), every index is in range.
+arrays are C-contiguous, of one float dtype per call, one index dtype
+(int32 or int64) per call, ``out`` is zeroed (except where a kernel says it
+zeroes its rows itself) and of the documented shape, every bucket is in
+[0, s), every index is in range, CSC row indices are sorted (csr_gram_lower
+stops a column walk at the first sample beyond i).
 """
 
 from cython cimport floating
