@@ -381,3 +381,36 @@ def test_pickle_round_trip(cls, rng):
     ts = TensorSketch((20, 3), 8, random_state=0)
     V = rng.standard_normal((4, 3))
     assert_array_equal(pickle.loads(pickle.dumps(ts)).transform(X, V), ts.transform(X, V))
+
+
+@given(n=st.integers(0, 8), d=st.integers(1, 30), s=st.integers(1, 12),
+       density=st.floats(0.0, 1.0), seed=st.integers(0, 2**32 - 1))
+def test_countsketch_property(n, d, s, density, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, d)) * (rng.random((n, d)) < density)
+    cs = CountSketch(d, s, random_state=seed)
+    expected = countsketch_rows(X, cs.buckets_, cs.signs_, s)
+    assert_allclose(cs.transform(X), expected, rtol=1e-12, atol=1e-12)
+    assert_allclose(cs.transform(sp.csr_array(X)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_read_only_sparse_inputs(rng):
+    U = _sparse_rows(rng, 20, 30, 0.2, np.float64)
+    V = _sparse_rows(rng, 20, 10, 0.3, np.float64)
+    expected = TensorSketch((30, 10), 16, random_state=0).transform(U.copy(), V.copy())
+    for M in (U, V):
+        for arr in (M.data, M.indices, M.indptr):
+            arr.flags.writeable = False
+    ts = TensorSketch((30, 10), 16, random_state=0)
+    assert_array_equal(ts.transform(U, V), expected)
+    assert_array_equal(CountSketch(30, 8, random_state=0).transform(U),
+                       CountSketch(30, 8, random_state=0).transform(U.toarray()))
+
+
+def test_failed_transform_leaves_sketch_unchanged():
+    cs = CountSketch(6, 4, random_state=0)
+    before = (cs.buckets_.copy(), cs.signs_.copy())
+    with pytest.raises(ValueError):
+        cs.transform(np.full((2, 6), np.nan))
+    assert_array_equal(cs.buckets_, before[0])
+    assert_array_equal(cs.signs_, before[1])
