@@ -253,3 +253,22 @@ def test_cost_model_counts(rng):
     # layer 1: 3 x 5 pairs per sample, layer 2: 3 x 3
     assert jacobi == pytest.approx(mod.AUTO_CG_ITERS * mod._T_KRON * 30 * (15 + 9))
     assert exact > mod._T_FLOP * 30**3 / 3
+
+
+def test_unsorted_and_duplicate_csr_inputs_untouched(rng):
+    factors = _factors(rng, 12)
+    D, H = factors[0]
+    # reverse each row's indices and split every entry into two halves (duplicates)
+    rows = np.repeat(np.arange(12), np.diff(D.indptr))
+    idx, val = D.indices[::-1].copy(), D.data[::-1].copy()
+    order = np.argsort(rows[::-1], kind="stable")
+    idx, val = idx[order], val[order]
+    indptr = D.indptr * 2
+    D2 = sp.csr_array((np.repeat(val / 2, 2), np.repeat(idx, 2), indptr), shape=D.shape)
+    snapshot = (D2.data.copy(), D2.indices.copy())
+    r = rng.standard_normal(12)
+    a1, _ = solve_gauss_newton([(D2, H)] + factors[1:], r, damping=1e-3, method="exact")
+    a2, _ = solve_gauss_newton(factors, r, damping=1e-3, method="exact")
+    assert_allclose(a1, a2, rtol=1e-10)
+    np.testing.assert_array_equal(D2.data, snapshot[0])
+    np.testing.assert_array_equal(D2.indices, snapshot[1])

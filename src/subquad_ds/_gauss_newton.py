@@ -125,8 +125,10 @@ def _check_factors(factors, n_rows=None):
                     raise ValueError(f"{name} must be 2-D; got shape {M.shape}")
                 if M.dtype.kind not in "biuf":
                     raise TypeError(f"{name} must hold real numbers; got dtype {M.dtype}")
-                M = sp.csr_array(M, dtype=np.float64)
-                M.sum_duplicates()
+                M = sp.csr_array(M, dtype=np.float64)  # may share the caller's arrays
+                if not M.has_canonical_format:
+                    M = M.copy()  # sum_duplicates sorts in place: never touch the input
+                    M.sum_duplicates()
                 if M.nnz and not np.isfinite(M.data).all():
                     raise ValueError(f"{name} must be finite; found NaN or inf")
             else:
@@ -372,10 +374,10 @@ def solve_gauss_newton(factors, residual, *, damping, method="auto", sketch_size
         "auto": exact when n <= AUTO_EXACT_MIN_N (1024), else the faster of
         exact and jacobi by a cost model fitted on this project's
         measurements (exact up to n ~ 2000 at 1% active, ~10000 at 5%).
-        "jacobi":
-        matrix-free CG preconditioned by the exact diagonal of J J^T (O(nnz)
-        to build): no sketch, good when J J^T is well conditioned, as it is
-        for wide sparse layers at initialisation (measured cond ~2-3).
+        "jacobi": matrix-free CG preconditioned by the exact diagonal of
+        J J^T (O(nnz) to build): no sketch, good when J J^T is well
+        conditioned, as it is for wide sparse layers at initialisation
+        (measured cond ~2-3 on random factors).
     sketch_size : int, default=None
         Sketch dimension s for "sketched" (None: 4 n; 2 n needed ~60 CG
         iterations at 1e-10, 4 n ~30, 8 n ~22 on random sparse factors).
