@@ -52,8 +52,11 @@ Which one pays (measured single-threaded at m = 4096, 1% and 5% active,
 L = 3, n = 64..8192; notes/sketch_results.md, bench/sketch_gn_crossover.py):
 the exact Gram wins up to n ~ 2000 at 1% active and ~10000 at 5%, because
 sparse supports make D D^T cost n^2 k^2 / m, not n^2 m; the Jacobi CG wins
-beyond (J J^T of wide sparse layers is well conditioned: 5-10 iterations
-to 1e-10).  The
+beyond when J J^T is as well conditioned as with random sparse factors
+(5-10 iterations to 1e-10).  Factors of a real ReLU MLP (default task,
+cond(J J^T) ~ 1e3) needed 48-72 Jacobi iterations, where the TensorSketch
+preconditioner kept 33 (s = 4n) or 23 (s = 8n): the sketch is the robust
+preconditioner, the diagonal the cheap one.  The
 TensorSketch preconditioner never paid: at small damping it needs s >= n
 (s = 4 n: ~30 iterations), and building Z Z^T + lambda I (n^2 s) then costs
 more than the exact Cholesky (n^3 / 3); it can pay only when a large damping
@@ -91,9 +94,14 @@ _METHODS = ("auto", "exact", "sketched", "jacobi")
 #   exact  = T_FLOP n^3/3 (Cholesky) + T_PAIR sum_M sum_r nnz(M[:, r])^2 / 2
 #            (sparse Gram products) + T_N2 L n^2 (dense passes)
 #   jacobi = AUTO_CG_ITERS * T_KRON sum_l sum_i nnz(D_l[i]) nnz(H_{l-1}[i])
-# The measured crossover is n ~ 2000 at 1% active and ~10000 at 5%.
+# AUTO_CG_ITERS is deliberately pessimistic: random sparse factors need 5-10
+# Jacobi CG iterations, but the factors of a real ReLU MLP on the default task
+# (cond(J J^T) ~ 400-1200) needed 48-72, and a direct solve does not care.
+# With 50, exact is chosen up to n ~ 8000 at 1% active and beyond memory
+# limits at 5%; with the random-factor count (10) the crossover would be
+# ~2000 and ~10000.
 AUTO_EXACT_MIN_N = 1024
-AUTO_CG_ITERS = 10
+AUTO_CG_ITERS = 50
 _T_FLOP, _T_PAIR, _T_N2, _T_KRON = 3.7e-11, 3.3e-9, 1.5e-8, 4.3e-9
 
 _PARALLEL_MIN_WORK = 100_000
@@ -373,7 +381,8 @@ def solve_gauss_newton(factors, residual, *, damping, method="auto", sketch_size
     method : {"auto", "exact", "sketched", "jacobi"}, default="auto"
         "auto": exact when n <= AUTO_EXACT_MIN_N (1024), else the faster of
         exact and jacobi by a cost model fitted on this project's
-        measurements (exact up to n ~ 2000 at 1% active, ~10000 at 5%).
+        measurements, assuming a pessimistic 50 CG iterations (exact up to
+        n ~ 8000 at 1% active, and at any n that fits in memory at 5%).
         "jacobi": matrix-free CG preconditioned by the exact diagonal of
         J J^T (O(nnz) to build): no sketch, good when J J^T is well
         conditioned, as it is for wide sparse layers at initialisation
