@@ -123,3 +123,36 @@ def test_check_random_state():
 
 def test_openmp_flag_is_bool():
     assert isinstance(openmp_enabled(), bool)
+
+
+def test_check_float():
+    from subquad_ds._validation import check_float
+
+    assert check_float(np.float32(0.5), "tol", minimum=0.0, below=1.0) == 0.5
+    assert isinstance(check_float(3, "x"), float)
+    with pytest.raises(TypeError, match="x must be a real number"):
+        check_float(True, "x")
+    with pytest.raises(TypeError, match="x must be a real number"):
+        check_float("1", "x")
+    with pytest.raises(ValueError, match="x must be finite; got nan"):
+        check_float(float("nan"), "x")
+    with pytest.raises(ValueError, match="x must be >= 0.0; got -1.0"):
+        check_float(-1, "x", minimum=0.0)
+    with pytest.raises(ValueError, match="x must be < 1.0; got 1.0"):
+        check_float(1.0, "x", below=1.0)
+
+
+def test_as_float_csr():
+    import scipy.sparse as sp
+
+    from subquad_ds._validation import as_float_csr
+
+    X = sp.coo_array(np.eye(3, dtype=np.float32))
+    out = as_float_csr(X, "X", dtype=np.float64, shape=(None, 3))
+    assert out.format == "csr" and out.dtype == np.float64
+    with pytest.raises(TypeError, match="X must be a scipy.sparse matrix"):
+        as_float_csr(np.eye(3), "X", dtype=np.float64)
+    with pytest.raises(ValueError, match=r"X must have shape \(\*, 4\)"):
+        as_float_csr(X, "X", dtype=np.float64, shape=(None, 4))
+    with pytest.raises(TypeError, match="X must hold real numbers"):
+        as_float_csr(sp.csr_array(np.eye(2, dtype=complex)), "X", dtype=np.float64)

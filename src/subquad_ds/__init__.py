@@ -6,10 +6,17 @@ are re-exported here.
 
 from ._openmp_helpers import openmp_enabled
 from .lowrank import LowRankUpdatedMatrix
+from .lstsq import sketched_lstsq
+from .sketch import SRHT, CountSketch, GaussianSketch, TensorSketch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LowRankUpdatedMatrix",
+    "CountSketch",
+    "GaussianSketch",
+    "SRHT",
+    "TensorSketch",
+    "sketched_lstsq",
     "openmp_enabled",
 ]
