@@ -5,9 +5,11 @@ are re-exported here.
 """
 
 from ._openmp_helpers import openmp_enabled
+from .halfspace import HalfspaceIndex
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HalfspaceIndex",
     "openmp_enabled",
 ]

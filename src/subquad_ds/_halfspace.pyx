@@ -1,0 +1,1473 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# distutils: language = c++
+"""Exact, dynamic half-space reporting core (private; see halfspace.py).
+
+Design
+======
+Answer ``{p : <p, w> >= b}`` exactly for a dynamic set of points.  Two ideas
+beat a brute-force scan, which is memory-bound:
+
+1. **Pruning with a ball tree.**  For a ball with centre ``c`` and radius
+   ``r``, every point ``p`` in it satisfies
+   ``<c,w> - r||w|| <= <p,w> <= <c,w> + r||w||``.  A subtree whose upper
+   bound is below ``b`` is skipped; one whose lower bound is at least ``b``
+   is reported whole, without a single inner product (``query_count`` even
+   reads only the node's live count).  This pays on clustered data.
+2. **Reading fewer bytes.**  Each point also has an int8 code ``q_p`` with a
+   per-point float32 scale ``s_p`` (``q_p = round(p / s_p)``,
+   ``s_p = max|p| / 127``).  A query is quantised to int16
+   (``w = t q_w + e_w``, ``|q_w| <= 16383``) and ``<q_p, q_w>`` is computed
+   *exactly* in integer arithmetic.  Since
+   ``<p,w> = s_p t <q_p,q_w> + s_p <q_p, e_w> + <e_p, w>`` with
+   ``e_p = p - s_p q_p``, Cauchy-Schwarz gives the per-point bound
+   ``|<p,w> - s_p t <q_p,q_w>| <= a_p ||e_w|| + c_p ||w||`` with
+   ``a_p = s_p ||q_p||`` and ``c_p = ||e_p||`` stored per point (float32,
+   rounded up).  A point is accepted if ``approx - bound >= b``, rejected if
+   ``approx + bound < b``, and otherwise verified by an exact dot product.
+   Leaves are scanned through the codes: 1 byte per coordinate plus 12 bytes
+   per point instead of 4 (float32) or 8 (float64) bytes per coordinate.
+
+Semantics and rounding (why the answer is exact)
+------------------------------------------------
+The reported set is ``{p : score(p, w) >= b}`` (ties at ``b`` included),
+where ``score`` is the inner product of the stored values accumulated in
+float64 (float32 inputs are widened exactly, so every product is exact for
+float32).  Any float64 summation order of a d-term dot product differs from
+the real value by at most ``gamma_d * sum_j |p_j w_j|``,
+``gamma_d = d u / (1 - d u)``, ``u = 2**-53``.  Every bound above (tree and
+screening) is widened by ``GAM * ||p|| ||w||`` with ``GAM = 16 (d + 8) u``
+(a generous multiple of ``gamma_d``), by a relative ``1e-9`` for the rounding
+of the bound arithmetic itself, and by an absolute ``1e-290`` for underflow;
+stored radii, norms and per-point constants are rounded *up*.  Hence a
+point accepted by a bound has ``score >= b`` for *every* summation order,
+and a rejected one has ``score < b``; only points whose value is within the
+band are decided by the one verification kernel, so the result does not
+depend on which path (subtree report, screen, verification) a point took.
+Widening a bound only ever sends more points to verification, never changes
+an answer.  Non-finite bound arithmetic (e.g. overflow for huge inputs)
+yields NaN/inf comparisons that fall through to verification.
+
+Storage and invariants
+======================
+Points live in *slots* ``0 .. n_slots-1`` of growable arrays (``X`` in the
+working dtype, ``codes`` int8, ``scale``/``ea``/``ec`` float32, ``ids``
+intp).  ``ids[s] == -1`` marks a tombstone.  ``id2slot`` (C++ hash map) maps
+every live id to its slot; ``ids[id2slot[i]] == i``.
+
+Slots are partitioned into contiguous *segments* ``[seg_start, seg_end)``,
+each with its own ball tree (logarithmic method, Bentley-Saxe).  A tree is
+sklearn's implicit layout: node ``i`` has children ``2i+1`` and ``2i+2``;
+node ``i`` covers the slot range ``[node_start[i], node_end[i])``, which is
+split at its midpoint; ``n_levels = 1 + floor(log2(max(1, (n-1)/leaf_size)))``.
+The slots of a segment are physically permuted into tree order at build,
+so a leaf scan is contiguous.  Per node: centroid (float64), radius (an
+upper bound on ``||p - c||`` for every slot in range, live or dead, kept
+valid under updates), ``||c||`` and the live count ``node_alive``.  The node
+arrays of the segments are allocated like a stack (segment k's nodes follow
+segment k-1's), since segments only change at the tail, or in place.
+
+Updates and amortised costs (n live points, d features, L = leaf_size)
+-----------------------------------------------------------------------
+- ``remove``: tombstone + hash-map erase + decrement ``node_alive`` on the
+  root-to-leaf path: O(log n).  When tombstones exceed a quarter of the
+  slots, everything is compacted and rebuilt as one segment: O(n d log n)
+  every n/4 removals, i.e. O(d log n) amortised.
+- ``add`` of a batch of m points: encode (O(m d)), append as a new segment,
+  then merge the last two segments while the second last is smaller than
+  twice the last (tombstones in the merged tail are compacted away).
+  Segment sizes therefore at least double towards the front: O(log n)
+  segments, and each point takes part in O(log n) rebuilds, i.e.
+  O(d log^2 n) amortised per point.
+- ``update``: overwrite the slot and its code, and grow the radius of each
+  ancestor to cover the new value: O(d log n).  When a segment has absorbed
+  more updates than half its size, its tree is rebuilt in place (O(s d log s)
+  for s slots, amortised O(d log s) per update).
+- Build of s points: O(s d log s) (max-spread split dimension and
+  ``std::nth_element`` per node, then centroids and radii per level).
+
+Queries
+-------
+Per query: O(d) preparation (quantisation, norms); then a depth-first walk
+of each segment's tree.  Worst case (no pruning) O(n d) with 1-byte reads;
+on clustered data only the leaves straddling the hyperplane are scanned.
+Batches run one query per OpenMP thread iteration with the GIL released;
+each query fills its own result vectors, which are concatenated into CSR.
+``search`` (exact top-k) walks the trees best-child-first with a bounded
+heap, pruning nodes and screening points by their upper bounds.
+
+Thread-safety: queries only read; mutations (add/remove/update/rebuild) must
+not run concurrently with anything else (the public class documents this).
+"""
+
+import numpy as np
+cimport numpy as cnp
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.math cimport sqrt, fabs, nearbyint, nextafterf, INFINITY, HUGE_VAL, NAN
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+from libcpp.vector cimport vector
+from libcpp.unordered_map cimport unordered_map
+
+cnp.import_array()
+
+ctypedef Py_ssize_t intp_t
+
+cdef extern from *:
+    """
+    #include <algorithm>
+    #include <cstdint>
+    #include <cstring>
+
+    /* The scan kernels are compiled twice (AVX2 and baseline) and picked at
+       load time; their helpers are force-inlined into each clone. */
+    #if defined(__GNUC__) && defined(__x86_64__) && !defined(__INTEL_COMPILER) && defined(__linux__)
+    #define SQD_CLONES __attribute__((target_clones("avx2", "default")))
+    #define SQD_INLINE inline __attribute__((always_inline))
+    #else
+    #define SQD_CLONES
+    #define SQD_INLINE inline
+    #endif
+
+    #if defined(_OPENMP)
+    #include <omp.h>
+    #else
+    static int omp_get_max_threads(void) { return 1; }
+    #endif
+
+    #if defined(__GNUC__) && defined(__x86_64__)
+    #define SQD_X86_AVX2 1
+    #include <immintrin.h>
+    #else
+    #define SQD_X86_AVX2 0
+    #endif
+
+    /* Exact <code_i, qw> for n int8 rows (row stride d) and an int16 query
+       with |qw| <= 16383: each product is at most 2^21 in magnitude, so an
+       int32 partial sum over 512 coordinates cannot overflow; partial sums
+       are added in ACC (int64 when d > 512). */
+    template <typename ACC>
+    static SQD_INLINE void sqd_idot_impl(const int8_t* codes, Py_ssize_t n, Py_ssize_t d,
+                                         const int16_t* qw, ACC* out) {
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            const int8_t* c = codes + i * d;
+            ACC total = 0;
+            for (Py_ssize_t j0 = 0; j0 < d; j0 += 512) {
+                Py_ssize_t j1 = (j0 + 512 < d) ? j0 + 512 : d;
+                int32_t acc = 0;
+                for (Py_ssize_t j = j0; j < j1; ++j)
+                    acc += (int32_t)(int16_t)c[j] * (int32_t)qw[j];
+                total += acc;
+            }
+            out[i] = total;
+        }
+    }
+
+    SQD_CLONES
+    static void sqd_idot_rows(const int8_t* codes, Py_ssize_t n, Py_ssize_t d,
+                              const int16_t* qw, int64_t* out) {
+        sqd_idot_impl<int64_t>(codes, n, d, qw, out);
+    }
+
+    SQD_CLONES
+    static void sqd_idot32_generic(const int8_t* codes, Py_ssize_t n, Py_ssize_t d,
+                                   const int16_t* qw, int32_t* out) {
+        sqd_idot_impl<int32_t>(codes, n, d, qw, out);
+    }
+
+    #if SQD_X86_AVX2
+    /* AVX2: four rows at a time share each query load and their horizontal
+       sums (d <= 512, so every int32 lane and total is exact). */
+    __attribute__((target("avx2")))
+    static void sqd_idot32_avx2(const int8_t* codes, Py_ssize_t n, Py_ssize_t d,
+                                const int16_t* qw, int32_t* out) {
+        const Py_ssize_t d16 = d & ~(Py_ssize_t)15;
+        Py_ssize_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            const int8_t* c0 = codes + i * d;
+            const int8_t* c1 = c0 + d;
+            const int8_t* c2 = c1 + d;
+            const int8_t* c3 = c2 + d;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            for (Py_ssize_t j = 0; j < d16; j += 16) {
+                __m256i q = _mm256_loadu_si256((const __m256i*)(qw + j));
+                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(c0 + j))), q));
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(c1 + j))), q));
+                a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(c2 + j))), q));
+                a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(c3 + j))), q));
+            }
+            __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+            __m128i r = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+            int32_t t[4];
+            _mm_storeu_si128((__m128i*)t, r);
+            for (Py_ssize_t j = d16; j < d; ++j) {
+                int32_t qj = qw[j];
+                t[0] += (int32_t)c0[j] * qj;
+                t[1] += (int32_t)c1[j] * qj;
+                t[2] += (int32_t)c2[j] * qj;
+                t[3] += (int32_t)c3[j] * qj;
+            }
+            out[i] = t[0]; out[i + 1] = t[1]; out[i + 2] = t[2]; out[i + 3] = t[3];
+        }
+        if (i < n)
+            sqd_idot_impl<int32_t>(codes + i * d, n - i, d, qw, out + i);
+    }
+    #endif
+
+    static void sqd_idot32(const int8_t* codes, Py_ssize_t n, Py_ssize_t d,
+                           const int16_t* qw, int32_t* out) {
+    #if SQD_X86_AVX2
+        static const bool has_avx2 = __builtin_cpu_supports("avx2");
+        if (has_avx2) {
+            sqd_idot32_avx2(codes, n, d, qw, out);
+            return;
+        }
+    #endif
+        sqd_idot32_generic(codes, n, d, qw, out);
+    }
+
+    /* Classify n points from their integer dots: flag 2 = surely
+       score >= b, 0 = surely score < b, 1 = undecided (verify; also every
+       tombstone, whose ea is NaN).  Branch-free so that it vectorises. */
+    template <typename ACC>
+    static SQD_INLINE void sqd_classify_impl(const ACC* dots, Py_ssize_t n,
+                                             const float* scale, const float* ea,
+                                             const float* ec, double t, double A,
+                                             double C, double b, double rel,
+                                             double tiny, unsigned char* flag) {
+        const double one_rel = 1.0 + rel;
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            double approx = ((double)scale[i] * t) * (double)dots[i];
+            double m = ((double)ea[i] * A + (double)ec[i] * C) * one_rel
+                       + rel * (approx < 0 ? -approx : approx) + tiny;
+            unsigned char acc = (approx - m >= b) ? 2 : 0;
+            unsigned char rej = (approx + m < b) ? 1 : 0;
+            /* accept -> 2, reject -> 0, neither (or NaN) -> 1 */
+            flag[i] = acc | (unsigned char)(1 - rej - (acc >> 1));
+        }
+    }
+    SQD_CLONES
+    static void sqd_classify32(const int32_t* dots, Py_ssize_t n, const float* scale,
+                               const float* ea, const float* ec, double t, double A,
+                               double C, double b, double rel, double tiny,
+                               unsigned char* flag) {
+        sqd_classify_impl<int32_t>(dots, n, scale, ea, ec, t, A, C, b, rel, tiny, flag);
+    }
+    SQD_CLONES
+    static void sqd_classify64(const int64_t* dots, Py_ssize_t n, const float* scale,
+                               const float* ea, const float* ec, double t, double A,
+                               double C, double b, double rel, double tiny,
+                               unsigned char* flag) {
+        sqd_classify_impl<int64_t>(dots, n, scale, ea, ec, t, A, C, b, rel, tiny, flag);
+    }
+
+    /* Screen n <= 256 points (see sqd_classify_impl). */
+    static void sqd_screen(const int8_t* codes, Py_ssize_t n, Py_ssize_t d,
+                           const int16_t* qw, const float* scale, const float* ea,
+                           const float* ec, double t, double A, double C, double b,
+                           double rel, double tiny, unsigned char* flag) {
+        if (d <= 512) {
+            int32_t dots[256];
+            sqd_idot32(codes, n, d, qw, dots);
+            sqd_classify32(dots, n, scale, ea, ec, t, A, C, b, rel, tiny, flag);
+        } else {
+            int64_t dots[256];
+            sqd_idot_rows(codes, n, d, qw, dots);
+            sqd_classify64(dots, n, scale, ea, ec, t, A, C, b, rel, tiny, flag);
+        }
+    }
+
+    /* Dot products accumulated in float64 with eight independent partial
+       sums (vectorisable without -ffast-math); any summation order obeys
+       the gamma_d bound of the design notes. */
+    template <typename T>
+    static SQD_INLINE double sqd_dot_impl(const T* a, const double* b, Py_ssize_t d) {
+        double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        Py_ssize_t j = 0;
+        for (; j + 8 <= d; j += 8)
+            for (int k = 0; k < 8; ++k) s[k] += (double)a[j + k] * b[j + k];
+        for (; j < d; ++j) s[0] += (double)a[j] * b[j];
+        return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    }
+    SQD_CLONES
+    static double sqd_xdot(const float* a, const double* b, Py_ssize_t d) {
+        return sqd_dot_impl<float>(a, b, d);
+    }
+    SQD_CLONES
+    static double sqd_xdot(const double* a, const double* b, Py_ssize_t d) {
+        return sqd_dot_impl<double>(a, b, d);
+    }
+
+    /* Partition idx[0:n] so that idx[k] holds the k-th smallest X[., dim]
+       (ties broken by index: deterministic). */
+    template <typename T>
+    static void sqd_nth_impl(const T* X, Py_ssize_t d, Py_ssize_t dim,
+                             Py_ssize_t* idx, Py_ssize_t n, Py_ssize_t k) {
+        std::nth_element(idx, idx + k, idx + n, [=](Py_ssize_t a, Py_ssize_t b) {
+            T xa = X[a * d + dim], xb = X[b * d + dim];
+            return xa < xb || (xa == xb && a < b);
+        });
+    }
+    static void sqd_nth(const float* X, Py_ssize_t d, Py_ssize_t dim,
+                        Py_ssize_t* idx, Py_ssize_t n, Py_ssize_t k) {
+        sqd_nth_impl<float>(X, d, dim, idx, n, k);
+    }
+    static void sqd_nth(const double* X, Py_ssize_t d, Py_ssize_t dim,
+                        Py_ssize_t* idx, Py_ssize_t n, Py_ssize_t k) {
+        sqd_nth_impl<double>(X, d, dim, idx, n, k);
+    }
+    """
+    void sqd_idot_rows(const int8_t* codes, intp_t n, intp_t d,
+                       const int16_t* qw, int64_t* out) noexcept nogil
+    void sqd_screen(const int8_t* codes, intp_t n, intp_t d, const int16_t* qw,
+                    const float* scale, const float* ea, const float* ec, double t,
+                    double A, double C, double b, double rel, double tiny,
+                    unsigned char* flag) noexcept nogil
+    double sqd_xdot(const float* a, const double* b, intp_t d) noexcept nogil
+    double sqd_xdot(const double* a, const double* b, intp_t d) noexcept nogil
+    void sqd_nth(const float* X, intp_t d, intp_t dim, intp_t* idx,
+                 intp_t n, intp_t k) noexcept nogil
+    void sqd_nth(const double* X, intp_t d, intp_t dim, intp_t* idx,
+                 intp_t n, intp_t k) noexcept nogil
+    int omp_get_max_threads() noexcept nogil
+
+
+cdef double U64 = 1.1102230246251565e-16   # 2**-53
+cdef double REL = 1e-9                      # relative widening of bound arithmetic
+cdef double TINY = 1e-290                   # absolute widening (underflow)
+cdef double INFL = 1.0 + 1e-10              # rounding-up factor for stored norms
+cdef intp_t CHUNK = 256                     # leaf scan chunk (dots buffer size)
+cdef intp_t QMAX = 16383                    # int16 query code range
+cdef intp_t MAX_DEPTH = 128
+
+# Modes of the query kernel.
+cdef enum:
+    MODE_COUNT = 0
+    MODE_IDS = 1
+    MODE_SCORES = 2
+
+
+cdef struct CoreView:
+    # A snapshot of raw pointers into the core's arrays, valid while no
+    # mutation runs; lets nogil kernels read the structure.
+    const void* X
+    const int8_t* codes
+    const float* scale
+    const float* ea
+    const float* ec
+    const intp_t* ids
+    const intp_t* node_start
+    const intp_t* node_end
+    const intp_t* node_alive
+    const float* node_center
+    const double* node_radius
+    const double* node_cnorm
+    const intp_t* seg_node0
+    const intp_t* seg_n_nodes
+    intp_t n_segs
+    intp_t d
+    double gam
+
+
+cdef struct QueryBuf:
+    # Per-thread scratch space for one query.
+    double* w          # the query in float64 (d)
+    int16_t* qw        # its int16 code (d)
+    int64_t* dots      # integer dots of one leaf chunk (CHUNK)
+    intp_t* stack      # DFS stack of node indices (MAX_DEPTH)
+    double t           # query scale
+    double wnorm       # upper bound on ||w||
+    double A           # multiplier of a_p in the screening bound
+    double C           # multiplier of c_p in the screening bound
+    # top-k heap (search)
+    double* hscore
+    intp_t* hid
+    intp_t hsize
+    intp_t k
+
+
+cdef inline float _round_up_f32(double x) noexcept nogil:
+    """Smallest float32 >= x (x >= 0); inf if x overflows float32."""
+    cdef float f = <float>x
+    if <double>f < x:
+        f = nextafterf(f, INFINITY)
+    return f
+
+
+cdef void _encode_point(const floating* p, intp_t d, int8_t* code, float* scale,
+                        float* ea, float* ec) noexcept nogil:
+    """Per-point int8 code, scale and error constants (see the design notes)."""
+    cdef intp_t j
+    cdef double maxabs = 0.0, v, s, e, qn2 = 0.0, en2 = 0.0
+    cdef float s32
+    cdef int qv
+    for j in range(d):
+        v = fabs(<double>p[j])
+        if v > maxabs:
+            maxabs = v
+    s = maxabs / 127.0
+    s32 = <float>s
+    if maxabs == 0.0:
+        for j in range(d):
+            code[j] = 0
+        scale[0] = 0.0
+        ea[0] = 0.0
+        ec[0] = 0.0
+        return
+    if not (s32 >= 1.1754943508222875e-38 and s32 < 3.0e38):
+        # Scale not a normal float32 (tiny or huge float64 data): no screening,
+        # the infinite bound sends the point to exact verification.
+        for j in range(d):
+            code[j] = 0
+        scale[0] = 0.0
+        ea[0] = INFINITY
+        ec[0] = INFINITY
+        return
+    for j in range(d):
+        qv = <int>nearbyint(<double>p[j] / <double>s32)
+        if qv > 127:
+            qv = 127
+        elif qv < -127:
+            qv = -127
+        code[j] = <int8_t>qv
+        # s32 * qv is exact in float64 (24 + 7 bits); the subtraction rounds
+        # once, relative to |e|.
+        e = <double>p[j] - <double>s32 * <double>qv
+        qn2 += <double>(qv * qv)
+        en2 += e * e
+    scale[0] = s32
+    ea[0] = _round_up_f32(<double>s32 * sqrt(qn2) * INFL)
+    ec[0] = _round_up_f32(sqrt(en2) * INFL + d * TINY)
+
+
+cdef void _prepare_query(QueryBuf* qb, intp_t d, double gam) noexcept nogil:
+    """Quantise qb.w to int16 and set the bound multipliers A and C."""
+    cdef intp_t j
+    cdef double maxabs = 0.0, v, w2 = 0.0, e2 = 0.0, e, t, wnorm, enorm
+    cdef long qv
+    for j in range(d):
+        v = fabs(qb.w[j])
+        w2 += qb.w[j] * qb.w[j]
+        if v > maxabs:
+            maxabs = v
+    t = maxabs / QMAX
+    wnorm = sqrt(w2) * INFL + d * TINY
+    if t == 0.0 or not (t > 1e-300):
+        # zero (or denormal-scale) query: no integer screening information
+        for j in range(d):
+            qb.qw[j] = 0
+        t = 0.0
+        enorm = wnorm
+    else:
+        for j in range(d):
+            qv = <long>nearbyint(qb.w[j] / t)
+            if qv > QMAX:
+                qv = QMAX
+            elif qv < -QMAX:
+                qv = -QMAX
+            qb.qw[j] = <int16_t>qv
+            e = qb.w[j] - t * <double>qv
+            e2 += e * e
+        enorm = sqrt(e2) * INFL + 4.0 * U64 * wnorm + d * TINY
+    qb.t = t
+    qb.wnorm = wnorm
+    qb.A = enorm + gam * wnorm
+    qb.C = wnorm * INFL + gam * wnorm
+
+
+cdef inline void _node_bounds(const CoreView* v, intp_t node, const QueryBuf* qb,
+                              double* lo, double* hi) noexcept nogil:
+    """Rigorous bounds on score(p, w) over the node's ball."""
+    cdef double cw = sqd_xdot(v.node_center + node * v.d, qb.w, v.d)
+    cdef double r = v.node_radius[node]
+    cdef double half = r * qb.wnorm
+    cdef double slack = v.gam * (v.node_cnorm[node] + r) * qb.wnorm * 2.0
+    half = (half + slack) * (1.0 + REL) + REL * fabs(cw) + TINY
+    lo[0] = cw - half
+    hi[0] = cw + half
+
+
+# ---------------------------------------------------------------------------
+# top-k heap: a min-heap on (score, -id), i.e. the root is the worst kept hit
+# (lowest score; among equal scores the largest id).
+
+cdef inline bint _worse(double s1, intp_t i1, double s2, intp_t i2) noexcept nogil:
+    return s1 < s2 or (s1 == s2 and i1 > i2)
+
+
+cdef void _heap_push(QueryBuf* qb, double s, intp_t i) noexcept nogil:
+    """Offer (s, i) to the bounded heap."""
+    cdef intp_t pos, child, n
+    cdef double* hs = qb.hscore
+    cdef intp_t* hi = qb.hid
+    if qb.hsize < qb.k:
+        pos = qb.hsize
+        qb.hsize += 1
+        while pos > 0:
+            child = (pos - 1) // 2   # parent
+            if _worse(s, i, hs[child], hi[child]):
+                hs[pos] = hs[child]
+                hi[pos] = hi[child]
+                pos = child
+            else:
+                break
+        hs[pos] = s
+        hi[pos] = i
+        return
+    if not _worse(hs[0], hi[0], s, i):
+        return
+    n = qb.hsize
+    pos = 0
+    while True:
+        child = 2 * pos + 1
+        if child >= n:
+            break
+        if child + 1 < n and _worse(hs[child + 1], hi[child + 1], hs[child], hi[child]):
+            child += 1
+        if _worse(hs[child], hi[child], s, i):
+            hs[pos] = hs[child]
+            hi[pos] = hi[child]
+            pos = child
+        else:
+            break
+    hs[pos] = s
+    hi[pos] = i
+
+
+cdef inline bint _heap_prunes(const QueryBuf* qb, double upper) noexcept nogil:
+    """True if nothing with score <= upper can enter the full heap."""
+    return qb.hsize == qb.k and upper < qb.hscore[0]
+
+
+# ---------------------------------------------------------------------------
+# query kernels
+
+cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
+                        intp_t start, intp_t end, double b, int mode,
+                        vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
+    """Screen slots [start, end) through their codes; verify the band."""
+    cdef intp_t d = v.d, s0, s1, s, cnt = 0, sid
+    cdef double score
+    cdef unsigned char f
+    cdef unsigned char* flag = <unsigned char*>qb.dots
+    s0 = start
+    while s0 < end:
+        s1 = s0 + CHUNK
+        if s1 > end:
+            s1 = end
+        sqd_screen(v.codes + s0 * d, s1 - s0, d, qb.qw, v.scale + s0, v.ea + s0,
+                   v.ec + s0, qb.t, qb.A, qb.C, b, REL, TINY, flag)
+        for s in range(s0, s1):
+            f = flag[s - s0]
+            if f == 0:
+                continue
+            sid = v.ids[s]
+            if f == 2:
+                if mode == MODE_SCORES:
+                    out_sc.push_back(sqd_xdot(X + s * d, qb.w, d))
+                if mode != MODE_COUNT:
+                    out_ids.push_back(sid)
+                cnt += 1
+            elif sid >= 0:
+                score = sqd_xdot(X + s * d, qb.w, d)
+                if score >= b:
+                    if mode == MODE_SCORES:
+                        out_sc.push_back(score)
+                    if mode != MODE_COUNT:
+                        out_ids.push_back(sid)
+                    cnt += 1
+        s0 = s1
+    return cnt
+
+
+cdef intp_t _report_range(const CoreView* v, const floating* X, QueryBuf* qb,
+                          intp_t start, intp_t end, int mode,
+                          vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
+    """Report every live slot of [start, end) (its node is inside the half-space)."""
+    cdef intp_t s, sid, cnt = 0
+    for s in range(start, end):
+        sid = v.ids[s]
+        if sid < 0:
+            continue
+        if mode == MODE_SCORES:
+            out_sc.push_back(sqd_xdot(X + s * v.d, qb.w, v.d))
+        out_ids.push_back(sid)
+        cnt += 1
+    return cnt
+
+
+cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, double b,
+                       int mode, vector[intp_t]* out_ids,
+                       vector[double]* out_sc) noexcept nogil:
+    """Report (or count) the points with score >= b; qb.w must be set."""
+    cdef intp_t seg, node0, n_nodes, node, top, cnt = 0
+    cdef double lo, hi
+    _prepare_query(qb, v.d, v.gam)
+    for seg in range(v.n_segs):
+        node0 = v.seg_node0[seg]
+        n_nodes = v.seg_n_nodes[seg]
+        qb.stack[0] = 0
+        top = 1
+        while top > 0:
+            top -= 1
+            node = node0 + qb.stack[top]
+            if v.node_alive[node] == 0:
+                continue
+            _node_bounds(v, node, qb, &lo, &hi)
+            if hi < b:
+                continue
+            if lo >= b:
+                if mode == MODE_COUNT:
+                    cnt += v.node_alive[node]
+                else:
+                    cnt += _report_range(v, X, qb, v.node_start[node], v.node_end[node],
+                                         mode, out_ids, out_sc)
+                continue
+            if 2 * qb.stack[top] + 1 >= n_nodes:
+                cnt += _scan_range(v, X, qb, v.node_start[node], v.node_end[node], b,
+                                   mode, out_ids, out_sc)
+                continue
+            node = qb.stack[top]
+            qb.stack[top] = 2 * node + 2
+            qb.stack[top + 1] = 2 * node + 1
+            top += 2
+    return cnt
+
+
+cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexcept nogil:
+    """Exact top-k by inner product into qb's heap; qb.w and qb.k must be set."""
+    cdef intp_t seg, node0, n_nodes, node, local, top, s, s0, s1, sid, c
+    cdef intp_t d = v.d
+    cdef double lo, hi, lo_l, hi_l, lo_r, hi_r, approx, m, score
+    cdef double* stack_hi = <double*>(qb.stack + MAX_DEPTH)
+    _prepare_query(qb, d, v.gam)
+    qb.hsize = 0
+    if qb.k == 0:
+        return
+    for seg in range(v.n_segs):
+        node0 = v.seg_node0[seg]
+        n_nodes = v.seg_n_nodes[seg]
+        if v.node_alive[node0] == 0:
+            continue
+        _node_bounds(v, node0, qb, &lo, &hi)
+        qb.stack[0] = 0
+        stack_hi[0] = hi
+        top = 1
+        while top > 0:
+            top -= 1
+            local = qb.stack[top]
+            node = node0 + local
+            if _heap_prunes(qb, stack_hi[top]):
+                continue
+            if 2 * local + 1 >= n_nodes:
+                s0 = v.node_start[node]
+                while s0 < v.node_end[node]:
+                    s1 = s0 + CHUNK
+                    if s1 > v.node_end[node]:
+                        s1 = v.node_end[node]
+                    sqd_idot_rows(v.codes + s0 * d, s1 - s0, d, qb.qw, qb.dots)
+                    for s in range(s0, s1):
+                        sid = v.ids[s]
+                        if sid < 0:
+                            continue
+                        if qb.hsize == qb.k:
+                            approx = (<double>v.scale[s] * qb.t) * <double>qb.dots[s - s0]
+                            m = (<double>v.ea[s] * qb.A + <double>v.ec[s] * qb.C) \
+                                * (1.0 + REL) + REL * fabs(approx) + TINY
+                            if approx + m < qb.hscore[0]:
+                                continue
+                        score = sqd_xdot(X + s * d, qb.w, d)
+                        _heap_push(qb, score, sid)
+                    s0 = s1
+                continue
+            # push the children, the more promising one last (visited first)
+            c = 2 * local + 1
+            lo_l = hi_l = lo_r = hi_r = -HUGE_VAL
+            if v.node_alive[node0 + c] > 0:
+                _node_bounds(v, node0 + c, qb, &lo_l, &hi_l)
+            if v.node_alive[node0 + c + 1] > 0:
+                _node_bounds(v, node0 + c + 1, qb, &lo_r, &hi_r)
+            if hi_l >= hi_r:
+                if v.node_alive[node0 + c + 1] > 0:
+                    qb.stack[top] = c + 1
+                    stack_hi[top] = hi_r
+                    top += 1
+                if v.node_alive[node0 + c] > 0:
+                    qb.stack[top] = c
+                    stack_hi[top] = hi_l
+                    top += 1
+            else:
+                if v.node_alive[node0 + c] > 0:
+                    qb.stack[top] = c
+                    stack_hi[top] = hi_l
+                    top += 1
+                if v.node_alive[node0 + c + 1] > 0:
+                    qb.stack[top] = c + 1
+                    stack_hi[top] = hi_r
+                    top += 1
+
+
+cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
+    """Allocate a per-thread query buffer (NULL on failure)."""
+    cdef QueryBuf* qb = <QueryBuf*>malloc(sizeof(QueryBuf))
+    if qb == NULL:
+        return NULL
+    qb.w = <double*>malloc((d + 1) * sizeof(double))
+    qb.qw = <int16_t*>malloc((d + 1) * sizeof(int16_t))
+    qb.dots = <int64_t*>malloc(CHUNK * sizeof(int64_t))
+    # the stack holds MAX_DEPTH node indices, then MAX_DEPTH doubles (search)
+    qb.stack = <intp_t*>malloc(MAX_DEPTH * (sizeof(intp_t) + sizeof(double)))
+    qb.hscore = <double*>malloc((k + 1) * sizeof(double))
+    qb.hid = <intp_t*>malloc((k + 1) * sizeof(intp_t))
+    qb.k = k
+    qb.hsize = 0
+    if (qb.w == NULL or qb.qw == NULL or qb.dots == NULL or qb.stack == NULL
+            or qb.hscore == NULL or qb.hid == NULL):
+        _free_qbuf(qb)
+        return NULL
+    return qb
+
+
+cdef void _free_qbuf(QueryBuf* qb) noexcept nogil:
+    if qb == NULL:
+        return
+    free(qb.w)
+    free(qb.qw)
+    free(qb.dots)
+    free(qb.stack)
+    free(qb.hscore)
+    free(qb.hid)
+    free(qb)
+
+
+cdef void _load_query(QueryBuf* qb, intp_t q, intp_t d, const floating* W,
+                      const intp_t* indptr, const intp_t* indices) noexcept nogil:
+    """Densify query q (dense row, or CSR row when indptr != NULL) into qb.w."""
+    cdef intp_t j
+    if indptr == NULL:
+        for j in range(d):
+            qb.w[j] = <double>W[q * d + j]
+    else:
+        for j in range(d):
+            qb.w[j] = 0.0
+        for j in range(indptr[q], indptr[q + 1]):
+            qb.w[indices[j]] += <double>W[j]
+
+
+cdef int _batch_query(const CoreView* v, const floating* X, const floating* W,
+                      const intp_t* indptr, const intp_t* indices, intp_t n_queries,
+                      const double* b, int mode, int n_threads, intp_t* counts,
+                      vector[intp_t]* res_ids, vector[double]* res_sc) except -1 nogil:
+    """Run n_queries queries across OpenMP threads; results per query."""
+    cdef intp_t q
+    cdef QueryBuf* qb
+    cdef int failed = 0
+    cdef int* failed_ptr = &failed      # written through a pointer: shared
+    with parallel(num_threads=n_threads):
+        qb = _alloc_qbuf(v.d, 0)
+        if qb == NULL:
+            failed_ptr[0] = 1
+        else:
+            for q in prange(n_queries, schedule="dynamic"):
+                _load_query(qb, q, v.d, W, indptr, indices)
+                counts[q] = _query_one(v, X, qb, b[q], mode, &res_ids[q], &res_sc[q])
+            _free_qbuf(qb)
+    if failed:
+        with gil:
+            raise MemoryError()
+    return 0
+
+
+cdef int _batch_search(const CoreView* v, const floating* X, const floating* W,
+                       const intp_t* indptr, const intp_t* indices, intp_t n_queries,
+                       intp_t k, int n_threads, double* out_s,
+                       intp_t* out_i) except -1 nogil:
+    """Exact top-k per query, sorted by decreasing score then increasing id."""
+    cdef intp_t q, j, n
+    cdef QueryBuf* qb
+    cdef int failed = 0
+    cdef int* failed_ptr = &failed      # written through a pointer: shared
+    cdef double s
+    cdef intp_t i
+    with parallel(num_threads=n_threads):
+        qb = _alloc_qbuf(v.d, k)
+        if qb == NULL:
+            failed_ptr[0] = 1
+        else:
+            for q in prange(n_queries, schedule="dynamic"):
+                _load_query(qb, q, v.d, W, indptr, indices)
+                _search_one(v, X, qb)
+                # heap-sort out: pop the worst into the last free position
+                n = qb.hsize
+                for j in range(k):
+                    out_s[q * k + j] = -HUGE_VAL
+                    out_i[q * k + j] = -1
+                while n > 0:
+                    # the root is the worst kept hit: it goes last
+                    s = qb.hscore[0]
+                    i = qb.hid[0]
+                    out_s[q * k + n - 1] = s
+                    out_i[q * k + n - 1] = i
+                    n = n - 1
+                    _heap_drop_root(qb, n)
+                qb.k = k
+            _free_qbuf(qb)
+    if failed:
+        with gil:
+            raise MemoryError()
+    return 0
+
+
+cdef void _heap_drop_root(QueryBuf* qb, intp_t n) noexcept nogil:
+    """Drop the root of a heap of n+1 entries, leaving a valid heap of n."""
+    cdef double s = qb.hscore[n]
+    cdef intp_t i = qb.hid[n]
+    cdef intp_t pos = 0, child
+    cdef double* hs = qb.hscore
+    cdef intp_t* hi = qb.hid
+    qb.hsize = n
+    qb.k = n
+    if n == 0:
+        return
+    while True:
+        child = 2 * pos + 1
+        if child >= n:
+            break
+        if child + 1 < n and _worse(hs[child + 1], hi[child + 1], hs[child], hi[child]):
+            child += 1
+        if _worse(hs[child], hi[child], s, i):
+            hs[pos] = hs[child]
+            hi[pos] = hi[child]
+            pos = child
+        else:
+            break
+    hs[pos] = s
+    hi[pos] = i
+
+
+# ---------------------------------------------------------------------------
+# tree construction
+
+cdef intp_t _n_nodes_for(intp_t n, intp_t leaf_size) noexcept nogil:
+    """Node count of the implicit tree over n points (sklearn's rule)."""
+    cdef intp_t n_levels = 1
+    cdef intp_t m
+    if n <= 1:
+        return 1
+    m = (n - 1) // leaf_size
+    while m >= 2:
+        m //= 2
+        n_levels += 1
+    return (1 << n_levels) - 1
+
+
+cdef void _partition(const floating* X, intp_t d, intp_t* idx, intp_t base,
+                     intp_t n_nodes, intp_t node, intp_t start, intp_t end) noexcept nogil:
+    """Order idx[start:end] (positions relative to base) for node and its subtree."""
+    cdef intp_t mid, j, s, dim = 0
+    cdef double lo, hi, spread, best = -1.0, x
+    if 2 * node + 1 >= n_nodes or end - start < 2:
+        return
+    for j in range(d):
+        lo = HUGE_VAL
+        hi = -HUGE_VAL
+        for s in range(start, end):
+            x = <double>X[(base + idx[s]) * d + j]
+            if x < lo:
+                lo = x
+            if x > hi:
+                hi = x
+        spread = hi - lo
+        if spread > best:
+            best = spread
+            dim = j
+    mid = start + (end - start) // 2
+    sqd_nth(X + base * d, d, dim, idx + start, end - start, mid - start)
+    _partition(X, d, idx, base, n_nodes, 2 * node + 1, start, mid)
+    _partition(X, d, idx, base, n_nodes, 2 * node + 2, mid, end)
+
+
+cdef void _node_stats(const floating* X, const intp_t* ids, intp_t d, intp_t start,
+                      intp_t end, float* center, double* radius, double* cnorm,
+                      intp_t* alive, double* buf) noexcept nogil:
+    """Centroid of [start, end) rounded to float32 (any centre is valid: the
+    radius is measured from the stored one), and an upper bound on the
+    distance of every slot to it."""
+    cdef intp_t s, j, n = end - start, n_alive = 0
+    cdef double r2 = 0.0, dist2, diff, c2 = 0.0
+    for j in range(d):
+        buf[j] = 0.0
+    for s in range(start, end):
+        if ids[s] >= 0:
+            n_alive += 1
+        for j in range(d):
+            buf[j] += <double>X[s * d + j]
+    for j in range(d):
+        center[j] = <float>(buf[j] / n) if n > 0 else 0.0
+    for s in range(start, end):
+        dist2 = 0.0
+        for j in range(d):
+            diff = <double>X[s * d + j] - <double>center[j]
+            dist2 += diff * diff
+        if dist2 > r2:
+            r2 = dist2
+    for j in range(d):
+        c2 += <double>center[j] * <double>center[j]
+    radius[0] = sqrt(r2) * INFL + d * TINY
+    cnorm[0] = sqrt(c2) * INFL
+    alive[0] = n_alive
+
+
+def _grow(old, intp_t new_cap, intp_t used):
+    """A larger copy of a capacity array, keeping its first ``used`` rows."""
+    new = np.empty((new_cap,) + old.shape[1:], dtype=old.dtype)
+    new[:used] = old[:used]
+    return new
+
+
+cdef class _HalfspaceCore:
+    """Storage, segments and trees of a HalfspaceIndex (one dtype per instance)."""
+
+    cdef readonly intp_t d
+    cdef readonly intp_t leaf_size
+    cdef readonly object dtype
+    cdef readonly intp_t n_slots
+    cdef readonly intp_t n_alive
+    cdef readonly intp_t next_id
+    cdef readonly intp_t n_rebuilds
+    cdef bint is32
+    cdef double gam
+    # slot arrays (capacity rows)
+    cdef object _X
+    cdef object _codes
+    cdef object _scale
+    cdef object _ea
+    cdef object _ec
+    cdef object _ids
+    # node arrays (capacity nodes)
+    cdef object _node_start
+    cdef object _node_end
+    cdef object _node_alive
+    cdef object _node_center
+    cdef object _node_radius
+    cdef object _node_cnorm
+    cdef intp_t n_nodes_used
+    cdef vector[intp_t] seg_start
+    cdef vector[intp_t] seg_end
+    cdef vector[intp_t] seg_node0
+    cdef vector[intp_t] seg_n_nodes
+    cdef vector[intp_t] seg_stale
+    cdef unordered_map[intp_t, intp_t] id2slot
+
+    def __init__(self, intp_t d, intp_t leaf_size, dtype):
+        self.d = d
+        self.leaf_size = leaf_size
+        self.dtype = np.dtype(dtype)
+        self.is32 = self.dtype == np.float32
+        self.gam = 16.0 * (d + 8) * U64
+        self.n_slots = 0
+        self.n_alive = 0
+        self.next_id = 0
+        self.n_rebuilds = 0
+        self.n_nodes_used = 0
+        self._X = np.empty((0, d), dtype=self.dtype)
+        self._codes = np.empty((0, d), dtype=np.int8)
+        self._scale = np.empty(0, dtype=np.float32)
+        self._ea = np.empty(0, dtype=np.float32)
+        self._ec = np.empty(0, dtype=np.float32)
+        self._ids = np.empty(0, dtype=np.intp)
+        self._node_start = np.empty(0, dtype=np.intp)
+        self._node_end = np.empty(0, dtype=np.intp)
+        self._node_alive = np.empty(0, dtype=np.intp)
+        self._node_center = np.empty((0, d), dtype=np.float32)
+        self._node_radius = np.empty(0, dtype=np.float64)
+        self._node_cnorm = np.empty(0, dtype=np.float64)
+
+    # -- bookkeeping --------------------------------------------------------
+
+    cdef CoreView _view(self):
+        cdef CoreView v
+        v.X = cnp.PyArray_DATA(<cnp.ndarray>self._X)
+        v.codes = <const int8_t*>cnp.PyArray_DATA(<cnp.ndarray>self._codes)
+        v.scale = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._scale)
+        v.ea = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._ea)
+        v.ec = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._ec)
+        v.ids = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._ids)
+        v.node_start = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_start)
+        v.node_end = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_end)
+        v.node_alive = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_alive)
+        v.node_center = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._node_center)
+        v.node_radius = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self._node_radius)
+        v.node_cnorm = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self._node_cnorm)
+        v.seg_node0 = self.seg_node0.data()
+        v.seg_n_nodes = self.seg_n_nodes.data()
+        v.n_segs = <intp_t>self.seg_start.size()
+        v.d = self.d
+        v.gam = self.gam
+        return v
+
+    cdef _reserve_slots(self, intp_t n):
+        cdef intp_t cap = self._ids.shape[0], new_cap, used = self.n_slots
+        if n <= cap:
+            return
+        new_cap = max(n, 2 * cap, 16)
+        self._X = _grow(self._X, new_cap, used)
+        self._codes = _grow(self._codes, new_cap, used)
+        self._scale = _grow(self._scale, new_cap, used)
+        self._ea = _grow(self._ea, new_cap, used)
+        self._ec = _grow(self._ec, new_cap, used)
+        self._ids = _grow(self._ids, new_cap, used)
+
+    cdef _reserve_nodes(self, intp_t n):
+        cdef intp_t cap = self._node_start.shape[0], new_cap, used = self.n_nodes_used
+        if n <= cap:
+            return
+        new_cap = max(n, 2 * cap, 16)
+        self._node_start = _grow(self._node_start, new_cap, used)
+        self._node_end = _grow(self._node_end, new_cap, used)
+        self._node_alive = _grow(self._node_alive, new_cap, used)
+        self._node_center = _grow(self._node_center, new_cap, used)
+        self._node_radius = _grow(self._node_radius, new_cap, used)
+        self._node_cnorm = _grow(self._node_cnorm, new_cap, used)
+
+    def has_ids(self, const intp_t[::1] ids):
+        """Boolean mask: which ids are live."""
+        out = np.empty(ids.shape[0], dtype=bool)
+        cdef unsigned char[::1] o = out.view(np.uint8)
+        cdef intp_t i
+        for i in range(ids.shape[0]):
+            o[i] = self.id2slot.count(ids[i]) > 0
+        return out
+
+    def first_missing(self, const intp_t[::1] ids):
+        """Position of the first id that is not live, or -1."""
+        cdef intp_t i
+        for i in range(ids.shape[0]):
+            if self.id2slot.count(ids[i]) == 0:
+                return i
+        return -1
+
+    def first_present(self, const intp_t[::1] ids):
+        """Position of the first id that is live, or -1."""
+        cdef intp_t i
+        for i in range(ids.shape[0]):
+            if self.id2slot.count(ids[i]) > 0:
+                return i
+        return -1
+
+    def slots_of(self, const intp_t[::1] ids):
+        """Slots of live ids (the caller checked they are live)."""
+        out = np.empty(ids.shape[0], dtype=np.intp)
+        cdef intp_t[::1] o = out
+        cdef intp_t i
+        for i in range(ids.shape[0]):
+            o[i] = self.id2slot[ids[i]]
+        return out
+
+    def get(self, const intp_t[::1] ids):
+        """Rows of live ids (checked by the caller), as a new array."""
+        return self._X[self.slots_of(ids)]
+
+    def live_ids(self):
+        """Live ids in slot order."""
+        ids = self._ids[:self.n_slots]
+        return ids[ids >= 0].copy()
+
+    def live_points(self):
+        """Live rows in slot order (a copy)."""
+        ids = self._ids[:self.n_slots]
+        return self._X[:self.n_slots][ids >= 0].copy()
+
+    def set_next_id(self, intp_t next_id):
+        self.next_id = max(self.next_id, next_id)
+
+    @property
+    def n_segments(self):
+        return <intp_t>self.seg_start.size()
+
+    @property
+    def segment_sizes(self):
+        return [self.seg_end[k] - self.seg_start[k] for k in range(self.seg_start.size())]
+
+    # -- building -----------------------------------------------------------
+
+    cdef _encode_range(self, intp_t start, intp_t end):
+        cdef CoreView v = self._view()
+        cdef intp_t s, d = self.d
+        with nogil:
+            for s in range(start, end):
+                if self.is32:
+                    _encode_point(<const float*>v.X + s * d, d, <int8_t*>v.codes + s * d,
+                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s)
+                else:
+                    _encode_point(<const double*>v.X + s * d, d, <int8_t*>v.codes + s * d,
+                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s)
+
+    cdef _compact_from(self, intp_t start):
+        """Move the live slots of [start, n_slots) down over the tombstones."""
+        cdef intp_t s
+        cdef intp_t[::1] ids
+        cdef intp_t n = self.n_slots
+        keep = np.flatnonzero(self._ids[start:n] >= 0) + start
+        if keep.shape[0] == n - start:
+            return
+        m = keep.shape[0]
+        self._X[start:start + m] = self._X[keep]
+        self._codes[start:start + m] = self._codes[keep]
+        self._scale[start:start + m] = self._scale[keep]
+        self._ea[start:start + m] = self._ea[keep]
+        self._ec[start:start + m] = self._ec[keep]
+        self._ids[start:start + m] = self._ids[keep]
+        ids = self._ids
+        for s in range(start, start + m):
+            self.id2slot[ids[s]] = s
+        self.n_slots = start + m
+
+    cdef _build_segment(self, intp_t k):
+        """(Re)build segment k's tree and permute its slots into tree order."""
+        cdef intp_t start = self.seg_start[k], end = self.seg_end[k]
+        cdef intp_t n = end - start, n_nodes, node0 = self.seg_node0[k]
+        cdef intp_t d = self.d, i, s
+        cdef int n_threads
+        cdef int alloc_failed = 0
+        cdef int* alloc_failed_ptr = &alloc_failed
+        perm = np.arange(n, dtype=np.intp)
+        cdef intp_t[::1] p = perm
+        n_nodes = _n_nodes_for(n, self.leaf_size)
+        self._reserve_nodes(node0 + n_nodes)
+        cdef CoreView v = self._view()
+        with nogil:
+            if self.is32:
+                _partition(<const float*>v.X, d, &p[0], start, n_nodes, 0, 0, n)
+            else:
+                _partition(<const double*>v.X, d, &p[0], start, n_nodes, 0, 0, n)
+        perm += start
+        self._X[start:end] = self._X[perm]
+        self._codes[start:end] = self._codes[perm]
+        self._scale[start:end] = self._scale[perm]
+        self._ea[start:end] = self._ea[perm]
+        self._ec[start:end] = self._ec[perm]
+        self._ids[start:end] = self._ids[perm]
+        cdef intp_t[::1] ids = self._ids
+        for s in range(start, end):
+            if ids[s] >= 0:
+                self.id2slot[ids[s]] = s
+        cdef intp_t[::1] ns = self._node_start
+        cdef intp_t[::1] ne = self._node_end
+        cdef intp_t[::1] na = self._node_alive
+        cdef float[:, ::1] nc = self._node_center
+        cdef double[::1] nr = self._node_radius
+        cdef double[::1] nn = self._node_cnorm
+        ns[node0] = start
+        ne[node0] = end
+        for i in range(n_nodes):
+            if 2 * i + 1 < n_nodes:
+                ns[node0 + 2 * i + 1] = ns[node0 + i]
+                ne[node0 + 2 * i + 1] = ns[node0 + i] + (ne[node0 + i] - ns[node0 + i]) // 2
+                ns[node0 + 2 * i + 2] = ne[node0 + 2 * i + 1]
+                ne[node0 + 2 * i + 2] = ne[node0 + i]
+        v = self._view()
+        n_threads = 1 if n < 8192 else omp_get_max_threads()
+        cdef double* buf
+        with nogil, parallel(num_threads=n_threads):
+            buf = <double*>malloc(d * sizeof(double))
+            if buf != NULL:
+                for i in prange(n_nodes, schedule="dynamic"):
+                    if self.is32:
+                        _node_stats(<const float*>v.X, v.ids, d, ns[node0 + i],
+                                    ne[node0 + i], &nc[node0 + i, 0], &nr[node0 + i],
+                                    &nn[node0 + i], &na[node0 + i], buf)
+                    else:
+                        _node_stats(<const double*>v.X, v.ids, d, ns[node0 + i],
+                                    ne[node0 + i], &nc[node0 + i, 0], &nr[node0 + i],
+                                    &nn[node0 + i], &na[node0 + i], buf)
+                free(buf)
+            else:
+                alloc_failed_ptr[0] = 1
+        if alloc_failed:
+            raise MemoryError()
+        self.seg_n_nodes[k] = n_nodes
+        self.seg_stale[k] = 0
+        self.n_nodes_used = self.seg_node0.back() + self.seg_n_nodes.back()
+        self.n_rebuilds += 1
+
+    cdef _push_segment(self, intp_t start, intp_t end):
+        cdef intp_t node0 = 0
+        if self.seg_start.size() > 0:
+            node0 = self.seg_node0.back() + self.seg_n_nodes.back()
+        self.seg_start.push_back(start)
+        self.seg_end.push_back(end)
+        self.seg_node0.push_back(node0)
+        self.seg_n_nodes.push_back(0)
+        self.seg_stale.push_back(0)
+        self._build_segment(<intp_t>self.seg_start.size() - 1)
+
+    cdef _pop_segment(self):
+        self.seg_start.pop_back()
+        self.seg_end.pop_back()
+        self.seg_node0.pop_back()
+        self.seg_n_nodes.pop_back()
+        self.seg_stale.pop_back()
+
+    cdef _rebuild_tail(self, intp_t first_seg):
+        """Merge segments first_seg.. into one, dropping their tombstones."""
+        cdef intp_t start = self.seg_start[first_seg]
+        while <intp_t>self.seg_start.size() > first_seg:
+            self._pop_segment()
+        self.n_nodes_used = 0 if first_seg == 0 else (
+            self.seg_node0.back() + self.seg_n_nodes.back())
+        self._compact_from(start)
+        if self.n_slots > start:
+            self._push_segment(start, self.n_slots)
+
+    def rebuild(self):
+        """Compact all tombstones and rebuild a single tree."""
+        if self.seg_start.size() == 0:
+            self.n_slots = 0
+            return
+        self._rebuild_tail(0)
+
+    cdef _merge_tail(self):
+        cdef intp_t k
+        while self.seg_start.size() >= 2:
+            k = <intp_t>self.seg_start.size()
+            if (self.seg_end[k - 2] - self.seg_start[k - 2]
+                    < 2 * (self.seg_end[k - 1] - self.seg_start[k - 1])):
+                self._rebuild_tail(k - 2)
+            else:
+                break
+
+    # -- mutation -----------------------------------------------------------
+
+    def add(self, X, const intp_t[::1] ids):
+        """Append rows X (validated, dtype, C order) with new, distinct ids."""
+        cdef intp_t m = ids.shape[0], start = self.n_slots, i
+        if m == 0:
+            return
+        self._reserve_slots(start + m)
+        self._X[start:start + m] = X
+        self._ids[start:start + m] = ids
+        self.n_slots = start + m
+        self._encode_range(start, start + m)
+        for i in range(m):
+            self.id2slot[ids[i]] = start + i
+            if ids[i] >= self.next_id:
+                self.next_id = ids[i] + 1
+        self.n_alive += m
+        self._push_segment(start, start + m)
+        self._merge_tail()
+
+    cdef intp_t _segment_of(self, intp_t slot):
+        cdef intp_t k
+        for k in range(<intp_t>self.seg_start.size()):
+            if slot < self.seg_end[k]:
+                return k
+        return -1
+
+    def remove(self, const intp_t[::1] ids):
+        """Tombstone live ids (checked by the caller); returns the count."""
+        cdef intp_t i, slot, k, local, n_nodes, node0, mid, m = ids.shape[0]
+        cdef intp_t[::1] sid = self._ids
+        cdef float[::1] ea = self._ea
+        cdef intp_t[::1] na = self._node_alive
+        cdef intp_t[::1] ns = self._node_start
+        cdef intp_t[::1] ne = self._node_end
+        for i in range(m):
+            slot = self.id2slot[ids[i]]
+            self.id2slot.erase(ids[i])
+            sid[slot] = -1
+            ea[slot] = NAN    # tombstones always fall into the "verify" band
+            k = self._segment_of(slot)
+            node0 = self.seg_node0[k]
+            n_nodes = self.seg_n_nodes[k]
+            local = 0
+            while True:
+                na[node0 + local] -= 1
+                if 2 * local + 1 >= n_nodes:
+                    break
+                if slot < ne[node0 + 2 * local + 1]:
+                    local = 2 * local + 1
+                else:
+                    local = 2 * local + 2
+        self.n_alive -= m
+        if self.n_slots - self.n_alive > max(self.n_slots // 4, 64) or self.n_alive == 0:
+            self.rebuild()
+        return m
+
+    def update(self, const intp_t[::1] ids, X):
+        """Overwrite the rows of live ids (checked by the caller) in place."""
+        cdef intp_t i, slot, k, local, n_nodes, node0, j, m = ids.shape[0], d = self.d
+        cdef double dist2, diff, r
+        cdef float[:, ::1] nc
+        cdef double[::1] nr
+        cdef intp_t[::1] ne
+        cdef CoreView v
+        slots = self.slots_of(ids)
+        self._X[slots] = X
+        cdef intp_t[::1] sl = slots
+        v = self._view()
+        for i in range(m):
+            slot = sl[i]
+            if self.is32:
+                _encode_point(<const float*>v.X + slot * d, d, <int8_t*>v.codes + slot * d,
+                              <float*>v.scale + slot, <float*>v.ea + slot, <float*>v.ec + slot)
+            else:
+                _encode_point(<const double*>v.X + slot * d, d, <int8_t*>v.codes + slot * d,
+                              <float*>v.scale + slot, <float*>v.ea + slot, <float*>v.ec + slot)
+        nc = self._node_center
+        nr = self._node_radius
+        ne = self._node_end
+        rebuild = set()
+        for i in range(m):
+            slot = sl[i]
+            k = self._segment_of(slot)
+            node0 = self.seg_node0[k]
+            n_nodes = self.seg_n_nodes[k]
+            local = 0
+            while True:
+                dist2 = 0.0
+                for j in range(d):
+                    if self.is32:
+                        diff = (<double>(<const float*>v.X)[slot * d + j]
+                                - <double>nc[node0 + local, j])
+                    else:
+                        diff = ((<const double*>v.X)[slot * d + j]
+                                - <double>nc[node0 + local, j])
+                    dist2 += diff * diff
+                r = sqrt(dist2) * INFL + d * TINY
+                if r > nr[node0 + local]:
+                    nr[node0 + local] = r
+                if 2 * local + 1 >= n_nodes:
+                    break
+                if slot < ne[node0 + 2 * local + 1]:
+                    local = 2 * local + 1
+                else:
+                    local = 2 * local + 2
+            self.seg_stale[k] += 1
+            if self.seg_stale[k] > max((self.seg_end[k] - self.seg_start[k]) // 2,
+                                       self.leaf_size):
+                rebuild.add(k)
+        for k in rebuild:
+            self._build_segment(k)
+
+    # -- queries ------------------------------------------------------------
+
+    def query(self, W, const intp_t[::1] indptr, const intp_t[::1] indices,
+              const double[::1] b, int mode, int n_threads):
+        """Batched half-space query; returns (counts, ids list, scores list) as arrays."""
+        cdef intp_t n_queries = b.shape[0], q, total, off
+        cdef CoreView v = self._view()
+        cdef vector[vector[intp_t]] res_ids
+        cdef vector[vector[double]] res_sc
+        counts = np.zeros(n_queries, dtype=np.intp)
+        cdef intp_t[::1] c = counts
+        cdef const intp_t* ip = NULL
+        cdef const intp_t* ix = NULL
+        cdef cnp.ndarray Wa = W
+        if n_queries == 0:
+            return counts, None, None
+        if indptr is not None:
+            ip = &indptr[0]
+            if indices.shape[0] > 0:
+                ix = &indices[0]
+        res_ids.resize(n_queries)
+        res_sc.resize(n_queries)
+        if n_queries < 4 * n_threads:
+            n_threads = 1
+        with nogil:
+            if self.is32:
+                _batch_query(&v, <const float*>v.X, <const float*>cnp.PyArray_DATA(Wa),
+                             ip, ix, n_queries, &b[0], mode, n_threads, &c[0],
+                             &res_ids[0], &res_sc[0])
+            else:
+                _batch_query(&v, <const double*>v.X, <const double*>cnp.PyArray_DATA(Wa),
+                             ip, ix, n_queries, &b[0], mode, n_threads, &c[0],
+                             &res_ids[0], &res_sc[0])
+        if mode == MODE_COUNT:
+            return counts, None, None
+        indptr_out = np.zeros(n_queries + 1, dtype=np.intp)
+        np.cumsum(counts, out=indptr_out[1:])
+        total = indptr_out[n_queries]
+        ids_out = np.empty(total, dtype=np.intp)
+        cdef intp_t[::1] io = ids_out
+        cdef double[::1] so
+        scores_out = None
+        if mode == MODE_SCORES:
+            scores_out = np.empty(total, dtype=np.float64)
+            so = scores_out
+        off = 0
+        for q in range(n_queries):
+            if res_ids[q].size() > 0:
+                memcpy(&io[off], res_ids[q].data(), res_ids[q].size() * sizeof(intp_t))
+                if mode == MODE_SCORES:
+                    memcpy(&so[off], res_sc[q].data(), res_sc[q].size() * sizeof(double))
+            off += res_ids[q].size()
+        return indptr_out, ids_out, scores_out
+
+    def search(self, W, const intp_t[::1] indptr, const intp_t[::1] indices,
+               intp_t n_queries, intp_t k, int n_threads):
+        """Exact top-k inner products; (scores float64, ids) of shape (n_queries, k)."""
+        cdef CoreView v = self._view()
+        scores = np.empty((n_queries, k), dtype=np.float64)
+        ids = np.empty((n_queries, k), dtype=np.intp)
+        cdef double[:, ::1] s = scores
+        cdef intp_t[:, ::1] i = ids
+        cdef const intp_t* ip = NULL
+        cdef const intp_t* ix = NULL
+        cdef cnp.ndarray Wa = W
+        if n_queries == 0 or k == 0:
+            return scores, ids
+        if indptr is not None:
+            ip = &indptr[0]
+            if indices.shape[0] > 0:
+                ix = &indices[0]
+        if n_queries < 4 * n_threads:
+            n_threads = 1
+        with nogil:
+            if self.is32:
+                _batch_search(&v, <const float*>v.X, <const float*>cnp.PyArray_DATA(Wa),
+                              ip, ix, n_queries, k, n_threads, &s[0, 0], &i[0, 0])
+            else:
+                _batch_search(&v, <const double*>v.X, <const double*>cnp.PyArray_DATA(Wa),
+                              ip, ix, n_queries, k, n_threads, &s[0, 0], &i[0, 0])
+        return scores, ids
+
+    # -- introspection for tests --------------------------------------------
+
+    def check_invariants(self):
+        """Verify every structural invariant; raises AssertionError (tests only)."""
+        cdef intp_t k, i, s, node0, n_nodes, alive
+        ids = self._ids[:self.n_slots]
+        live = ids[ids >= 0]
+        if live.shape[0] != self.n_alive or len(set(live.tolist())) != self.n_alive:
+            raise AssertionError("live ids inconsistent with n_alive")
+        if <intp_t>self.id2slot.size() != self.n_alive:
+            raise AssertionError("id2slot size mismatch")
+        for s in range(self.n_slots):
+            if ids[s] >= 0 and self.id2slot[ids[s]] != s:
+                raise AssertionError("id2slot does not point back")
+        prev_end = 0
+        for k in range(<intp_t>self.seg_start.size()):
+            if self.seg_start[k] != prev_end:
+                raise AssertionError("segments not contiguous")
+            prev_end = self.seg_end[k]
+            node0 = self.seg_node0[k]
+            n_nodes = self.seg_n_nodes[k]
+            for i in range(n_nodes):
+                a, e = self._node_start[node0 + i], self._node_end[node0 + i]
+                alive = int((ids[a:e] >= 0).sum())
+                if alive != self._node_alive[node0 + i]:
+                    raise AssertionError("node_alive wrong")
+                pts = self._X[a:e].astype(np.float64)
+                if e > a:
+                    dist = np.sqrt(((pts - self._node_center[node0 + i]) ** 2).sum(axis=1))
+                    if dist.max() > self._node_radius[node0 + i]:
+                        raise AssertionError("radius does not cover the node")
+        if prev_end != self.n_slots:
+            raise AssertionError("segments do not cover the slots")
+        return True
