@@ -8,8 +8,21 @@ import pytest
 import scipy.sparse as sp
 
 from subquad_ds import HalfspaceIndex
+from subquad_ds._halfspace import _cap_screening_kernel, screening_kernel
 
 from _oracles import check_csr_equal, halfspace_bruteforce, topk_bruteforce
+
+
+@pytest.fixture(params=[0, 1, 2], ids=["portable", "avx2", "vnni"])
+def kernel(request):
+    """Run a test with each integer screening kernel this CPU supports."""
+    old = _cap_screening_kernel(request.param)
+    name = screening_kernel()
+    if ("portable", "avx2", "avx512-vnni").index(name) != request.param:
+        _cap_screening_kernel(old)
+        pytest.skip(f"this CPU lacks the kernel (best: {name})")
+    yield name
+    _cap_screening_kernel(old)
 
 
 def _live(index):
@@ -70,7 +83,7 @@ def clustered(rng, n, d, n_clusters=8, spread=0.05):
 
 @pytest.mark.parametrize("kind", ["gaussian", "clustered", "duplicates", "integers"])
 @pytest.mark.parametrize("d", [1, 3, 17, 64])
-def test_oracle_random_data(dtype, rng, kind, d):
+def test_oracle_random_data(dtype, rng, kind, d, kernel):
     n = 700
     if kind == "gaussian":
         X = rng.normal(size=(n, d))
@@ -104,7 +117,7 @@ def test_ties_are_reported(dtype):
 
 
 @pytest.mark.parametrize("log2_scale", [-90, -20, 0, 30, 90])
-def test_adversarial_near_threshold(dtype, rng, log2_scale):
+def test_adversarial_near_threshold(dtype, rng, log2_scale, kernel):
     # Points whose scores differ from b by one unit of a 2**-20 (float32) or
     # 2**-40 (float64) relative grid, on both sides and exactly on it.  The
     # values are integers times a power of two, so every score is exact and

@@ -104,9 +104,9 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt, fabs, nearbyint, nextafterf, INFINITY, HUGE_VAL, NAN
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t
+from libc.stdint cimport int8_t, uint8_t, int16_t, int32_t, int64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from libcpp.vector cimport vector
 from libcpp.unordered_map cimport unordered_map
 
@@ -136,110 +136,141 @@ cdef extern from *:
     static int omp_get_max_threads(void) { return 1; }
     #endif
 
+    /* ---- integer screening dots over the blocked code layout ----------
+       Codes are stored as u8 = q + 128 (q in [-127, 127]) in blocks of 16
+       slots: the 4 codes of slot s for features 4g..4g+3 sit at byte
+       (s / 16) * 16 * dpad + g * 64 + (s % 16) * 4 (dpad = d rounded up to a
+       multiple of 4, padding codes are 128, i.e. q = 0).  One 64-byte load
+       then feeds 16 slots x 4 features, with no horizontal sums.  The query
+       is an int8 code qw (|qw| <= qmax, zero padded); the exact dot is
+       <u, qw> - 128 * sum(qw).  Every path is exact in int32 for
+       d <= 16384 (|<u, qw>| <= 255 * 127 * 16384 < 2^31). */
     #if defined(__GNUC__) && defined(__x86_64__)
-    #define SQD_X86_AVX2 1
+    #define SQD_X86 1
     #include <immintrin.h>
     #else
-    #define SQD_X86_AVX2 0
+    #define SQD_X86 0
     #endif
 
-    /* Exact <code_i, qw> for n int8 rows (row stride d) and an int16 query
-       with |qw| <= 16383: each product is at most 2^21 in magnitude, so an
-       int32 partial sum over 512 coordinates cannot overflow; partial sums
-       are added in ACC (int64 when d > 512). */
-    template <typename ACC>
-    static SQD_INLINE void sqd_idot_impl(const int8_t* codes, Py_ssize_t n, Py_ssize_t d,
-                                         const int16_t* qw, ACC* out) {
-        for (Py_ssize_t i = 0; i < n; ++i) {
-            const int8_t* c = codes + i * d;
-            ACC total = 0;
-            for (Py_ssize_t j0 = 0; j0 < d; j0 += 512) {
-                Py_ssize_t j1 = (j0 + 512 < d) ? j0 + 512 : d;
-                int32_t acc = 0;
-                for (Py_ssize_t j = j0; j < j1; ++j)
-                    acc += (int32_t)(int16_t)c[j] * (int32_t)qw[j];
-                total += acc;
-            }
-            out[i] = total;
+    static void sqd_block_dots_generic(const uint8_t* codes, Py_ssize_t nblk,
+                                       Py_ssize_t dpad, const int8_t* qw, int32_t* out) {
+        for (Py_ssize_t k = 0; k < nblk; ++k) {
+            const uint8_t* blk = codes + k * 16 * dpad;
+            int32_t acc[16] = {0};
+            for (Py_ssize_t g = 0; g < dpad / 4; ++g)
+                for (int r = 0; r < 16; ++r)
+                    for (int t = 0; t < 4; ++t)
+                        acc[r] += (int32_t)blk[g * 64 + r * 4 + t] * (int32_t)qw[4 * g + t];
+            for (int r = 0; r < 16; ++r) out[k * 16 + r] = acc[r];
         }
     }
 
-    SQD_CLONES
-    static void sqd_idot_rows(const int8_t* codes, Py_ssize_t n, Py_ssize_t d,
-                              const int16_t* qw, int64_t* out) {
-        sqd_idot_impl<int64_t>(codes, n, d, qw, out);
-    }
-
-    SQD_CLONES
-    static void sqd_idot32_generic(const int8_t* codes, Py_ssize_t n, Py_ssize_t d,
-                                   const int16_t* qw, int32_t* out) {
-        sqd_idot_impl<int32_t>(codes, n, d, qw, out);
-    }
-
-    #if SQD_X86_AVX2
-    /* AVX2: four rows at a time share each query load and their horizontal
-       sums (d <= 512, so every int32 lane and total is exact). */
+    #if SQD_X86
+    /* AVX2: u8 x s8 pairs with vpmaddubsw (no saturation since
+       2 * 255 * 63 < 2^15: qmax is 63 on this path), widened by vpmaddwd. */
     __attribute__((target("avx2")))
-    static void sqd_idot32_avx2(const int8_t* codes, Py_ssize_t n, Py_ssize_t d,
-                                const int16_t* qw, int32_t* out) {
-        const Py_ssize_t d16 = d & ~(Py_ssize_t)15;
-        Py_ssize_t i = 0;
-        for (; i + 4 <= n; i += 4) {
-            const int8_t* c0 = codes + i * d;
-            const int8_t* c1 = c0 + d;
-            const int8_t* c2 = c1 + d;
-            const int8_t* c3 = c2 + d;
-            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-            for (Py_ssize_t j = 0; j < d16; j += 16) {
-                __m256i q = _mm256_loadu_si256((const __m256i*)(qw + j));
-                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(c0 + j))), q));
-                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(c1 + j))), q));
-                a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(c2 + j))), q));
-                a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(
-                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(c3 + j))), q));
+    static void sqd_block_dots_avx2(const uint8_t* codes, Py_ssize_t nblk,
+                                    Py_ssize_t dpad, const int8_t* qw, int32_t* out) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        const Py_ssize_t ng = dpad / 4;
+        for (Py_ssize_t k = 0; k < nblk; ++k) {
+            const uint8_t* blk = codes + k * 16 * dpad;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+            for (Py_ssize_t g = 0; g < ng; ++g) {
+                int32_t q4;
+                std::memcpy(&q4, qw + 4 * g, 4);
+                __m256i q = _mm256_set1_epi32(q4);
+                __m256i v0 = _mm256_loadu_si256((const __m256i*)(blk + g * 64));
+                __m256i v1 = _mm256_loadu_si256((const __m256i*)(blk + g * 64 + 32));
+                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(v0, q), ones));
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(v1, q), ones));
             }
-            __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
-            __m128i r = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-            int32_t t[4];
-            _mm_storeu_si128((__m128i*)t, r);
-            for (Py_ssize_t j = d16; j < d; ++j) {
-                int32_t qj = qw[j];
-                t[0] += (int32_t)c0[j] * qj;
-                t[1] += (int32_t)c1[j] * qj;
-                t[2] += (int32_t)c2[j] * qj;
-                t[3] += (int32_t)c3[j] * qj;
-            }
-            out[i] = t[0]; out[i + 1] = t[1]; out[i + 2] = t[2]; out[i + 3] = t[3];
+            _mm256_storeu_si256((__m256i*)(out + k * 16), a0);
+            _mm256_storeu_si256((__m256i*)(out + k * 16 + 8), a1);
         }
-        if (i < n)
-            sqd_idot_impl<int32_t>(codes + i * d, n - i, d, qw, out + i);
+    }
+
+    /* AVX-512 VNNI: one vpdpbusd per 16 slots x 4 features. */
+    __attribute__((target("avx512f,avx512bw,avx512vnni")))
+    static void sqd_block_dots_vnni(const uint8_t* codes, Py_ssize_t nblk,
+                                    Py_ssize_t dpad, const int8_t* qw, int32_t* out) {
+        const Py_ssize_t ng = dpad / 4;
+        for (Py_ssize_t k = 0; k < nblk; ++k) {
+            const uint8_t* blk = codes + k * 16 * dpad;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+            Py_ssize_t g = 0;
+            for (; g + 2 <= ng; g += 2) {
+                int32_t q0, q1;
+                std::memcpy(&q0, qw + 4 * g, 4);
+                std::memcpy(&q1, qw + 4 * g + 4, 4);
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(blk + g * 64),
+                                         _mm512_set1_epi32(q0));
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(blk + g * 64 + 64),
+                                         _mm512_set1_epi32(q1));
+            }
+            if (g < ng) {
+                int32_t q0;
+                std::memcpy(&q0, qw + 4 * g, 4);
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(blk + g * 64),
+                                         _mm512_set1_epi32(q0));
+            }
+            _mm512_storeu_si512(out + k * 16, _mm512_add_epi32(a0, a1));
+        }
     }
     #endif
 
-    static void sqd_idot32(const int8_t* codes, Py_ssize_t n, Py_ssize_t d,
-                           const int16_t* qw, int32_t* out) {
-    #if SQD_X86_AVX2
-        static const bool has_avx2 = __builtin_cpu_supports("avx2");
-        if (has_avx2) {
-            sqd_idot32_avx2(codes, n, d, qw, out);
-            return;
-        }
+    /* 2: AVX-512 VNNI, 1: AVX2, 0: portable; capped by sqd_isa_cap (tests
+       use the cap to exercise every kernel on one machine). */
+    static int sqd_isa_cap = 2;
+    static int sqd_isa_detected(void) {
+    #if SQD_X86
+        static const int isa =
+            (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+             && __builtin_cpu_supports("avx512vnni")) ? 2
+            : (__builtin_cpu_supports("avx2") ? 1 : 0);
+        return isa;
+    #else
+        return 0;
     #endif
-        sqd_idot32_generic(codes, n, d, qw, out);
+    }
+    static int sqd_isa(void) {
+        int isa = sqd_isa_detected();
+        return isa < sqd_isa_cap ? isa : sqd_isa_cap;
+    }
+
+    /* Largest |qw| the active kernel accepts exactly. */
+    static int sqd_qmax(void) { return sqd_isa() == 1 ? 63 : 127; }
+
+    static void sqd_block_dots(const uint8_t* codes, Py_ssize_t nblk, Py_ssize_t dpad,
+                               const int8_t* qw, int32_t* out) {
+    #if SQD_X86
+        int isa = sqd_isa();
+        if (isa == 2) { sqd_block_dots_vnni(codes, nblk, dpad, qw, out); return; }
+        if (isa == 1) { sqd_block_dots_avx2(codes, nblk, dpad, qw, out); return; }
+    #endif
+        sqd_block_dots_generic(codes, nblk, dpad, qw, out);
+    }
+
+    /* Exact integer dots <q_s, qw> for slots [s0, s1), s1 - s0 <= 256,
+       into out[s - s0]. */
+    static void sqd_range_dots(const uint8_t* codes, Py_ssize_t dpad, Py_ssize_t s0,
+                               Py_ssize_t s1, const int8_t* qw, int32_t sumq128,
+                               int32_t* out) {
+        int32_t buf[17 * 16];
+        Py_ssize_t b0 = s0 >> 4, b1 = ((s1 - 1) >> 4) + 1;
+        sqd_block_dots(codes + b0 * 16 * dpad, b1 - b0, dpad, qw, buf);
+        const int32_t* src = buf + (s0 - b0 * 16);
+        for (Py_ssize_t i = 0; i < s1 - s0; ++i) out[i] = src[i] - sumq128;
     }
 
     /* Classify n points from their integer dots: flag 2 = surely
        score >= b, 0 = surely score < b, 1 = undecided (verify; also every
        tombstone, whose ea is NaN).  Branch-free so that it vectorises. */
-    template <typename ACC>
-    static SQD_INLINE void sqd_classify_impl(const ACC* dots, Py_ssize_t n,
-                                             const float* scale, const float* ea,
-                                             const float* ec, double t, double A,
-                                             double C, double b, double rel,
-                                             double tiny, unsigned char* flag) {
+    SQD_CLONES
+    static void sqd_classify(const int32_t* dots, Py_ssize_t n, const float* scale,
+                             const float* ea, const float* ec, double t, double A,
+                             double C, double b, double rel, double tiny,
+                             unsigned char* flag) {
         const double one_rel = 1.0 + rel;
         for (Py_ssize_t i = 0; i < n; ++i) {
             double approx = ((double)scale[i] * t) * (double)dots[i];
@@ -249,36 +280,6 @@ cdef extern from *:
             unsigned char rej = (approx + m < b) ? 1 : 0;
             /* accept -> 2, reject -> 0, neither (or NaN) -> 1 */
             flag[i] = acc | (unsigned char)(1 - rej - (acc >> 1));
-        }
-    }
-    SQD_CLONES
-    static void sqd_classify32(const int32_t* dots, Py_ssize_t n, const float* scale,
-                               const float* ea, const float* ec, double t, double A,
-                               double C, double b, double rel, double tiny,
-                               unsigned char* flag) {
-        sqd_classify_impl<int32_t>(dots, n, scale, ea, ec, t, A, C, b, rel, tiny, flag);
-    }
-    SQD_CLONES
-    static void sqd_classify64(const int64_t* dots, Py_ssize_t n, const float* scale,
-                               const float* ea, const float* ec, double t, double A,
-                               double C, double b, double rel, double tiny,
-                               unsigned char* flag) {
-        sqd_classify_impl<int64_t>(dots, n, scale, ea, ec, t, A, C, b, rel, tiny, flag);
-    }
-
-    /* Screen n <= 256 points (see sqd_classify_impl). */
-    static void sqd_screen(const int8_t* codes, Py_ssize_t n, Py_ssize_t d,
-                           const int16_t* qw, const float* scale, const float* ea,
-                           const float* ec, double t, double A, double C, double b,
-                           double rel, double tiny, unsigned char* flag) {
-        if (d <= 512) {
-            int32_t dots[256];
-            sqd_idot32(codes, n, d, qw, dots);
-            sqd_classify32(dots, n, scale, ea, ec, t, A, C, b, rel, tiny, flag);
-        } else {
-            int64_t dots[256];
-            sqd_idot_rows(codes, n, d, qw, dots);
-            sqd_classify64(dots, n, scale, ea, ec, t, A, C, b, rel, tiny, flag);
         }
     }
 
@@ -322,12 +323,16 @@ cdef extern from *:
         sqd_nth_impl<double>(X, d, dim, idx, n, k);
     }
     """
-    void sqd_idot_rows(const int8_t* codes, intp_t n, intp_t d,
-                       const int16_t* qw, int64_t* out) noexcept nogil
-    void sqd_screen(const int8_t* codes, intp_t n, intp_t d, const int16_t* qw,
-                    const float* scale, const float* ea, const float* ec, double t,
-                    double A, double C, double b, double rel, double tiny,
-                    unsigned char* flag) noexcept nogil
+    int sqd_isa() noexcept nogil
+    int sqd_isa_detected() noexcept nogil
+    int sqd_isa_cap
+    int sqd_qmax() noexcept nogil
+    void sqd_range_dots(const uint8_t* codes, intp_t dpad, intp_t s0, intp_t s1,
+                        const int8_t* qw, int32_t sumq128, int32_t* out) noexcept nogil
+    void sqd_classify(const int32_t* dots, intp_t n, const float* scale,
+                      const float* ea, const float* ec, double t, double A,
+                      double C, double b, double rel, double tiny,
+                      unsigned char* flag) noexcept nogil
     double sqd_xdot(const float* a, const double* b, intp_t d) noexcept nogil
     double sqd_xdot(const double* a, const double* b, intp_t d) noexcept nogil
     void sqd_nth(const float* X, intp_t d, intp_t dim, intp_t* idx,
@@ -342,7 +347,7 @@ cdef double REL = 1e-9                      # relative widening of bound arithme
 cdef double TINY = 1e-290                   # absolute widening (underflow)
 cdef double INFL = 1.0 + 1e-10              # rounding-up factor for stored norms
 cdef intp_t CHUNK = 256                     # leaf scan chunk (dots buffer size)
-cdef intp_t QMAX = 16383                    # int16 query code range
+cdef intp_t MAX_SCREEN_D = 16384            # integer dots are exact up to this d
 cdef intp_t MAX_DEPTH = 128
 
 # Modes of the query kernel.
@@ -356,7 +361,7 @@ cdef struct CoreView:
     # A snapshot of raw pointers into the core's arrays, valid while no
     # mutation runs; lets nogil kernels read the structure.
     const void* X
-    const int8_t* codes
+    const uint8_t* codes    # blocked u8 codes (see sqd_range_dots)
     const float* scale
     const float* ea
     const float* ec
@@ -371,14 +376,17 @@ cdef struct CoreView:
     const intp_t* seg_n_nodes
     intp_t n_segs
     intp_t d
+    intp_t dpad
     double gam
 
 
 cdef struct QueryBuf:
     # Per-thread scratch space for one query.
     double* w          # the query in float64 (d)
-    int16_t* qw        # its int16 code (d)
-    int64_t* dots      # integer dots of one leaf chunk (CHUNK)
+    int8_t* qw         # its int8 code, zero padded (dpad)
+    int32_t sumq128    # 128 * sum(qw): removes the +128 offset of the codes
+    int32_t* dots      # integer dots of one leaf chunk (CHUNK)
+    unsigned char* flag  # screening decisions of one chunk (CHUNK)
     intp_t* stack      # DFS stack of node indices (MAX_DEPTH)
     double t           # query scale
     double wnorm       # upper bound on ||w||
@@ -399,31 +407,34 @@ cdef inline float _round_up_f32(double x) noexcept nogil:
     return f
 
 
-cdef void _encode_point(const floating* p, intp_t d, int8_t* code, float* scale,
-                        float* ea, float* ec) noexcept nogil:
-    """Per-point int8 code, scale and error constants (see the design notes)."""
+cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes,
+                        intp_t slot, float* scale, float* ea, float* ec) noexcept nogil:
+    """Code, scale and error constants of one slot (see the design notes).
+
+    The codes are written into the blocked layout at ``slot``.
+    """
     cdef intp_t j
     cdef double maxabs = 0.0, v, s, e, qn2 = 0.0, en2 = 0.0
     cdef float s32
     cdef int qv
+    cdef uint8_t* base = codes + (slot >> 4) * 16 * dpad + (slot & 15) * 4
     for j in range(d):
         v = fabs(<double>p[j])
         if v > maxabs:
             maxabs = v
     s = maxabs / 127.0
     s32 = <float>s
+    for j in range(dpad):
+        base[(j >> 2) * 64 + (j & 3)] = 128          # q = 0
     if maxabs == 0.0:
-        for j in range(d):
-            code[j] = 0
         scale[0] = 0.0
         ea[0] = 0.0
         ec[0] = 0.0
         return
-    if not (s32 >= 1.1754943508222875e-38 and s32 < 3.0e38):
-        # Scale not a normal float32 (tiny or huge float64 data): no screening,
-        # the infinite bound sends the point to exact verification.
-        for j in range(d):
-            code[j] = 0
+    if not (s32 >= 1.1754943508222875e-38 and s32 < 3.0e38) or d > MAX_SCREEN_D:
+        # Scale not a normal float32 (tiny or huge float64 data), or d too
+        # large for exact int32 dots: no screening, the infinite bound sends
+        # the point to exact verification.
         scale[0] = 0.0
         ea[0] = INFINITY
         ec[0] = INFINITY
@@ -434,7 +445,7 @@ cdef void _encode_point(const floating* p, intp_t d, int8_t* code, float* scale,
             qv = 127
         elif qv < -127:
             qv = -127
-        code[j] = <int8_t>qv
+        base[(j >> 2) * 64 + (j & 3)] = <uint8_t>(qv + 128)
         # s32 * qv is exact in float64 (24 + 7 bits); the subtraction rounds
         # once, relative to |e|.
         e = <double>p[j] - <double>s32 * <double>qv
@@ -445,19 +456,22 @@ cdef void _encode_point(const floating* p, intp_t d, int8_t* code, float* scale,
     ec[0] = _round_up_f32(sqrt(en2) * INFL + d * TINY)
 
 
-cdef void _prepare_query(QueryBuf* qb, intp_t d, double gam) noexcept nogil:
-    """Quantise qb.w to int16 and set the bound multipliers A and C."""
+cdef void _prepare_query(QueryBuf* qb, intp_t d, intp_t dpad, double gam) noexcept nogil:
+    """Quantise qb.w to int8 and set the bound multipliers A and C."""
     cdef intp_t j
     cdef double maxabs = 0.0, v, w2 = 0.0, e2 = 0.0, e, t, wnorm, enorm
-    cdef long qv
+    cdef long qv, sumq = 0
+    cdef int qmax = sqd_qmax()
+    for j in range(dpad):
+        qb.qw[j] = 0
     for j in range(d):
         v = fabs(qb.w[j])
         w2 += qb.w[j] * qb.w[j]
         if v > maxabs:
             maxabs = v
-    t = maxabs / QMAX
+    t = maxabs / qmax
     wnorm = sqrt(w2) * INFL + d * TINY
-    if t == 0.0 or not (t > 1e-300):
+    if t == 0.0 or not (t > 1e-300) or d > MAX_SCREEN_D:
         # zero (or denormal-scale) query: no integer screening information
         for j in range(d):
             qb.qw[j] = 0
@@ -466,15 +480,17 @@ cdef void _prepare_query(QueryBuf* qb, intp_t d, double gam) noexcept nogil:
     else:
         for j in range(d):
             qv = <long>nearbyint(qb.w[j] / t)
-            if qv > QMAX:
-                qv = QMAX
-            elif qv < -QMAX:
-                qv = -QMAX
-            qb.qw[j] = <int16_t>qv
+            if qv > qmax:
+                qv = qmax
+            elif qv < -qmax:
+                qv = -qmax
+            qb.qw[j] = <int8_t>qv
+            sumq += qv
             e = qb.w[j] - t * <double>qv
             e2 += e * e
         enorm = sqrt(e2) * INFL + 4.0 * U64 * wnorm + d * TINY
     qb.t = t
+    qb.sumq128 = <int32_t>(128 * sumq)
     qb.wnorm = wnorm
     qb.A = enorm + gam * wnorm
     qb.C = wnorm * INFL + gam * wnorm
@@ -547,6 +563,15 @@ cdef inline bint _heap_prunes(const QueryBuf* qb, double upper) noexcept nogil:
 # ---------------------------------------------------------------------------
 # query kernels
 
+cdef inline void _chunk_dots(const CoreView* v, QueryBuf* qb, intp_t s0,
+                             intp_t s1) noexcept nogil:
+    """Exact integer dots of slots [s0, s1) (at most CHUNK) into qb.dots."""
+    if qb.t == 0.0:
+        memset(qb.dots, 0, (s1 - s0) * sizeof(int32_t))
+    else:
+        sqd_range_dots(v.codes, v.dpad, s0, s1, qb.qw, qb.sumq128, qb.dots)
+
+
 cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
                         intp_t start, intp_t end, double b, int mode,
                         vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
@@ -554,14 +579,15 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
     cdef intp_t d = v.d, s0, s1, s, cnt = 0, sid
     cdef double score
     cdef unsigned char f
-    cdef unsigned char* flag = <unsigned char*>qb.dots
+    cdef unsigned char* flag = qb.flag
     s0 = start
     while s0 < end:
         s1 = s0 + CHUNK
         if s1 > end:
             s1 = end
-        sqd_screen(v.codes + s0 * d, s1 - s0, d, qb.qw, v.scale + s0, v.ea + s0,
-                   v.ec + s0, qb.t, qb.A, qb.C, b, REL, TINY, flag)
+        _chunk_dots(v, qb, s0, s1)
+        sqd_classify(qb.dots, s1 - s0, v.scale + s0, v.ea + s0, v.ec + s0, qb.t,
+                     qb.A, qb.C, b, REL, TINY, flag)
         for s in range(s0, s1):
             f = flag[s - s0]
             if f == 0:
@@ -607,7 +633,7 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
     """Report (or count) the points with score >= b; qb.w must be set."""
     cdef intp_t seg, node0, n_nodes, node, top, cnt = 0
     cdef double lo, hi
-    _prepare_query(qb, v.d, v.gam)
+    _prepare_query(qb, v.d, v.dpad, v.gam)
     for seg in range(v.n_segs):
         node0 = v.seg_node0[seg]
         n_nodes = v.seg_n_nodes[seg]
@@ -645,7 +671,7 @@ cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexce
     cdef intp_t d = v.d
     cdef double lo, hi, lo_l, hi_l, lo_r, hi_r, approx, m, score
     cdef double* stack_hi = <double*>(qb.stack + MAX_DEPTH)
-    _prepare_query(qb, d, v.gam)
+    _prepare_query(qb, d, v.dpad, v.gam)
     qb.hsize = 0
     if qb.k == 0:
         return
@@ -670,7 +696,7 @@ cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexce
                     s1 = s0 + CHUNK
                     if s1 > v.node_end[node]:
                         s1 = v.node_end[node]
-                    sqd_idot_rows(v.codes + s0 * d, s1 - s0, d, qb.qw, qb.dots)
+                    _chunk_dots(v, qb, s0, s1)
                     for s in range(s0, s1):
                         sid = v.ids[s]
                         if sid < 0:
@@ -718,15 +744,17 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     if qb == NULL:
         return NULL
     qb.w = <double*>malloc((d + 1) * sizeof(double))
-    qb.qw = <int16_t*>malloc((d + 1) * sizeof(int16_t))
-    qb.dots = <int64_t*>malloc(CHUNK * sizeof(int64_t))
+    qb.qw = <int8_t*>malloc((d + 4) * sizeof(int8_t))
+    qb.dots = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.flag = <unsigned char*>malloc(CHUNK)
     # the stack holds MAX_DEPTH node indices, then MAX_DEPTH doubles (search)
     qb.stack = <intp_t*>malloc(MAX_DEPTH * (sizeof(intp_t) + sizeof(double)))
     qb.hscore = <double*>malloc((k + 1) * sizeof(double))
     qb.hid = <intp_t*>malloc((k + 1) * sizeof(intp_t))
     qb.k = k
     qb.hsize = 0
-    if (qb.w == NULL or qb.qw == NULL or qb.dots == NULL or qb.stack == NULL
+    if (qb.w == NULL or qb.qw == NULL or qb.dots == NULL or qb.flag == NULL
+            or qb.stack == NULL
             or qb.hscore == NULL or qb.hid == NULL):
         _free_qbuf(qb)
         return NULL
@@ -739,6 +767,7 @@ cdef void _free_qbuf(QueryBuf* qb) noexcept nogil:
     free(qb.w)
     free(qb.qw)
     free(qb.dots)
+    free(qb.flag)
     free(qb.stack)
     free(qb.hscore)
     free(qb.hid)
@@ -923,6 +952,25 @@ cdef void _node_stats(const floating* X, const intp_t* ids, intp_t d, intp_t sta
     alive[0] = n_alive
 
 
+_ISA_NAMES = ("portable", "avx2", "avx512-vnni")
+
+
+def screening_kernel():
+    """Name of the integer screening kernel in use on this CPU."""
+    return _ISA_NAMES[sqd_isa()]
+
+
+def _cap_screening_kernel(int level):
+    """Cap the kernel level (0 portable, 1 AVX2, 2 VNNI); returns the old cap.
+
+    For tests only: not thread-safe, and must not change while queries run.
+    """
+    global sqd_isa_cap
+    old = sqd_isa_cap
+    sqd_isa_cap = level
+    return old
+
+
 def _grow(old, intp_t new_cap, intp_t used):
     """A larger copy of a capacity array, keeping its first ``used`` rows."""
     new = np.empty((new_cap,) + old.shape[1:], dtype=old.dtype)
@@ -934,6 +982,7 @@ cdef class _HalfspaceCore:
     """Storage, segments and trees of a HalfspaceIndex (one dtype per instance)."""
 
     cdef readonly intp_t d
+    cdef readonly intp_t dpad
     cdef readonly intp_t leaf_size
     cdef readonly object dtype
     cdef readonly intp_t n_slots
@@ -966,6 +1015,7 @@ cdef class _HalfspaceCore:
 
     def __init__(self, intp_t d, intp_t leaf_size, dtype):
         self.d = d
+        self.dpad = (d + 3) // 4 * 4
         self.leaf_size = leaf_size
         self.dtype = np.dtype(dtype)
         self.is32 = self.dtype == np.float32
@@ -976,7 +1026,7 @@ cdef class _HalfspaceCore:
         self.n_rebuilds = 0
         self.n_nodes_used = 0
         self._X = np.empty((0, d), dtype=self.dtype)
-        self._codes = np.empty((0, d), dtype=np.int8)
+        self._codes = np.empty(0, dtype=np.uint8)
         self._scale = np.empty(0, dtype=np.float32)
         self._ea = np.empty(0, dtype=np.float32)
         self._ec = np.empty(0, dtype=np.float32)
@@ -993,7 +1043,7 @@ cdef class _HalfspaceCore:
     cdef CoreView _view(self):
         cdef CoreView v
         v.X = cnp.PyArray_DATA(<cnp.ndarray>self._X)
-        v.codes = <const int8_t*>cnp.PyArray_DATA(<cnp.ndarray>self._codes)
+        v.codes = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>self._codes)
         v.scale = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._scale)
         v.ea = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._ea)
         v.ec = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._ec)
@@ -1008,6 +1058,7 @@ cdef class _HalfspaceCore:
         v.seg_n_nodes = self.seg_n_nodes.data()
         v.n_segs = <intp_t>self.seg_start.size()
         v.d = self.d
+        v.dpad = self.dpad
         v.gam = self.gam
         return v
 
@@ -1015,9 +1066,9 @@ cdef class _HalfspaceCore:
         cdef intp_t cap = self._ids.shape[0], new_cap, used = self.n_slots
         if n <= cap:
             return
-        new_cap = max(n, 2 * cap, 16)
+        new_cap = (max(n, 2 * cap, 16) + 15) // 16 * 16     # whole code blocks
         self._X = _grow(self._X, new_cap, used)
-        self._codes = _grow(self._codes, new_cap, used)
+        self._codes = _grow(self._codes, new_cap * self.dpad, self._codes.shape[0])
         self._scale = _grow(self._scale, new_cap, used)
         self._ea = _grow(self._ea, new_cap, used)
         self._ec = _grow(self._ec, new_cap, used)
@@ -1097,16 +1148,19 @@ cdef class _HalfspaceCore:
     # -- building -----------------------------------------------------------
 
     cdef _encode_range(self, intp_t start, intp_t end):
+        """(Re)compute the codes and error constants of slots [start, end)."""
         cdef CoreView v = self._view()
-        cdef intp_t s, d = self.d
+        cdef intp_t s, d = self.d, dpad = self.dpad
         with nogil:
             for s in range(start, end):
                 if self.is32:
-                    _encode_point(<const float*>v.X + s * d, d, <int8_t*>v.codes + s * d,
+                    _encode_point(<const float*>v.X + s * d, d, dpad, <uint8_t*>v.codes, s,
                                   <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s)
                 else:
-                    _encode_point(<const double*>v.X + s * d, d, <int8_t*>v.codes + s * d,
+                    _encode_point(<const double*>v.X + s * d, d, dpad, <uint8_t*>v.codes, s,
                                   <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s)
+                if v.ids[s] < 0:
+                    (<float*>v.ea)[s] = NAN    # tombstones always go to "verify"
 
     cdef _compact_from(self, intp_t start):
         """Move the live slots of [start, n_slots) down over the tombstones."""
@@ -1118,15 +1172,12 @@ cdef class _HalfspaceCore:
             return
         m = keep.shape[0]
         self._X[start:start + m] = self._X[keep]
-        self._codes[start:start + m] = self._codes[keep]
-        self._scale[start:start + m] = self._scale[keep]
-        self._ea[start:start + m] = self._ea[keep]
-        self._ec[start:start + m] = self._ec[keep]
         self._ids[start:start + m] = self._ids[keep]
         ids = self._ids
         for s in range(start, start + m):
             self.id2slot[ids[s]] = s
         self.n_slots = start + m
+        self._encode_range(start, start + m)
 
     cdef _build_segment(self, intp_t k):
         """(Re)build segment k's tree and permute its slots into tree order."""
@@ -1148,11 +1199,8 @@ cdef class _HalfspaceCore:
                 _partition(<const double*>v.X, d, &p[0], start, n_nodes, 0, 0, n)
         perm += start
         self._X[start:end] = self._X[perm]
-        self._codes[start:end] = self._codes[perm]
-        self._scale[start:end] = self._scale[perm]
-        self._ea[start:end] = self._ea[perm]
-        self._ec[start:end] = self._ec[perm]
         self._ids[start:end] = self._ids[perm]
+        self._encode_range(start, end)
         cdef intp_t[::1] ids = self._ids
         for s in range(start, end):
             if ids[s] >= 0:
@@ -1314,11 +1362,13 @@ cdef class _HalfspaceCore:
         for i in range(m):
             slot = sl[i]
             if self.is32:
-                _encode_point(<const float*>v.X + slot * d, d, <int8_t*>v.codes + slot * d,
-                              <float*>v.scale + slot, <float*>v.ea + slot, <float*>v.ec + slot)
+                _encode_point(<const float*>v.X + slot * d, d, self.dpad, <uint8_t*>v.codes,
+                              slot, <float*>v.scale + slot, <float*>v.ea + slot,
+                              <float*>v.ec + slot)
             else:
-                _encode_point(<const double*>v.X + slot * d, d, <int8_t*>v.codes + slot * d,
-                              <float*>v.scale + slot, <float*>v.ea + slot, <float*>v.ec + slot)
+                _encode_point(<const double*>v.X + slot * d, d, self.dpad, <uint8_t*>v.codes,
+                              slot, <float*>v.scale + slot, <float*>v.ea + slot,
+                              <float*>v.ec + slot)
         nc = self._node_center
         nr = self._node_radius
         ne = self._node_end
