@@ -104,7 +104,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt, fabs, nearbyint, nextafterf, INFINITY, HUGE_VAL, NAN
-from libc.stdint cimport int8_t, uint8_t, int16_t, int32_t, int64_t
+from libc.stdint cimport int8_t, uint8_t, int16_t, int32_t, int64_t, uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 from libcpp.vector cimport vector
@@ -263,6 +263,28 @@ cdef extern from *:
         for (Py_ssize_t i = 0; i < s1 - s0; ++i) out[i] = src[i] - sumq128;
     }
 
+    /* float32 variant of sqd_classify, twice as wide per vector.  Used only
+       when the query's constants are safely inside the float32 range (see
+       _prepare_query); every rounding (at most a few ulps of 2^-24 relative
+       on each quantity, including the int32 -> float32 conversion) is covered
+       by rel = 1e-6, underflow by tiny, and b is rounded outwards (b_up for
+       accepting, b_dn for rejecting). */
+    __attribute__((target_clones("avx512f", "avx2", "default")))
+    static void sqd_classify_f32(const int32_t* dots, Py_ssize_t n, const float* scale,
+                                 const float* ea, const float* ec, float t, float A,
+                                 float C, float b_up, float b_dn, float rel, float tiny,
+                                 unsigned char* flag) {
+        const float one_rel = 1.0f + rel;
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            float approx = (scale[i] * t) * (float)dots[i];
+            float m = (ea[i] * A + ec[i] * C) * one_rel
+                      + rel * (approx < 0 ? -approx : approx) + tiny;
+            unsigned char acc = (approx - m >= b_up) ? 2 : 0;
+            unsigned char rej = (approx + m < b_dn) ? 1 : 0;
+            flag[i] = acc | (unsigned char)(1 - rej - (acc >> 1));
+        }
+    }
+
     /* Classify n points from their integer dots: flag 2 = surely
        score >= b, 0 = surely score < b, 1 = undecided (verify; also every
        tombstone, whose ea is NaN).  Branch-free so that it vectorises. */
@@ -304,24 +326,114 @@ cdef extern from *:
         return sqd_dot_impl<double>(a, b, d);
     }
 
-    /* Partition idx[0:n] so that idx[k] holds the k-th smallest X[., dim]
-       (ties broken by index: deterministic). */
+    /* Tree builder.  Node ranges are positions in perm; nodes are stored in
+       DFS preorder, so the left child of node i is i + 1 and the right child
+       is rights[i] (-1 for a leaf).  A node of more than leaf_size points is
+       split along the direction between two far-apart points (the farthest
+       point from its first point, and the farthest from that one), at the
+       cut that minimises the within-side sum of squares of the projections
+       (1-D 2-means), restricted to the middle half so the depth stays
+       O(log n).  On clustered data the cut falls between clusters, so each
+       cluster gets its own small ball. */
     template <typename T>
-    static void sqd_nth_impl(const T* X, Py_ssize_t d, Py_ssize_t dim,
-                             Py_ssize_t* idx, Py_ssize_t n, Py_ssize_t k) {
-        std::nth_element(idx, idx + k, idx + n, [=](Py_ssize_t a, Py_ssize_t b) {
-            T xa = X[a * d + dim], xb = X[b * d + dim];
-            return xa < xb || (xa == xb && a < b);
-        });
+    struct SqdBuilder {
+        const T* X;
+        Py_ssize_t d, leaf_size;
+        Py_ssize_t* perm;
+        std::vector<Py_ssize_t>* starts;
+        std::vector<Py_ssize_t>* ends;
+        std::vector<Py_ssize_t>* rights;
+        std::vector<std::pair<double, Py_ssize_t> > proj;
+        std::vector<double> pre, pre2, u;
+
+        double dist2(Py_ssize_t a, Py_ssize_t b) const {
+            double s = 0;
+            for (Py_ssize_t j = 0; j < d; ++j) {
+                double t = (double)X[a * d + j] - (double)X[b * d + j];
+                s += t * t;
+            }
+            return s;
+        }
+        /* Farthest point from `from` among (a strided sample of at most 512
+           of) the range: only the split direction depends on it. */
+        Py_ssize_t farthest(Py_ssize_t from, Py_ssize_t start, Py_ssize_t end) const {
+            Py_ssize_t best = perm[start];
+            Py_ssize_t step = (end - start + 511) / 512;
+            double bd = -1.0;
+            for (Py_ssize_t k = start; k < end; k += step) {
+                double t = dist2(from, perm[k]);
+                if (t > bd) { bd = t; best = perm[k]; }
+            }
+            return best;
+        }
+        void build(Py_ssize_t start, Py_ssize_t end) {
+            Py_ssize_t me = (Py_ssize_t)starts->size();
+            starts->push_back(start);
+            ends->push_back(end);
+            rights->push_back(-1);
+            Py_ssize_t m = end - start;
+            if (m <= leaf_size || m < 2) return;
+            Py_ssize_t p1 = farthest(perm[start], start, end);
+            Py_ssize_t p2 = farthest(p1, start, end);
+            Py_ssize_t lo = start + m / 4, hi = end - m / 4;   /* cut in [lo, hi] */
+            if (lo < start + 1) lo = start + 1;
+            if (hi > end - 1) hi = end - 1;
+            Py_ssize_t cut = start + m / 2;
+            if (dist2(p1, p2) > 0) {
+                proj.resize(m);
+                u.resize(d);
+                for (Py_ssize_t j = 0; j < d; ++j)
+                    u[j] = (double)X[p2 * d + j] - (double)X[p1 * d + j];
+                for (Py_ssize_t k = 0; k < m; ++k) {
+                    const Py_ssize_t i = perm[start + k];
+                    const T* x = X + i * d;
+                    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+                    Py_ssize_t j = 0;
+                    for (; j + 4 <= d; j += 4) {
+                        s0 += (double)x[j] * u[j];
+                        s1 += (double)x[j + 1] * u[j + 1];
+                        s2 += (double)x[j + 2] * u[j + 2];
+                        s3 += (double)x[j + 3] * u[j + 3];
+                    }
+                    for (; j < d; ++j) s0 += (double)x[j] * u[j];
+                    proj[k] = std::make_pair((s0 + s1) + (s2 + s3), i);
+                }
+                std::sort(proj.begin(), proj.end());
+                for (Py_ssize_t k = 0; k < m; ++k) perm[start + k] = proj[k].second;
+                pre.assign(m + 1, 0.0);
+                pre2.assign(m + 1, 0.0);
+                double shift = proj[m / 2].first;   /* centre for stable sums */
+                for (Py_ssize_t k = 0; k < m; ++k) {
+                    double v = proj[k].first - shift;
+                    pre[k + 1] = pre[k] + v;
+                    pre2[k + 1] = pre2[k] + v * v;
+                }
+                double best = -1.0;
+                for (Py_ssize_t c = lo; c <= hi; ++c) {
+                    Py_ssize_t nl = c - start, nr = end - c;
+                    double sl = pre[nl], sr = pre[m] - pre[nl];
+                    double sse = (pre2[nl] - sl * sl / nl) + (pre2[m] - pre2[nl] - sr * sr / nr);
+                    if (best < 0 || sse < best) { best = sse; cut = c; }
+                }
+            }
+            build(start, cut);
+            (*rights)[me] = (Py_ssize_t)starts->size();
+            build(cut, end);
+        }
+    };
+    static void sqd_build_tree(const float* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
+                               Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
+                               std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights) {
+        SqdBuilder<float> b{X, d, leaf_size, perm, &starts, &ends, &rights, {}, {}, {}};
+        b.build(0, n);
     }
-    static void sqd_nth(const float* X, Py_ssize_t d, Py_ssize_t dim,
-                        Py_ssize_t* idx, Py_ssize_t n, Py_ssize_t k) {
-        sqd_nth_impl<float>(X, d, dim, idx, n, k);
+    static void sqd_build_tree(const double* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
+                               Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
+                               std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights) {
+        SqdBuilder<double> b{X, d, leaf_size, perm, &starts, &ends, &rights, {}, {}, {}};
+        b.build(0, n);
     }
-    static void sqd_nth(const double* X, Py_ssize_t d, Py_ssize_t dim,
-                        Py_ssize_t* idx, Py_ssize_t n, Py_ssize_t k) {
-        sqd_nth_impl<double>(X, d, dim, idx, n, k);
-    }
+
     """
     int sqd_isa() noexcept nogil
     int sqd_isa_detected() noexcept nogil
@@ -329,17 +441,23 @@ cdef extern from *:
     int sqd_qmax() noexcept nogil
     void sqd_range_dots(const uint8_t* codes, intp_t dpad, intp_t s0, intp_t s1,
                         const int8_t* qw, int32_t sumq128, int32_t* out) noexcept nogil
+    void sqd_classify_f32(const int32_t* dots, intp_t n, const float* scale,
+                          const float* ea, const float* ec, float t, float A,
+                          float C, float b_up, float b_dn, float rel, float tiny,
+                          unsigned char* flag) noexcept nogil
     void sqd_classify(const int32_t* dots, intp_t n, const float* scale,
                       const float* ea, const float* ec, double t, double A,
                       double C, double b, double rel, double tiny,
                       unsigned char* flag) noexcept nogil
     double sqd_xdot(const float* a, const double* b, intp_t d) noexcept nogil
     double sqd_xdot(const double* a, const double* b, intp_t d) noexcept nogil
-    void sqd_nth(const float* X, intp_t d, intp_t dim, intp_t* idx,
-                 intp_t n, intp_t k) noexcept nogil
-    void sqd_nth(const double* X, intp_t d, intp_t dim, intp_t* idx,
-                 intp_t n, intp_t k) noexcept nogil
     int omp_get_max_threads() noexcept nogil
+    void sqd_build_tree(const float* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
+                        vector[intp_t]& starts, vector[intp_t]& ends,
+                        vector[intp_t]& rights) except + nogil
+    void sqd_build_tree(const double* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
+                        vector[intp_t]& starts, vector[intp_t]& ends,
+                        vector[intp_t]& rights) except + nogil
 
 
 cdef double U64 = 1.1102230246251565e-16   # 2**-53
@@ -368,6 +486,7 @@ cdef struct CoreView:
     const intp_t* ids
     const intp_t* node_start
     const intp_t* node_end
+    const intp_t* node_right   # right child (local index), -1 for a leaf; left is +1
     const intp_t* node_alive
     const float* node_center
     const double* node_radius
@@ -392,6 +511,13 @@ cdef struct QueryBuf:
     double wnorm       # upper bound on ||w||
     double A           # multiplier of a_p in the screening bound
     double C           # multiplier of c_p in the screening bound
+    bint use_f32       # classify in float32 (constants safely in range)
+    float t32, A32, C32   # float32 copies (A32, C32 rounded up)
+    # work counters of the last query (cheap; read by query_stats)
+    intp_t n_nodes
+    intp_t n_screened
+    intp_t n_verified
+    intp_t n_bulk
     # top-k heap (search)
     double* hscore
     intp_t* hid
@@ -400,10 +526,18 @@ cdef struct QueryBuf:
 
 
 cdef inline float _round_up_f32(double x) noexcept nogil:
-    """Smallest float32 >= x (x >= 0); inf if x overflows float32."""
+    """Smallest float32 >= x; inf if x overflows float32."""
     cdef float f = <float>x
     if <double>f < x:
         f = nextafterf(f, INFINITY)
+    return f
+
+
+cdef inline float _round_down_f32(double x) noexcept nogil:
+    """Largest float32 <= x."""
+    cdef float f = <float>x
+    if <double>f > x:
+        f = nextafterf(f, -INFINITY)
     return f
 
 
@@ -494,6 +628,13 @@ cdef void _prepare_query(QueryBuf* qb, intp_t d, intp_t dpad, double gam) noexce
     qb.wnorm = wnorm
     qb.A = enorm + gam * wnorm
     qb.C = wnorm * INFL + gam * wnorm
+    # float32 classification is safe when every per-query constant is a
+    # normal float32 far from overflow (per-point products then stay finite
+    # or become inf/NaN, which means "verify").
+    qb.use_f32 = (1e-30 < t < 1e30 and 1e-30 < qb.A < 1e30 and qb.C < 1e30)
+    qb.t32 = <float>t
+    qb.A32 = _round_up_f32(qb.A)
+    qb.C32 = _round_up_f32(qb.C)
 
 
 cdef inline void _node_bounds(const CoreView* v, intp_t node, const QueryBuf* qb,
@@ -579,6 +720,7 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
     cdef intp_t d = v.d, s0, s1, s, cnt = 0, sid
     cdef double score
     cdef unsigned char f
+    cdef uint64_t word
     cdef unsigned char* flag = qb.flag
     s0 = start
     while s0 < end:
@@ -586,21 +728,37 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
         if s1 > end:
             s1 = end
         _chunk_dots(v, qb, s0, s1)
-        sqd_classify(qb.dots, s1 - s0, v.scale + s0, v.ea + s0, v.ec + s0, qb.t,
-                     qb.A, qb.C, b, REL, TINY, flag)
-        for s in range(s0, s1):
+        qb.n_screened += s1 - s0
+        if qb.use_f32 and fabs(b) < 1e30:
+            sqd_classify_f32(qb.dots, s1 - s0, v.scale + s0, v.ea + s0, v.ec + s0,
+                             qb.t32, qb.A32, qb.C32, _round_up_f32(b), _round_down_f32(b),
+                             1e-6, 1e-37, flag)
+        else:
+            sqd_classify(qb.dots, s1 - s0, v.scale + s0, v.ea + s0, v.ec + s0, qb.t,
+                         qb.A, qb.C, b, REL, TINY, flag)
+        s = s0
+        while s < s1:
+            # skip eight rejected points at a time (flags are 0 for most
+            # points of a selective query)
+            if s + 8 <= s1:
+                memcpy(&word, flag + (s - s0), 8)
+                if word == 0:
+                    s += 8
+                    continue
             f = flag[s - s0]
+            s += 1
             if f == 0:
                 continue
-            sid = v.ids[s]
+            sid = v.ids[s - 1]
             if f == 2:
                 if mode == MODE_SCORES:
-                    out_sc.push_back(sqd_xdot(X + s * d, qb.w, d))
+                    out_sc.push_back(sqd_xdot(X + (s - 1) * d, qb.w, d))
                 if mode != MODE_COUNT:
                     out_ids.push_back(sid)
                 cnt += 1
             elif sid >= 0:
-                score = sqd_xdot(X + s * d, qb.w, d)
+                qb.n_verified += 1
+                score = sqd_xdot(X + (s - 1) * d, qb.w, d)
                 if score >= b:
                     if mode == MODE_SCORES:
                         out_sc.push_back(score)
@@ -632,8 +790,10 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
                        vector[double]* out_sc) noexcept nogil:
     """Report (or count) the points with score >= b; qb.w must be set."""
     cdef intp_t seg, node0, n_nodes, node, top, cnt = 0
+    cdef intp_t pend_start = 0, pend_end = 0     # pending run of leaves to screen
     cdef double lo, hi
     _prepare_query(qb, v.d, v.dpad, v.gam)
+    qb.n_nodes = qb.n_screened = qb.n_verified = qb.n_bulk = 0
     for seg in range(v.n_segs):
         node0 = v.seg_node0[seg]
         n_nodes = v.seg_n_nodes[seg]
@@ -645,29 +805,39 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
             if v.node_alive[node] == 0:
                 continue
             _node_bounds(v, node, qb, &lo, &hi)
+            qb.n_nodes += 1
             if hi < b:
                 continue
             if lo >= b:
+                qb.n_bulk += v.node_alive[node]
                 if mode == MODE_COUNT:
                     cnt += v.node_alive[node]
                 else:
                     cnt += _report_range(v, X, qb, v.node_start[node], v.node_end[node],
                                          mode, out_ids, out_sc)
                 continue
-            if 2 * qb.stack[top] + 1 >= n_nodes:
-                cnt += _scan_range(v, X, qb, v.node_start[node], v.node_end[node], b,
-                                   mode, out_ids, out_sc)
+            if v.node_right[node] < 0:
+                # Leaves come in slot order: runs of adjacent leaves are
+                # screened in one pass (long chunks vectorise better).
+                if v.node_start[node] != pend_end:
+                    if pend_end > pend_start:
+                        cnt += _scan_range(v, X, qb, pend_start, pend_end, b, mode,
+                                           out_ids, out_sc)
+                    pend_start = v.node_start[node]
+                pend_end = v.node_end[node]
                 continue
-            node = qb.stack[top]
-            qb.stack[top] = 2 * node + 2
-            qb.stack[top + 1] = 2 * node + 1
+            qb.stack[top + 1] = qb.stack[top] + 1           # left child, visited first
+            qb.stack[top] = v.node_right[node]
             top += 2
+        if pend_end > pend_start:
+            cnt += _scan_range(v, X, qb, pend_start, pend_end, b, mode, out_ids, out_sc)
+        pend_start = pend_end = 0
     return cnt
 
 
 cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexcept nogil:
     """Exact top-k by inner product into qb's heap; qb.w and qb.k must be set."""
-    cdef intp_t seg, node0, n_nodes, node, local, top, s, s0, s1, sid, c
+    cdef intp_t seg, node0, n_nodes, node, local, top, s, s0, s1, sid, c, r
     cdef intp_t d = v.d
     cdef double lo, hi, lo_l, hi_l, lo_r, hi_r, approx, m, score
     cdef double* stack_hi = <double*>(qb.stack + MAX_DEPTH)
@@ -690,7 +860,7 @@ cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexce
             node = node0 + local
             if _heap_prunes(qb, stack_hi[top]):
                 continue
-            if 2 * local + 1 >= n_nodes:
+            if v.node_right[node] < 0:
                 s0 = v.node_start[node]
                 while s0 < v.node_end[node]:
                     s1 = s0 + CHUNK
@@ -712,15 +882,16 @@ cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexce
                     s0 = s1
                 continue
             # push the children, the more promising one last (visited first)
-            c = 2 * local + 1
+            c = local + 1                      # left child
+            r = v.node_right[node]             # right child
             lo_l = hi_l = lo_r = hi_r = -HUGE_VAL
             if v.node_alive[node0 + c] > 0:
                 _node_bounds(v, node0 + c, qb, &lo_l, &hi_l)
-            if v.node_alive[node0 + c + 1] > 0:
-                _node_bounds(v, node0 + c + 1, qb, &lo_r, &hi_r)
+            if v.node_alive[node0 + r] > 0:
+                _node_bounds(v, node0 + r, qb, &lo_r, &hi_r)
             if hi_l >= hi_r:
-                if v.node_alive[node0 + c + 1] > 0:
-                    qb.stack[top] = c + 1
+                if v.node_alive[node0 + r] > 0:
+                    qb.stack[top] = r
                     stack_hi[top] = hi_r
                     top += 1
                 if v.node_alive[node0 + c] > 0:
@@ -732,8 +903,8 @@ cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexce
                     qb.stack[top] = c
                     stack_hi[top] = hi_l
                     top += 1
-                if v.node_alive[node0 + c + 1] > 0:
-                    qb.stack[top] = c + 1
+                if v.node_alive[node0 + r] > 0:
+                    qb.stack[top] = r
                     stack_hi[top] = hi_r
                     top += 1
 
@@ -746,7 +917,7 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     qb.w = <double*>malloc((d + 1) * sizeof(double))
     qb.qw = <int8_t*>malloc((d + 4) * sizeof(int8_t))
     qb.dots = <int32_t*>malloc(CHUNK * sizeof(int32_t))
-    qb.flag = <unsigned char*>malloc(CHUNK)
+    qb.flag = <unsigned char*>malloc(CHUNK + 8)
     # the stack holds MAX_DEPTH node indices, then MAX_DEPTH doubles (search)
     qb.stack = <intp_t*>malloc(MAX_DEPTH * (sizeof(intp_t) + sizeof(double)))
     qb.hscore = <double*>malloc((k + 1) * sizeof(double))
@@ -882,45 +1053,6 @@ cdef void _heap_drop_root(QueryBuf* qb, intp_t n) noexcept nogil:
 # ---------------------------------------------------------------------------
 # tree construction
 
-cdef intp_t _n_nodes_for(intp_t n, intp_t leaf_size) noexcept nogil:
-    """Node count of the implicit tree over n points (sklearn's rule)."""
-    cdef intp_t n_levels = 1
-    cdef intp_t m
-    if n <= 1:
-        return 1
-    m = (n - 1) // leaf_size
-    while m >= 2:
-        m //= 2
-        n_levels += 1
-    return (1 << n_levels) - 1
-
-
-cdef void _partition(const floating* X, intp_t d, intp_t* idx, intp_t base,
-                     intp_t n_nodes, intp_t node, intp_t start, intp_t end) noexcept nogil:
-    """Order idx[start:end] (positions relative to base) for node and its subtree."""
-    cdef intp_t mid, j, s, dim = 0
-    cdef double lo, hi, spread, best = -1.0, x
-    if 2 * node + 1 >= n_nodes or end - start < 2:
-        return
-    for j in range(d):
-        lo = HUGE_VAL
-        hi = -HUGE_VAL
-        for s in range(start, end):
-            x = <double>X[(base + idx[s]) * d + j]
-            if x < lo:
-                lo = x
-            if x > hi:
-                hi = x
-        spread = hi - lo
-        if spread > best:
-            best = spread
-            dim = j
-    mid = start + (end - start) // 2
-    sqd_nth(X + base * d, d, dim, idx + start, end - start, mid - start)
-    _partition(X, d, idx, base, n_nodes, 2 * node + 1, start, mid)
-    _partition(X, d, idx, base, n_nodes, 2 * node + 2, mid, end)
-
-
 cdef void _node_stats(const floating* X, const intp_t* ids, intp_t d, intp_t start,
                       intp_t end, float* center, double* radius, double* cnorm,
                       intp_t* alive, double* buf) noexcept nogil:
@@ -1001,6 +1133,7 @@ cdef class _HalfspaceCore:
     # node arrays (capacity nodes)
     cdef object _node_start
     cdef object _node_end
+    cdef object _node_right
     cdef object _node_alive
     cdef object _node_center
     cdef object _node_radius
@@ -1033,6 +1166,7 @@ cdef class _HalfspaceCore:
         self._ids = np.empty(0, dtype=np.intp)
         self._node_start = np.empty(0, dtype=np.intp)
         self._node_end = np.empty(0, dtype=np.intp)
+        self._node_right = np.empty(0, dtype=np.intp)
         self._node_alive = np.empty(0, dtype=np.intp)
         self._node_center = np.empty((0, d), dtype=np.float32)
         self._node_radius = np.empty(0, dtype=np.float64)
@@ -1050,6 +1184,7 @@ cdef class _HalfspaceCore:
         v.ids = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._ids)
         v.node_start = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_start)
         v.node_end = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_end)
+        v.node_right = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_right)
         v.node_alive = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_alive)
         v.node_center = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._node_center)
         v.node_radius = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self._node_radius)
@@ -1066,13 +1201,18 @@ cdef class _HalfspaceCore:
         cdef intp_t cap = self._ids.shape[0], new_cap, used = self.n_slots
         if n <= cap:
             return
-        new_cap = (max(n, 2 * cap, 16) + 15) // 16 * 16     # whole code blocks
-        self._X = _grow(self._X, new_cap, used)
-        self._codes = _grow(self._codes, new_cap * self.dpad, self._codes.shape[0])
-        self._scale = _grow(self._scale, new_cap, used)
-        self._ea = _grow(self._ea, new_cap, used)
-        self._ec = _grow(self._ec, new_cap, used)
-        self._ids = _grow(self._ids, new_cap, used)
+        # Grow by 1/16 (at least 1024 slots), in place: realloc moves large
+        # blocks by remapping pages (no O(n) copy), and numpy zero-fills only
+        # the new part, so a growth step costs O(d cap / 16) and every add
+        # pays O(d) amortised, without the latency spike of a doubling.
+        # The arrays are private and no view of them outlives a method call.
+        new_cap = (max(n, cap + max(cap // 16, 1024)) + 15) // 16 * 16
+        self._X.resize((new_cap, self.d), refcheck=False)
+        self._codes.resize(new_cap * self.dpad, refcheck=False)
+        self._scale.resize(new_cap, refcheck=False)
+        self._ea.resize(new_cap, refcheck=False)
+        self._ec.resize(new_cap, refcheck=False)
+        self._ids.resize(new_cap, refcheck=False)
 
     cdef _reserve_nodes(self, intp_t n):
         cdef intp_t cap = self._node_start.shape[0], new_cap, used = self.n_nodes_used
@@ -1081,6 +1221,7 @@ cdef class _HalfspaceCore:
         new_cap = max(n, 2 * cap, 16)
         self._node_start = _grow(self._node_start, new_cap, used)
         self._node_end = _grow(self._node_end, new_cap, used)
+        self._node_right = _grow(self._node_right, new_cap, used)
         self._node_alive = _grow(self._node_alive, new_cap, used)
         self._node_center = _grow(self._node_center, new_cap, used)
         self._node_radius = _grow(self._node_radius, new_cap, used)
@@ -1189,14 +1330,18 @@ cdef class _HalfspaceCore:
         cdef int* alloc_failed_ptr = &alloc_failed
         perm = np.arange(n, dtype=np.intp)
         cdef intp_t[::1] p = perm
-        n_nodes = _n_nodes_for(n, self.leaf_size)
-        self._reserve_nodes(node0 + n_nodes)
+        cdef vector[intp_t] starts, ends, rights
         cdef CoreView v = self._view()
         with nogil:
             if self.is32:
-                _partition(<const float*>v.X, d, &p[0], start, n_nodes, 0, 0, n)
+                sqd_build_tree(<const float*>v.X + start * d, d, &p[0], n, self.leaf_size,
+                               starts, ends, rights)
             else:
-                _partition(<const double*>v.X, d, &p[0], start, n_nodes, 0, 0, n)
+                sqd_build_tree(<const double*>v.X + start * d, d, &p[0], n, self.leaf_size,
+                               starts, ends, rights)
+        n_nodes = <intp_t>starts.size()
+        # only the last segment is ever (re)built, so its nodes may grow
+        self._reserve_nodes(node0 + n_nodes)
         perm += start
         self._X[start:end] = self._X[perm]
         self._ids[start:end] = self._ids[perm]
@@ -1211,14 +1356,11 @@ cdef class _HalfspaceCore:
         cdef float[:, ::1] nc = self._node_center
         cdef double[::1] nr = self._node_radius
         cdef double[::1] nn = self._node_cnorm
-        ns[node0] = start
-        ne[node0] = end
+        cdef intp_t[::1] nright = self._node_right
         for i in range(n_nodes):
-            if 2 * i + 1 < n_nodes:
-                ns[node0 + 2 * i + 1] = ns[node0 + i]
-                ne[node0 + 2 * i + 1] = ns[node0 + i] + (ne[node0 + i] - ns[node0 + i]) // 2
-                ns[node0 + 2 * i + 2] = ne[node0 + 2 * i + 1]
-                ne[node0 + 2 * i + 2] = ne[node0 + i]
+            ns[node0 + i] = start + starts[i]
+            ne[node0 + i] = start + ends[i]
+            nright[node0 + i] = rights[i]
         v = self._view()
         n_threads = 1 if n < 8192 else omp_get_max_threads()
         cdef double* buf
@@ -1307,8 +1449,51 @@ cdef class _HalfspaceCore:
             if ids[i] >= self.next_id:
                 self.next_id = ids[i] + 1
         self.n_alive += m
-        self._push_segment(start, start + m)
+        cdef intp_t k = <intp_t>self.seg_start.size() - 1
+        cdef intp_t merged = m
+        if (k >= 0 and self.seg_n_nodes[k] == 1
+                and start + m - self.seg_start[k] <= self.leaf_size):
+            # Small adds extend the last segment while it is a single leaf:
+            # its ball keeps its centre and grows its radius (O(m d), no
+            # rebuild); a tree is built once it outgrows a leaf.
+            self._extend_leaf(k, start, start + m)
+            self._merge_tail()
+            return
+        # Find the segments the new one would absorb under the merge rule,
+        # and build them together once.
+        while k >= 0 and self.seg_end[k] - self.seg_start[k] < 2 * merged:
+            merged += self.seg_end[k] - self.seg_start[k]
+            k -= 1
+        if k + 1 < <intp_t>self.seg_start.size():
+            self.seg_end[self.seg_start.size() - 1] = start + m
+            self._rebuild_tail(k + 1)
+        else:
+            self._push_segment(start, start + m)
         self._merge_tail()
+
+    cdef _extend_leaf(self, intp_t k, intp_t start, intp_t end):
+        """Append slots [start, end) to segment k, a single leaf."""
+        cdef intp_t node = self.seg_node0[k], s, j, d = self.d
+        cdef double dist2, diff, r
+        cdef float[:, ::1] nc = self._node_center
+        cdef double[::1] nr = self._node_radius
+        cdef intp_t[::1] ne = self._node_end
+        cdef intp_t[::1] na = self._node_alive
+        cdef CoreView v = self._view()
+        for s in range(start, end):
+            dist2 = 0.0
+            for j in range(d):
+                if self.is32:
+                    diff = <double>(<const float*>v.X)[s * d + j] - <double>nc[node, j]
+                else:
+                    diff = (<const double*>v.X)[s * d + j] - <double>nc[node, j]
+                dist2 += diff * diff
+            r = sqrt(dist2) * INFL + d * TINY
+            if r > nr[node]:
+                nr[node] = r
+        ne[node] = end
+        na[node] += end - start
+        self.seg_end[k] = end
 
     cdef intp_t _segment_of(self, intp_t slot):
         cdef intp_t k
@@ -1323,8 +1508,8 @@ cdef class _HalfspaceCore:
         cdef intp_t[::1] sid = self._ids
         cdef float[::1] ea = self._ea
         cdef intp_t[::1] na = self._node_alive
-        cdef intp_t[::1] ns = self._node_start
         cdef intp_t[::1] ne = self._node_end
+        cdef intp_t[::1] nright = self._node_right
         for i in range(m):
             slot = self.id2slot[ids[i]]
             self.id2slot.erase(ids[i])
@@ -1336,12 +1521,12 @@ cdef class _HalfspaceCore:
             local = 0
             while True:
                 na[node0 + local] -= 1
-                if 2 * local + 1 >= n_nodes:
+                if nright[node0 + local] < 0:
                     break
-                if slot < ne[node0 + 2 * local + 1]:
-                    local = 2 * local + 1
+                if slot < ne[node0 + local + 1]:
+                    local = local + 1
                 else:
-                    local = 2 * local + 2
+                    local = nright[node0 + local]
         self.n_alive -= m
         if self.n_slots - self.n_alive > max(self.n_slots // 4, 64) or self.n_alive == 0:
             self.rebuild()
@@ -1354,6 +1539,7 @@ cdef class _HalfspaceCore:
         cdef float[:, ::1] nc
         cdef double[::1] nr
         cdef intp_t[::1] ne
+        cdef intp_t[::1] nright = self._node_right
         cdef CoreView v
         slots = self.slots_of(ids)
         self._X[slots] = X
@@ -1392,18 +1578,21 @@ cdef class _HalfspaceCore:
                 r = sqrt(dist2) * INFL + d * TINY
                 if r > nr[node0 + local]:
                     nr[node0 + local] = r
-                if 2 * local + 1 >= n_nodes:
+                if nright[node0 + local] < 0:
                     break
-                if slot < ne[node0 + 2 * local + 1]:
-                    local = 2 * local + 1
+                if slot < ne[node0 + local + 1]:
+                    local = local + 1
                 else:
-                    local = 2 * local + 2
+                    local = nright[node0 + local]
             self.seg_stale[k] += 1
             if self.seg_stale[k] > max((self.seg_end[k] - self.seg_start[k]) // 2,
                                        self.leaf_size):
                 rebuild.add(k)
-        for k in rebuild:
-            self._build_segment(k)
+        if rebuild:
+            # Segments after k are smaller (sizes at least double towards the
+            # front), so rebuilding the tail from k costs O(size of k).
+            self._rebuild_tail(min(rebuild))
+            self._merge_tail()
 
     # -- queries ------------------------------------------------------------
 
@@ -1487,7 +1676,30 @@ cdef class _HalfspaceCore:
                               ip, ix, n_queries, k, n_threads, &s[0, 0], &i[0, 0])
         return scores, ids
 
-    # -- introspection for tests --------------------------------------------
+    # -- introspection ------------------------------------------------------
+
+    def query_stats(self, w, double b):
+        """Work done by one query: nodes bounded, points screened through their
+        codes, points verified exactly, points reported by whole subtrees."""
+        cdef CoreView v = self._view()
+        cdef QueryBuf* qb = _alloc_qbuf(self.d, 0)
+        cdef vector[intp_t] ids
+        cdef vector[double] sc
+        cdef intp_t j, cnt
+        if qb == NULL:
+            raise MemoryError()
+        w = np.asarray(w, dtype=np.float64)
+        for j in range(self.d):
+            qb.w[j] = w[j]
+        if self.is32:
+            cnt = _query_one(&v, <const float*>v.X, qb, b, MODE_COUNT, &ids, &sc)
+        else:
+            cnt = _query_one(&v, <const double*>v.X, qb, b, MODE_COUNT, &ids, &sc)
+        out = {"count": cnt, "nodes": qb.n_nodes, "screened": qb.n_screened,
+               "verified": qb.n_verified, "bulk": qb.n_bulk}
+        _free_qbuf(qb)
+        return out
+
 
     def check_invariants(self):
         """Verify every structural invariant; raises AssertionError (tests only)."""

@@ -51,9 +51,10 @@ class HalfspaceIndex:
         Initial points (``n_points`` may be 0).  The index works in float32
         if ``X`` is a float32 ndarray and in float64 otherwise; later inputs
         are cast to that dtype.  Points get ids ``0 .. n_points-1``.
-    leaf_size : int, default=64
-        Maximum number of points per leaf, roughly; leaves hold between
-        ``leaf_size/2`` and ``2*leaf_size`` points.
+    leaf_size : int, default=128
+        Maximum number of points per leaf (a node with more is split; each
+        split leaves at least a quarter on either side).  Smaller leaves prune
+        more finely on clustered data but cost more node bounds per query.
     n_threads : int, default=None
         Threads for batched queries and large builds (OpenMP).  ``None`` or
         -1: all usable cores; ``-k``: all but ``k-1``.  Can be overridden
@@ -142,7 +143,7 @@ class HalfspaceIndex:
     3
     """
 
-    def __init__(self, X, *, leaf_size=64, n_threads=None):
+    def __init__(self, X, *, leaf_size=128, n_threads=None):
         dtype = resolve_float_dtype(X)
         X = as_float_array(X, "X", dtype=dtype, ndim=2)
         if X.shape[1] < 1:
