@@ -5,27 +5,29 @@
 Design
 ======
 Answer ``{p : <p, w> >= b}`` exactly for a dynamic set of points.  Two ideas
-beat a brute-force scan, which is memory-bound:
+beat a brute-force scan, which is memory-bound (or, once the data fit in
+cache, bound by the multiply-adds):
 
-1. **Pruning with a ball tree.**  For a ball with centre ``c`` and radius
+1. **Pruning with ball trees.**  For a ball with centre ``c`` and radius
    ``r``, every point ``p`` in it satisfies
    ``<c,w> - r||w|| <= <p,w> <= <c,w> + r||w||``.  A subtree whose upper
    bound is below ``b`` is skipped; one whose lower bound is at least ``b``
    is reported whole, without a single inner product (``query_count`` even
    reads only the node's live count).  This pays on clustered data.
-2. **Reading fewer bytes.**  Each point also has an int8 code ``q_p`` with a
-   per-point float32 scale ``s_p`` (``q_p = round(p / s_p)``,
-   ``s_p = max|p| / 127``).  A query is quantised to int16
-   (``w = t q_w + e_w``, ``|q_w| <= 16383``) and ``<q_p, q_w>`` is computed
-   *exactly* in integer arithmetic.  Since
+2. **Reading fewer bytes.**  Each point also has an 8-bit code ``q_p`` with
+   a per-point float32 scale ``s_p`` (``q_p = round(p / s_p)`` in
+   [-127, 127], ``s_p = max|p| / 127``).  A query is quantised to int8
+   (``w = t q_w + e_w``, ``|q_w| <= qmax``: 127, or 63 on the AVX2 kernel
+   whose ``vpmaddubsw`` saturates beyond that) and ``<q_p, q_w>`` is computed
+   *exactly* in int32 (d <= 16384; beyond, screening is off).  Since
    ``<p,w> = s_p t <q_p,q_w> + s_p <q_p, e_w> + <e_p, w>`` with
    ``e_p = p - s_p q_p``, Cauchy-Schwarz gives the per-point bound
    ``|<p,w> - s_p t <q_p,q_w>| <= a_p ||e_w|| + c_p ||w||`` with
    ``a_p = s_p ||q_p||`` and ``c_p = ||e_p||`` stored per point (float32,
    rounded up).  A point is accepted if ``approx - bound >= b``, rejected if
    ``approx + bound < b``, and otherwise verified by an exact dot product.
-   Leaves are scanned through the codes: 1 byte per coordinate plus 12 bytes
-   per point instead of 4 (float32) or 8 (float64) bytes per coordinate.
+   Leaves are screened through the codes: d bytes plus 12 per point instead
+   of 4d (float32) or 8d (float64).
 
 Semantics and rounding (why the answer is exact)
 ------------------------------------------------
@@ -34,7 +36,7 @@ where ``score`` is the inner product of the stored values accumulated in
 float64 (float32 inputs are widened exactly, so every product is exact for
 float32).  Any float64 summation order of a d-term dot product differs from
 the real value by at most ``gamma_d * sum_j |p_j w_j|``,
-``gamma_d = d u / (1 - d u)``, ``u = 2**-53``.  Every bound above (tree and
+``gamma_d = d u / (1 - d u)``, ``u = 2**-53``.  Every bound (tree and
 screening) is widened by ``GAM * ||p|| ||w||`` with ``GAM = 16 (d + 8) u``
 (a generous multiple of ``gamma_d``), by a relative ``1e-9`` for the rounding
 of the bound arithmetic itself, and by an absolute ``1e-290`` for underflow;
@@ -44,56 +46,88 @@ and a rejected one has ``score < b``; only points whose value is within the
 band are decided by the one verification kernel, so the result does not
 depend on which path (subtree report, screen, verification) a point took.
 Widening a bound only ever sends more points to verification, never changes
-an answer.  Non-finite bound arithmetic (e.g. overflow for huge inputs)
-yields NaN/inf comparisons that fall through to verification.
+an answer.  Non-finite bound arithmetic (overflow for huge inputs, NaN
+marking a tombstone) fails both comparisons and falls through to
+verification.
+
+The screening decision is evaluated in float32 when the query's constants
+``t``, ``A``, ``C`` lie in (1e-30, 1e30) and ``|b| < 1e30`` (otherwise in
+float64, as above).  In float32 each of the few operations, and the
+int32 -> float32 conversion of the dot, errs by at most ``2**-24`` relative,
+so a relative widening of ``1e-6`` covers them all; ``1e-37`` absolute covers
+underflow; ``A`` and ``C`` are rounded up, and ``b`` is rounded outwards
+(up for accepting, down for rejecting).  The tests pin all of this on
+adversarial inputs: scores one grid step (2**-20 or 2**-40 relative) away
+from ``b`` on both sides and exactly on it, at scales 2**-90 .. 2**90, for
+every kernel.
 
 Storage and invariants
 ======================
 Points live in *slots* ``0 .. n_slots-1`` of growable arrays (``X`` in the
-working dtype, ``codes`` int8, ``scale``/``ea``/``ec`` float32, ``ids``
-intp).  ``ids[s] == -1`` marks a tombstone.  ``id2slot`` (C++ hash map) maps
-every live id to its slot; ``ids[id2slot[i]] == i``.
+working dtype; ``scale``/``ea``/``ec`` float32; ``ids`` intp;  ``codes``
+u8).  ``ids[s] == -1`` marks a tombstone, whose ``ea`` is NaN.  ``id2slot``
+(C++ hash map) maps every live id to its slot; ``ids[id2slot[i]] == i``.
+Codes are stored as ``q + 128`` in blocks of 16 slots: the codes of slot s
+for features 4g..4g+3 are the 4 bytes at ``(s/16)*16*dpad + 64 g + 4 (s%16)``
+(``dpad`` = d rounded up to a multiple of 4, padding codes are q = 0), so one
+64-byte load and one ``vpdpbusd`` (AVX-512 VNNI) or two ``vpmaddubsw``
+(AVX2) advance 16 points by 4 features with no horizontal sums.  The kernel
+is chosen at run time (portable C++ otherwise); all give identical dots.
 
 Slots are partitioned into contiguous *segments* ``[seg_start, seg_end)``,
-each with its own ball tree (logarithmic method, Bentley-Saxe).  A tree is
-sklearn's implicit layout: node ``i`` has children ``2i+1`` and ``2i+2``;
-node ``i`` covers the slot range ``[node_start[i], node_end[i])``, which is
-split at its midpoint; ``n_levels = 1 + floor(log2(max(1, (n-1)/leaf_size)))``.
-The slots of a segment are physically permuted into tree order at build,
-so a leaf scan is contiguous.  Per node: centroid (float64), radius (an
-upper bound on ``||p - c||`` for every slot in range, live or dead, kept
-valid under updates), ``||c||`` and the live count ``node_alive``.  The node
-arrays of the segments are allocated like a stack (segment k's nodes follow
-segment k-1's), since segments only change at the tail, or in place.
+each with its own ball tree (logarithmic method, Bentley-Saxe).  Tree nodes
+are stored in DFS preorder: the left child of node i is i + 1, the right
+child is ``node_right[i]`` (-1 for a leaf); node i covers the slot range
+``[node_start[i], node_end[i])``.  A node of more than ``leaf_size`` points
+is split along the direction between two far-apart points, at the cut
+minimising the within-side sum of squares of the projections (1-D 2-means)
+inside the middle half of the range: on clustered data cuts fall between
+clusters, and the depth stays O(log n).  The slots of a segment are
+permuted into tree order at build, so a leaf is a contiguous run and
+adjacent leaves are screened in one pass.  Per node: centre (float32; the
+radius is measured from the stored float32 centre, so rounding it costs
+nothing), radius (an upper bound on ``||p - c||`` for every slot in range,
+live or dead, kept valid under updates), ``||c||`` and the live count
+``node_alive``.  The node arrays of the segments are allocated like a
+stack: segment k's nodes follow segment k-1's, and only the tail is ever
+rebuilt.
 
 Updates and amortised costs (n live points, d features, L = leaf_size)
 -----------------------------------------------------------------------
 - ``remove``: tombstone + hash-map erase + decrement ``node_alive`` on the
-  root-to-leaf path: O(log n).  When tombstones exceed a quarter of the
+  root-to-leaf path: O(depth).  When tombstones exceed a quarter of the
   slots, everything is compacted and rebuilt as one segment: O(n d log n)
   every n/4 removals, i.e. O(d log n) amortised.
-- ``add`` of a batch of m points: encode (O(m d)), append as a new segment,
-  then merge the last two segments while the second last is smaller than
-  twice the last (tombstones in the merged tail are compacted away).
-  Segment sizes therefore at least double towards the front: O(log n)
-  segments, and each point takes part in O(log n) rebuilds, i.e.
-  O(d log^2 n) amortised per point.
+- ``add`` of m points: encode (O(m d)).  While the last segment is a single
+  leaf with room, the points join it (its radius grows; O(m d), no build).
+  Otherwise the new points become a segment, built together with the
+  segments it absorbs under the merge rule "merge the last two segments
+  while the second last is smaller than twice the last" (tombstones in the
+  merged tail are compacted away).  Segment sizes at least double towards
+  the front: O(log n) segments, and each point takes part in O(log n)
+  builds, i.e. O(d log^2 n) amortised per point.  Slot arrays grow in place
+  by 1/16 (realloc, no copy), so growth is O(d) amortised with no spike.
 - ``update``: overwrite the slot and its code, and grow the radius of each
-  ancestor to cover the new value: O(d log n).  When a segment has absorbed
-  more updates than half its size, its tree is rebuilt in place (O(s d log s)
-  for s slots, amortised O(d log s) per update).
-- Build of s points: O(s d log s) (max-spread split dimension and
-  ``std::nth_element`` per node, then centroids and radii per level).
+  ancestor to cover the new value: O(d depth).  When a segment has absorbed
+  more updates than half its size, the tail from that segment is rebuilt
+  (later segments are smaller, so O(s d log s) for a segment of s slots,
+  amortised O(d log s) per update).
+- Build of s points: O(s d log s) expected (a projection pass and a sort of
+  the projections per node, then centroid and radius per node).
 
 Queries
 -------
 Per query: O(d) preparation (quantisation, norms); then a depth-first walk
-of each segment's tree.  Worst case (no pruning) O(n d) with 1-byte reads;
-on clustered data only the leaves straddling the hyperplane are scanned.
-Batches run one query per OpenMP thread iteration with the GIL released;
-each query fills its own result vectors, which are concatenated into CSR.
-``search`` (exact top-k) walks the trees best-child-first with a bounded
-heap, pruning nodes and screening points by their upper bounds.
+of each segment's tree.  Worst case (no pruning) O(n d) one-byte integer
+multiply-adds plus O(d) per verified point; on clustered data only the
+leaves straddling the hyperplane are screened, and subtrees inside it are
+reported in O(1) per point.  Batches run one query per OpenMP thread
+iteration with the GIL released; each query fills its own result vectors,
+which are concatenated into CSR in query order (deterministic output for
+any thread count).  Sparse (CSR) queries are densified per thread in O(d +
+nnz).  ``search`` (exact top-k, ties broken by smaller id) walks the trees
+best-child-first with a bounded heap, pruning nodes and points by their
+upper bounds.
 
 Thread-safety: queries only read; mutations (add/remove/update/rebuild) must
 not run concurrently with anything else (the public class documents this).
@@ -285,6 +319,42 @@ cdef extern from *:
         }
     }
 
+    /* Prefetch the rows about to be verified (turns a latency-bound loop of
+       scattered row reads into a bandwidth-bound one). */
+    static inline void sqd_prefetch_rows(const char* rows, Py_ssize_t row_bytes,
+                                         Py_ssize_t s0, const int32_t* pos, Py_ssize_t n) {
+    #if defined(__GNUC__)
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            const char* r = rows + (s0 + pos[i]) * row_bytes;
+            for (Py_ssize_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(r + o);
+        }
+    #endif
+    }
+
+    /* Positions of the accepted (flag 2) and undecided (flag 1) points of a
+       chunk, branch-free; runs of eight rejected points are skipped. */
+    static void sqd_split_flags(const unsigned char* flag, Py_ssize_t n, int32_t* acc,
+                                Py_ssize_t* n_acc, int32_t* ver, Py_ssize_t* n_ver) {
+        Py_ssize_t a = 0, v = 0, i = 0;
+        for (; i + 8 <= n; i += 8) {
+            uint64_t word;
+            std::memcpy(&word, flag + i, 8);
+            if (word == 0) continue;
+            for (Py_ssize_t k = i; k < i + 8; ++k) {
+                unsigned char f = flag[k];
+                acc[a] = (int32_t)k; a += (f == 2);
+                ver[v] = (int32_t)k; v += (f == 1);
+            }
+        }
+        for (; i < n; ++i) {
+            unsigned char f = flag[i];
+            acc[a] = (int32_t)i; a += (f == 2);
+            ver[v] = (int32_t)i; v += (f == 1);
+        }
+        *n_acc = a;
+        *n_ver = v;
+    }
+
     /* Classify n points from their integer dots: flag 2 = surely
        score >= b, 0 = surely score < b, 1 = undecided (verify; also every
        tombstone, whose ea is NaN).  Branch-free so that it vectorises. */
@@ -436,6 +506,10 @@ cdef extern from *:
 
     """
     int sqd_isa() noexcept nogil
+    void sqd_prefetch_rows(const char* rows, intp_t row_bytes, intp_t s0,
+                           const int32_t* pos, intp_t n) noexcept nogil
+    void sqd_split_flags(const unsigned char* flag, intp_t n, int32_t* acc,
+                         intp_t* n_acc, int32_t* ver, intp_t* n_ver) noexcept nogil
     int sqd_isa_detected() noexcept nogil
     int sqd_isa_cap
     int sqd_qmax() noexcept nogil
@@ -506,6 +580,7 @@ cdef struct QueryBuf:
     int32_t sumq128    # 128 * sum(qw): removes the +128 offset of the codes
     int32_t* dots      # integer dots of one leaf chunk (CHUNK)
     unsigned char* flag  # screening decisions of one chunk (CHUNK)
+    int32_t* pos         # positions of accepted, then undecided points (2 CHUNK)
     intp_t* stack      # DFS stack of node indices (MAX_DEPTH)
     double t           # query scale
     double wnorm       # upper bound on ||w||
@@ -713,14 +788,26 @@ cdef inline void _chunk_dots(const CoreView* v, QueryBuf* qb, intp_t s0,
         sqd_range_dots(v.codes, v.dpad, s0, s1, qb.qw, qb.sumq128, qb.dots)
 
 
+cdef inline void _classify_chunk(const CoreView* v, QueryBuf* qb, intp_t s, intp_t n,
+                                 const int32_t* dots, double b) noexcept nogil:
+    """Screening flags of slots [s, s + n) from their integer dots, into qb.flag."""
+    if qb.use_f32 and fabs(b) < 1e30:
+        sqd_classify_f32(dots, n, v.scale + s, v.ea + s, v.ec + s, qb.t32, qb.A32,
+                         qb.C32, _round_up_f32(b), _round_down_f32(b), 1e-6, 1e-37,
+                         qb.flag)
+    else:
+        sqd_classify(dots, n, v.scale + s, v.ea + s, v.ec + s, qb.t, qb.A, qb.C, b,
+                     REL, TINY, qb.flag)
+
+
 cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
                         intp_t start, intp_t end, double b, int mode,
                         vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
     """Screen slots [start, end) through their codes; verify the band."""
-    cdef intp_t d = v.d, s0, s1, s, cnt = 0, sid
+    cdef intp_t d = v.d, s0, s1, s, cnt = 0, sid, n_acc, n_ver, i
+    cdef size_t old
+    cdef intp_t* dst
     cdef double score
-    cdef unsigned char f
-    cdef uint64_t word
     cdef unsigned char* flag = qb.flag
     s0 = start
     while s0 < end:
@@ -729,42 +816,35 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
             s1 = end
         _chunk_dots(v, qb, s0, s1)
         qb.n_screened += s1 - s0
-        if qb.use_f32 and fabs(b) < 1e30:
-            sqd_classify_f32(qb.dots, s1 - s0, v.scale + s0, v.ea + s0, v.ec + s0,
-                             qb.t32, qb.A32, qb.C32, _round_up_f32(b), _round_down_f32(b),
-                             1e-6, 1e-37, flag)
-        else:
-            sqd_classify(qb.dots, s1 - s0, v.scale + s0, v.ea + s0, v.ec + s0, qb.t,
-                         qb.A, qb.C, b, REL, TINY, flag)
-        s = s0
-        while s < s1:
-            # skip eight rejected points at a time (flags are 0 for most
-            # points of a selective query)
-            if s + 8 <= s1:
-                memcpy(&word, flag + (s - s0), 8)
-                if word == 0:
-                    s += 8
-                    continue
-            f = flag[s - s0]
-            s += 1
-            if f == 0:
+        _classify_chunk(v, qb, s0, s1 - s0, qb.dots, b)
+        sqd_split_flags(flag, s1 - s0, qb.pos, &n_acc, qb.pos + CHUNK, &n_ver)
+        # accepted: surely in the half-space (never a tombstone: NaN ea)
+        if mode != MODE_COUNT and n_acc > 0:
+            old = out_ids.size()
+            out_ids.resize(old + n_acc)
+            dst = out_ids.data() + old
+            for i in range(n_acc):
+                dst[i] = v.ids[s0 + qb.pos[i]]
+            if mode == MODE_SCORES:
+                sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s0, qb.pos, n_acc)
+                for i in range(n_acc):
+                    out_sc.push_back(sqd_xdot(X + (s0 + qb.pos[i]) * d, qb.w, d))
+        cnt += n_acc
+        # undecided: verify exactly
+        sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s0, qb.pos + CHUNK, n_ver)
+        for i in range(n_ver):
+            s = s0 + qb.pos[CHUNK + i]
+            sid = v.ids[s]
+            if sid < 0:
                 continue
-            sid = v.ids[s - 1]
-            if f == 2:
+            qb.n_verified += 1
+            score = sqd_xdot(X + s * d, qb.w, d)
+            if score >= b:
                 if mode == MODE_SCORES:
-                    out_sc.push_back(sqd_xdot(X + (s - 1) * d, qb.w, d))
+                    out_sc.push_back(score)
                 if mode != MODE_COUNT:
                     out_ids.push_back(sid)
                 cnt += 1
-            elif sid >= 0:
-                qb.n_verified += 1
-                score = sqd_xdot(X + (s - 1) * d, qb.w, d)
-                if score >= b:
-                    if mode == MODE_SCORES:
-                        out_sc.push_back(score)
-                    if mode != MODE_COUNT:
-                        out_ids.push_back(sid)
-                    cnt += 1
         s0 = s1
     return cnt
 
@@ -837,9 +917,10 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
 
 cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexcept nogil:
     """Exact top-k by inner product into qb's heap; qb.w and qb.k must be set."""
-    cdef intp_t seg, node0, n_nodes, node, local, top, s, s0, s1, sid, c, r
+    cdef intp_t seg, node0, n_nodes, node, local, top, s, s0, s1, sid, c, r, i
+    cdef intp_t n_acc, n_ver
     cdef intp_t d = v.d
-    cdef double lo, hi, lo_l, hi_l, lo_r, hi_r, approx, m, score
+    cdef double lo, hi, lo_l, hi_l, lo_r, hi_r
     cdef double* stack_hi = <double*>(qb.stack + MAX_DEPTH)
     _prepare_query(qb, d, v.dpad, v.gam)
     qb.hsize = 0
@@ -867,18 +948,26 @@ cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexce
                     if s1 > v.node_end[node]:
                         s1 = v.node_end[node]
                     _chunk_dots(v, qb, s0, s1)
-                    for s in range(s0, s1):
+                    s = s0
+                    while s < s1 and qb.hsize < qb.k:      # fill the heap
                         sid = v.ids[s]
-                        if sid < 0:
-                            continue
-                        if qb.hsize == qb.k:
-                            approx = (<double>v.scale[s] * qb.t) * <double>qb.dots[s - s0]
-                            m = (<double>v.ea[s] * qb.A + <double>v.ec[s] * qb.C) \
-                                * (1.0 + REL) + REL * fabs(approx) + TINY
-                            if approx + m < qb.hscore[0]:
-                                continue
-                        score = sqd_xdot(X + s * d, qb.w, d)
-                        _heap_push(qb, score, sid)
+                        if sid >= 0:
+                            _heap_push(qb, sqd_xdot(X + s * d, qb.w, d), sid)
+                        s += 1
+                    if s < s1:
+                        # Screen the rest against the current k-th score: only
+                        # points whose upper bound reaches it can enter.
+                        _classify_chunk(v, qb, s, s1 - s, qb.dots + (s - s0), qb.hscore[0])
+                        sqd_split_flags(qb.flag, s1 - s, qb.pos, &n_acc,
+                                        qb.pos + CHUNK, &n_ver)
+                        for i in range(n_ver):
+                            qb.pos[n_acc + i] = qb.pos[CHUNK + i]
+                        sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s, qb.pos,
+                                          n_acc + n_ver)
+                        for i in range(n_acc + n_ver):
+                            sid = v.ids[s + qb.pos[i]]
+                            if sid >= 0:
+                                _heap_push(qb, sqd_xdot(X + (s + qb.pos[i]) * d, qb.w, d), sid)
                     s0 = s1
                 continue
             # push the children, the more promising one last (visited first)
@@ -918,6 +1007,7 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     qb.qw = <int8_t*>malloc((d + 4) * sizeof(int8_t))
     qb.dots = <int32_t*>malloc(CHUNK * sizeof(int32_t))
     qb.flag = <unsigned char*>malloc(CHUNK + 8)
+    qb.pos = <int32_t*>malloc(2 * CHUNK * sizeof(int32_t))
     # the stack holds MAX_DEPTH node indices, then MAX_DEPTH doubles (search)
     qb.stack = <intp_t*>malloc(MAX_DEPTH * (sizeof(intp_t) + sizeof(double)))
     qb.hscore = <double*>malloc((k + 1) * sizeof(double))
@@ -925,6 +1015,7 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     qb.k = k
     qb.hsize = 0
     if (qb.w == NULL or qb.qw == NULL or qb.dots == NULL or qb.flag == NULL
+            or qb.pos == NULL
             or qb.stack == NULL
             or qb.hscore == NULL or qb.hid == NULL):
         _free_qbuf(qb)
@@ -939,6 +1030,7 @@ cdef void _free_qbuf(QueryBuf* qb) noexcept nogil:
     free(qb.qw)
     free(qb.dots)
     free(qb.flag)
+    free(qb.pos)
     free(qb.stack)
     free(qb.hscore)
     free(qb.hid)
