@@ -915,10 +915,42 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
     return cnt
 
 
+cdef void _search_range(const CoreView* v, const floating* X, QueryBuf* qb,
+                        intp_t start, intp_t end) noexcept nogil:
+    """Offer the live slots of [start, end) to the top-k heap, screening them
+    against its current k-th score."""
+    cdef intp_t s, s0, s1, sid, i, n_acc, n_ver, d = v.d
+    s0 = start
+    while s0 < end:
+        s1 = s0 + CHUNK
+        if s1 > end:
+            s1 = end
+        _chunk_dots(v, qb, s0, s1)
+        s = s0
+        while s < s1 and qb.hsize < qb.k:      # fill the heap
+            sid = v.ids[s]
+            if sid >= 0:
+                _heap_push(qb, sqd_xdot(X + s * d, qb.w, d), sid)
+            s += 1
+        if s < s1:
+            # only points whose upper bound reaches the k-th score can enter
+            _classify_chunk(v, qb, s, s1 - s, qb.dots + (s - s0), qb.hscore[0])
+            sqd_split_flags(qb.flag, s1 - s, qb.pos, &n_acc, qb.pos + CHUNK, &n_ver)
+            for i in range(n_ver):
+                qb.pos[n_acc + i] = qb.pos[CHUNK + i]
+            sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s, qb.pos,
+                              n_acc + n_ver)
+            for i in range(n_acc + n_ver):
+                sid = v.ids[s + qb.pos[i]]
+                if sid >= 0:
+                    _heap_push(qb, sqd_xdot(X + (s + qb.pos[i]) * d, qb.w, d), sid)
+        s0 = s1
+
+
 cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexcept nogil:
     """Exact top-k by inner product into qb's heap; qb.w and qb.k must be set."""
-    cdef intp_t seg, node0, n_nodes, node, local, top, s, s0, s1, sid, c, r, i
-    cdef intp_t n_acc, n_ver
+    cdef intp_t seg, node0, n_nodes, node, local, top, c, r
+    cdef intp_t pend_start = 0, pend_end = 0
     cdef intp_t d = v.d
     cdef double lo, hi, lo_l, hi_l, lo_r, hi_r
     cdef double* stack_hi = <double*>(qb.stack + MAX_DEPTH)
@@ -942,33 +974,16 @@ cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexce
             if _heap_prunes(qb, stack_hi[top]):
                 continue
             if v.node_right[node] < 0:
-                s0 = v.node_start[node]
-                while s0 < v.node_end[node]:
-                    s1 = s0 + CHUNK
-                    if s1 > v.node_end[node]:
-                        s1 = v.node_end[node]
-                    _chunk_dots(v, qb, s0, s1)
-                    s = s0
-                    while s < s1 and qb.hsize < qb.k:      # fill the heap
-                        sid = v.ids[s]
-                        if sid >= 0:
-                            _heap_push(qb, sqd_xdot(X + s * d, qb.w, d), sid)
-                        s += 1
-                    if s < s1:
-                        # Screen the rest against the current k-th score: only
-                        # points whose upper bound reaches it can enter.
-                        _classify_chunk(v, qb, s, s1 - s, qb.dots + (s - s0), qb.hscore[0])
-                        sqd_split_flags(qb.flag, s1 - s, qb.pos, &n_acc,
-                                        qb.pos + CHUNK, &n_ver)
-                        for i in range(n_ver):
-                            qb.pos[n_acc + i] = qb.pos[CHUNK + i]
-                        sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s, qb.pos,
-                                          n_acc + n_ver)
-                        for i in range(n_acc + n_ver):
-                            sid = v.ids[s + qb.pos[i]]
-                            if sid >= 0:
-                                _heap_push(qb, sqd_xdot(X + (s + qb.pos[i]) * d, qb.w, d), sid)
-                    s0 = s1
+                # adjacent leaves are screened in one run (as in _query_one)
+                if v.node_start[node] == pend_end:
+                    pend_end = v.node_end[node]
+                elif v.node_end[node] == pend_start:
+                    pend_start = v.node_start[node]
+                else:
+                    if pend_end > pend_start:
+                        _search_range(v, X, qb, pend_start, pend_end)
+                    pend_start = v.node_start[node]
+                    pend_end = v.node_end[node]
                 continue
             # push the children, the more promising one last (visited first)
             c = local + 1                      # left child
@@ -996,6 +1011,9 @@ cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexce
                     qb.stack[top] = r
                     stack_hi[top] = hi_r
                     top += 1
+        if pend_end > pend_start:
+            _search_range(v, X, qb, pend_start, pend_end)
+        pend_start = pend_end = 0
 
 
 cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
@@ -1739,6 +1757,45 @@ cdef class _HalfspaceCore:
                     memcpy(&so[off], res_sc[q].data(), res_sc[q].size() * sizeof(double))
             off += res_ids[q].size()
         return indptr_out, ids_out, scores_out
+
+    def query_single(self, cnp.ndarray w, double b, int mode):
+        """One dense query on the calling thread (no OpenMP region).
+
+        ``w``: C-contiguous 1-D array of the core's dtype (checked by the
+        caller).  Returns ``(count, ids, scores)``; ids/scores are None for
+        MODE_COUNT, scores None unless MODE_SCORES.
+        """
+        cdef CoreView v = self._view()
+        cdef QueryBuf* qb = _alloc_qbuf(self.d, 0)
+        cdef vector[intp_t] res_ids
+        cdef vector[double] res_sc
+        cdef intp_t cnt, n
+        cdef intp_t[::1] io
+        cdef double[::1] so
+        if qb == NULL:
+            raise MemoryError()
+        with nogil:
+            if self.is32:
+                _load_query(qb, 0, v.d, <const float*>cnp.PyArray_DATA(w), NULL, NULL)
+                cnt = _query_one(&v, <const float*>v.X, qb, b, mode, &res_ids, &res_sc)
+            else:
+                _load_query(qb, 0, v.d, <const double*>cnp.PyArray_DATA(w), NULL, NULL)
+                cnt = _query_one(&v, <const double*>v.X, qb, b, mode, &res_ids, &res_sc)
+            _free_qbuf(qb)
+        if mode == MODE_COUNT:
+            return cnt, None, None
+        n = res_ids.size()
+        ids = np.empty(n, dtype=np.intp)
+        scores = None
+        if n:
+            io = ids
+            memcpy(&io[0], res_ids.data(), n * sizeof(intp_t))
+        if mode == MODE_SCORES:
+            scores = np.empty(n, dtype=np.float64)
+            if n:
+                so = scores
+                memcpy(&so[0], res_sc.data(), n * sizeof(double))
+        return cnt, ids, scores
 
     def search(self, W, const intp_t[::1] indptr, const intp_t[::1] indices,
                intp_t n_queries, intp_t k, int n_threads):
