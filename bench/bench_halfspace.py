@@ -272,7 +272,8 @@ def trainer():
             "index": HalfspaceIndex(Wl), "n": m, "d": d, "kind": "trainer"}
 
 
-@pytest.mark.parametrize("impl", ["subquad_ds-csr", "subquad_ds-dense", "numpy", "faiss"])
+@pytest.mark.parametrize("impl", ["subquad_ds-csr", "subquad_ds-csr-1thread",
+                                  "subquad_ds-dense", "numpy", "faiss"])
 def test_trainer_fired_neurons(benchmark, machine_info, trainer, impl):
     """Neurons with <w_r, h_i> >= b_i for a batch of 32 sparse samples."""
     benchmark.group = "halfspace-trainer-m16384-d64"
@@ -280,6 +281,9 @@ def test_trainer_fired_neurons(benchmark, machine_info, trainer, impl):
     if impl == "subquad_ds-csr":
         def run():
             return trainer["index"].query(trainer["Hs"], b)
+    elif impl == "subquad_ds-csr-1thread":
+        def run():
+            return trainer["index"].query(trainer["Hs"], b, n_threads=1)
     elif impl == "subquad_ds-dense":
         def run():
             return trainer["index"].query(H, b)

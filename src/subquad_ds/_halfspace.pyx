@@ -331,6 +331,12 @@ cdef extern from *:
     #endif
     }
 
+    static inline void sqd_prefetch_row(const char* row, Py_ssize_t row_bytes) {
+    #if defined(__GNUC__)
+        for (Py_ssize_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(row + o);
+    #endif
+    }
+
     /* Positions of the accepted (flag 2) and undecided (flag 1) points of a
        chunk, branch-free; runs of eight rejected points are skipped. */
     static void sqd_split_flags(const unsigned char* flag, Py_ssize_t n, int32_t* acc,
@@ -508,6 +514,7 @@ cdef extern from *:
     int sqd_isa() noexcept nogil
     void sqd_prefetch_rows(const char* rows, intp_t row_bytes, intp_t s0,
                            const int32_t* pos, intp_t n) noexcept nogil
+    void sqd_prefetch_row(const char* row, intp_t row_bytes) noexcept nogil
     void sqd_split_flags(const unsigned char* flag, intp_t n, int32_t* acc,
                          intp_t* n_acc, int32_t* ver, intp_t* n_ver) noexcept nogil
     int sqd_isa_detected() noexcept nogil
@@ -541,6 +548,7 @@ cdef double INFL = 1.0 + 1e-10              # rounding-up factor for stored norm
 cdef intp_t CHUNK = 256                     # leaf scan chunk (dots buffer size)
 cdef intp_t MAX_SCREEN_D = 16384            # integer dots are exact up to this d
 cdef intp_t MAX_DEPTH = 128
+cdef intp_t PREFETCH_AHEAD = 6              # rows in flight while verifying
 
 # Modes of the query kernel.
 cdef enum:
@@ -830,9 +838,15 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
                 for i in range(n_acc):
                     out_sc.push_back(sqd_xdot(X + (s0 + qb.pos[i]) * d, qb.w, d))
         cnt += n_acc
-        # undecided: verify exactly
-        sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s0, qb.pos + CHUNK, n_ver)
+        # undecided: verify exactly (rows prefetched PREFETCH_AHEAD ahead)
+        for i in range(min(n_ver, PREFETCH_AHEAD)):
+            sqd_prefetch_row(<const char*>(X + (s0 + qb.pos[CHUNK + i]) * d),
+                             d * sizeof(floating))
         for i in range(n_ver):
+            if i + PREFETCH_AHEAD < n_ver:
+                sqd_prefetch_row(
+                    <const char*>(X + (s0 + qb.pos[CHUNK + i + PREFETCH_AHEAD]) * d),
+                    d * sizeof(floating))
             s = s0 + qb.pos[CHUNK + i]
             sid = v.ids[s]
             if sid < 0:
