@@ -1575,11 +1575,15 @@ cdef class _HalfspaceCore:
         self.n_alive += m
         cdef intp_t k = <intp_t>self.seg_start.size() - 1
         cdef intp_t merged = m
+        # A trailing single-leaf segment acts as an insertion buffer of up to
+        # max(leaf_size, min(n / 256, 4096)) slots: screening it costs a few
+        # microseconds per query, and it saves the builds of small segments.
+        cdef intp_t buffer_max = max(self.leaf_size, min(self.n_alive // 256, 4096))
         if (k >= 0 and self.seg_n_nodes[k] == 1
-                and start + m - self.seg_start[k] <= self.leaf_size):
+                and start + m - self.seg_start[k] <= buffer_max):
             # Small adds extend the last segment while it is a single leaf:
             # its ball keeps its centre and grows its radius (O(m d), no
-            # rebuild); a tree is built once it outgrows a leaf.
+            # rebuild); a tree is built once it outgrows the buffer.
             self._extend_leaf(k, start, start + m)
             self._merge_tail()
             return
@@ -1597,26 +1601,25 @@ cdef class _HalfspaceCore:
 
     cdef _extend_leaf(self, intp_t k, intp_t start, intp_t end):
         """Append slots [start, end) to segment k, a single leaf."""
+        # raw pointers: creating typed memoryviews would dominate an O(d) add
         cdef intp_t node = self.seg_node0[k], s, j, d = self.d
         cdef double dist2, diff, r
-        cdef float[:, ::1] nc = self._node_center
-        cdef double[::1] nr = self._node_radius
-        cdef intp_t[::1] ne = self._node_end
-        cdef intp_t[::1] na = self._node_alive
         cdef CoreView v = self._view()
+        cdef const float* c = v.node_center + node * d
+        cdef double* nr = <double*>v.node_radius
         for s in range(start, end):
             dist2 = 0.0
             for j in range(d):
                 if self.is32:
-                    diff = <double>(<const float*>v.X)[s * d + j] - <double>nc[node, j]
+                    diff = <double>(<const float*>v.X)[s * d + j] - <double>c[j]
                 else:
-                    diff = (<const double*>v.X)[s * d + j] - <double>nc[node, j]
+                    diff = (<const double*>v.X)[s * d + j] - <double>c[j]
                 dist2 += diff * diff
             r = sqrt(dist2) * INFL + d * TINY
             if r > nr[node]:
                 nr[node] = r
-        ne[node] = end
-        na[node] += end - start
+        (<intp_t*>v.node_end)[node] = end
+        (<intp_t*>v.node_alive)[node] += end - start
         self.seg_end[k] = end
 
     cdef intp_t _segment_of(self, intp_t slot):
