@@ -355,3 +355,19 @@ def test_repr_and_properties(rng):
     index = HalfspaceIndex(rng.normal(size=(5, 3)).astype(np.float32))
     assert repr(index) == "<HalfspaceIndex(n=5, d=3, dtype=float32)>"
     assert index.n_features == 3 and index.dtype == np.float32
+
+
+def test_single_adds_use_the_insertion_buffer(dtype, rng):
+    # with n / 256 > leaf_size the trailing leaf grows past leaf_size before
+    # a tree is built over it; answers stay exact throughout
+    index = HalfspaceIndex(clustered(rng, 4000, 6).astype(dtype), leaf_size=4)
+    sizes = set()
+    for i in range(60):
+        index.add(clustered(rng, 1, 6).astype(dtype))
+        sizes.add(index._core.segment_sizes[-1])
+        if i % 10 == 9:
+            index._core.check_invariants()
+            W = rng.normal(size=(3, 6))
+            X, _ = _live(index)
+            check_against_oracle(index, W, _thresholds(X, W, [0.01, 0.3], rng), k=3)
+    assert max(sizes) > 4          # the buffer leaf outgrew leaf_size
