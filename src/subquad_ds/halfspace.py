@@ -88,15 +88,17 @@ class HalfspaceIndex:
     identically for every summation order; the pruning and screening bounds
     are widened so that they can never change an answer.
 
-    **Complexity** (n live points, d features, L = leaf_size).  Build:
-    O(n d log n).  ``remove``: O(log n) (tombstone; a full compaction after
-    n/4 removals, O(d log n) amortised).  ``add``: O(d log^2 n) amortised
-    per point (logarithmic method: segments of doubling size, merged and
-    rebuilt when a newer one catches up).  ``update``: O(d log n) in place
-    (ancestor radii grow; a segment is rebuilt after absorbing as many
-    updates as half its size).  Query: O(n d) bytes/8..32 of integer work in
-    the worst case, much less when the tree prunes, plus O(d) per verified
-    point and O(1) per reported point of a subtree inside the half-space.
+    **Complexity** (n live points, d features).  Build: O(n d log n).
+    ``remove``: O(log n) (a tombstone; a full compaction after n/4
+    removals, O(d log n) amortised).  ``add``: O(d log^2 n) amortised per
+    point (logarithmic method: segments of doubling size, merged and rebuilt
+    when a newer one catches up; single points first fill an insertion
+    buffer leaf in O(d)).  ``update``: O(d log n) in place (ancestor radii
+    grow; the tail from a segment is rebuilt after that segment absorbed as
+    many updates as half its size).  Query: in the worst case (no pruning)
+    n d one-byte integer multiply-adds, plus O(d) per point whose error
+    bound straddles ``b`` and O(1) per reported point; with pruning, only
+    the leaves that straddle the hyperplane are screened.
 
     **When it pays.**  Clustered or low-intrinsic-dimension data (the tree
     skips and reports whole subtrees), selective queries, and workloads that
