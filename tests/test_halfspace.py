@@ -371,3 +371,24 @@ def test_single_adds_use_the_insertion_buffer(dtype, rng):
             X, _ = _live(index)
             check_against_oracle(index, W, _thresholds(X, W, [0.01, 0.3], rng), k=3)
     assert max(sizes) > 4          # the buffer leaf outgrew leaf_size
+
+
+def test_dimension_beyond_integer_screening(rng):
+    # d > 16384: integer dots could overflow int32, so screening is off and
+    # every candidate leaf is verified exactly
+    d = 16390
+    X = rng.normal(size=(40, d)).astype(np.float32)
+    index = HalfspaceIndex(X, leaf_size=4)
+    W = rng.normal(size=(3, d)).astype(np.float32)
+    check_against_oracle(index, W, _thresholds(X, W, [0.1, 0.5], rng), k=3)
+
+
+def test_query_stats_accounting(rng):
+    X = clustered(rng, 3000, 16).astype(np.float32)
+    index = HalfspaceIndex(X, leaf_size=16)
+    w = rng.normal(size=16)
+    b = float(np.quantile(X @ w, 0.99))
+    st = index._core.query_stats(w, b)
+    assert st["count"] == index.query_count(w, b)
+    assert st["screened"] + st["bulk"] <= len(index) and st["nodes"] > 0
+    assert st["verified"] <= st["screened"]
