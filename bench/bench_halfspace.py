@@ -18,11 +18,16 @@ Run: ``pytest bench/bench_halfspace.py --benchmark-only
 ``--benchmark-disable`` (the CI smoke run) shrinks N to 20,000.
 """
 
+import contextlib
 import itertools
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
+
+try:  # single-threaded BLAS for the one-query numpy baseline, when available
+    from threadpoolctl import threadpool_limits
+except ImportError:  # not a dependency: the baseline then uses BLAS's default
+    threadpool_limits = None
 
 import subquad_ds
 from subquad_ds import HalfspaceIndex
@@ -95,9 +100,12 @@ def test_query_single(benchmark, machine_info, data, impl, sel):
             q = next(queries)
             return index.query(W[q], b[q], n_threads=1)
     elif impl == "numpy":
+        def one_thread():
+            return threadpool_limits(1) if threadpool_limits else contextlib.nullcontext()
+
         def run():
             q = next(queries)
-            with threadpool_limits(1):
+            with one_thread():
                 return np.flatnonzero(X @ W[q] >= b[q])
     else:
         faiss, index = faiss_index(data)
@@ -106,7 +114,8 @@ def test_query_single(benchmark, machine_info, data, impl, sel):
         def run():
             q = next(queries)
             return index.range_search(W[q:q + 1], float(b[q]))
-    info(benchmark, machine_info, data, impl=impl, selectivity=sel)
+    info(benchmark, machine_info, data, impl=impl, selectivity=sel,
+         numpy_blas_threads=1 if threadpool_limits else "default")
     benchmark(run)
 
 

@@ -175,6 +175,9 @@ def test_empty_and_single(dtype):
     index.remove(0)
     assert len(index) == 0 and 0 not in index
     assert index.query_count([1, 0, 0], -1e9) == 0
+    clone = pickle.loads(pickle.dumps(index))
+    assert len(clone) == 0 and clone.dtype == dtype
+    assert list(clone.add(np.ones((1, 3)))) == [1]
     assert list(index.add(np.ones((1, 3)))) == [1]   # ids are never reused
 
 
