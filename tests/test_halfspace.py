@@ -395,3 +395,14 @@ def test_query_stats_accounting(rng):
     assert st["count"] == index.query_count(w, b)
     assert st["screened"] + st["bulk"] <= len(index) and st["nodes"] > 0
     assert st["verified"] <= st["screened"]
+
+
+def test_large_build_uses_parallel_subtrees(dtype, rng):
+    # n >= 16384 builds the top levels first and the subtrees below them in
+    # parallel, then splices them in preorder: the tree must be the same
+    # kind of valid tree, and answers exact
+    X = clustered(rng, 20000, 8).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=16)
+    index._core.check_invariants()
+    W = rng.normal(size=(5, 8))
+    check_against_oracle(index, W, _thresholds(X, W, [0.001, 0.05], rng), k=4)

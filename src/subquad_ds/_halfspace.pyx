@@ -442,6 +442,12 @@ cdef extern from *:
             }
             return best;
         }
+        /* Subtrees of at most `cutoff` points (> leaf_size) are not built
+           but recorded in `pending` (their node gets right = -2 - index), so
+           that they can be built in parallel and spliced in afterwards. */
+        Py_ssize_t cutoff = 0;
+        std::vector<std::pair<Py_ssize_t, Py_ssize_t> > pending;
+
         void build(Py_ssize_t start, Py_ssize_t end) {
             Py_ssize_t me = (Py_ssize_t)starts->size();
             starts->push_back(start);
@@ -449,6 +455,11 @@ cdef extern from *:
             rights->push_back(-1);
             Py_ssize_t m = end - start;
             if (m <= leaf_size || m < 2) return;
+            if (m <= cutoff) {
+                (*rights)[me] = -2 - (Py_ssize_t)pending.size();
+                pending.push_back(std::make_pair(start, end));
+                return;
+            }
             Py_ssize_t p1 = farthest(perm[start], start, end);
             Py_ssize_t p2 = farthest(p1, start, end);
             Py_ssize_t lo = start + m / 4, hi = end - m / 4;   /* cut in [lo, hi] */
@@ -497,17 +508,80 @@ cdef extern from *:
             build(cut, end);
         }
     };
+    struct SqdNodes {
+        std::vector<Py_ssize_t> starts, ends, rights;
+    };
+
+    /* Append node i of the top tree (and its subtree) to out in preorder,
+       replacing each pending node by its separately built subtree. */
+    static void sqd_splice(const SqdNodes& top, Py_ssize_t i, const std::vector<SqdNodes>& subs,
+                           std::vector<Py_ssize_t>& starts, std::vector<Py_ssize_t>& ends,
+                           std::vector<Py_ssize_t>& rights) {
+        Py_ssize_t r = top.rights[i];
+        if (r <= -2) {
+            const SqdNodes& sub = subs[-2 - r];
+            Py_ssize_t base = (Py_ssize_t)starts.size();
+            for (size_t j = 0; j < sub.starts.size(); ++j) {
+                starts.push_back(sub.starts[j]);
+                ends.push_back(sub.ends[j]);
+                rights.push_back(sub.rights[j] >= 0 ? sub.rights[j] + base : -1);
+            }
+            return;
+        }
+        Py_ssize_t me = (Py_ssize_t)starts.size();
+        starts.push_back(top.starts[i]);
+        ends.push_back(top.ends[i]);
+        rights.push_back(-1);
+        if (r == -1) return;
+        sqd_splice(top, i + 1, subs, starts, ends, rights);
+        rights[me] = (Py_ssize_t)starts.size();
+        sqd_splice(top, r, subs, starts, ends, rights);
+    }
+
+    /* Build the tree of n points; large inputs build the top levels first,
+       then the subtrees below them in parallel (OpenMP), then splice. */
+    template <typename T>
+    static void sqd_build_tree_impl(const T* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
+                                    Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
+                                    std::vector<Py_ssize_t>& ends,
+                                    std::vector<Py_ssize_t>& rights, int n_threads) {
+        if (n_threads <= 1 || n < 16384) {
+            SqdBuilder<T> b{X, d, leaf_size, perm, &starts, &ends, &rights, {}, {}, {}};
+            b.build(0, n);
+            return;
+        }
+        SqdNodes top;
+        SqdBuilder<T> b{X, d, leaf_size, perm, &top.starts, &top.ends, &top.rights, {}, {}, {}};
+        Py_ssize_t cutoff = n / (4 * (Py_ssize_t)n_threads);
+        b.cutoff = cutoff > leaf_size ? cutoff : leaf_size + 1;
+        b.build(0, n);
+        std::vector<SqdNodes> subs(b.pending.size());
+        int failed = 0;
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+        for (Py_ssize_t k = 0; k < (Py_ssize_t)b.pending.size(); ++k) {
+            try {
+                SqdBuilder<T> sb{X, d, leaf_size, perm, &subs[k].starts, &subs[k].ends,
+                                 &subs[k].rights, {}, {}, {}};
+                sb.build(b.pending[k].first, b.pending[k].second);
+            } catch (...) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+        }
+        if (failed) throw std::bad_alloc();
+        sqd_splice(top, 0, subs, starts, ends, rights);
+    }
     static void sqd_build_tree(const float* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
                                Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
-                               std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights) {
-        SqdBuilder<float> b{X, d, leaf_size, perm, &starts, &ends, &rights, {}, {}, {}};
-        b.build(0, n);
+                               std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights,
+                               int n_threads) {
+        sqd_build_tree_impl<float>(X, d, perm, n, leaf_size, starts, ends, rights, n_threads);
     }
     static void sqd_build_tree(const double* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
                                Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
-                               std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights) {
-        SqdBuilder<double> b{X, d, leaf_size, perm, &starts, &ends, &rights, {}, {}, {}};
-        b.build(0, n);
+                               std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights,
+                               int n_threads) {
+        sqd_build_tree_impl<double>(X, d, perm, n, leaf_size, starts, ends, rights, n_threads);
     }
 
     """
@@ -535,10 +609,10 @@ cdef extern from *:
     int omp_get_max_threads() noexcept nogil
     void sqd_build_tree(const float* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
                         vector[intp_t]& starts, vector[intp_t]& ends,
-                        vector[intp_t]& rights) except + nogil
+                        vector[intp_t]& rights, int n_threads) except + nogil
     void sqd_build_tree(const double* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
                         vector[intp_t]& starts, vector[intp_t]& ends,
-                        vector[intp_t]& rights) except + nogil
+                        vector[intp_t]& rights, int n_threads) except + nogil
 
 
 cdef double U64 = 1.1102230246251565e-16   # 2**-53
@@ -1456,13 +1530,14 @@ cdef class _HalfspaceCore:
         cdef intp_t[::1] p = perm
         cdef vector[intp_t] starts, ends, rights
         cdef CoreView v = self._view()
+        cdef int build_threads = 1 if n < 16384 else omp_get_max_threads()
         with nogil:
             if self.is32:
                 sqd_build_tree(<const float*>v.X + start * d, d, &p[0], n, self.leaf_size,
-                               starts, ends, rights)
+                               starts, ends, rights, build_threads)
             else:
                 sqd_build_tree(<const double*>v.X + start * d, d, &p[0], n, self.leaf_size,
-                               starts, ends, rights)
+                               starts, ends, rights, build_threads)
         n_nodes = <intp_t>starts.size()
         # only the last segment is ever (re)built, so its nodes may grow
         self._reserve_nodes(node0 + n_nodes)
@@ -1886,8 +1961,20 @@ cdef class _HalfspaceCore:
             prev_end = self.seg_end[k]
             node0 = self.seg_node0[k]
             n_nodes = self.seg_n_nodes[k]
+            if self._node_start[node0] != self.seg_start[k] or \
+                    self._node_end[node0] != self.seg_end[k]:
+                raise AssertionError("root does not cover its segment")
             for i in range(n_nodes):
                 a, e = self._node_start[node0 + i], self._node_end[node0 + i]
+                r = self._node_right[node0 + i]
+                if r >= 0:
+                    if not (i + 1 < r < n_nodes):
+                        raise AssertionError("bad child index")
+                    if (self._node_start[node0 + i + 1] != a
+                            or self._node_end[node0 + r] != e
+                            or self._node_end[node0 + i + 1] != self._node_start[node0 + r]
+                            or not a < self._node_start[node0 + r] < e):
+                        raise AssertionError("children do not split their parent")
                 alive = int((ids[a:e] >= 0).sum())
                 if alive != self._node_alive[node0 + i]:
                     raise AssertionError("node_alive wrong")
