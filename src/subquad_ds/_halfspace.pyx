@@ -113,7 +113,10 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
   (later segments are smaller, so O(s d log s) for a segment of s slots,
   amortised O(d log s) per update).
 - Build of s points: O(s d log s) expected (a projection pass and a sort of
-  the projections per node, then centroid and radius per node).
+  the projections per node, then centroid and radius per node).  For
+  s >= 16384 the top levels are built first, the subtrees of at most
+  s / (4 threads) points below them in parallel (OpenMP), and the pieces are
+  spliced back in preorder; the tree is identical to the sequential one.
 
 Queries
 -------
