@@ -8,6 +8,7 @@ from ._openmp_helpers import openmp_enabled
 from .lowrank import LowRankUpdatedMatrix
 from .lstsq import sketched_lstsq
 from .sketch import SRHT, CountSketch, GaussianSketch, TensorSketch
+from .halfspace import HalfspaceIndex
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,6 @@ __all__ = [
     "SRHT",
     "TensorSketch",
     "sketched_lstsq",
+    "HalfspaceIndex",
     "openmp_enabled",
 ]

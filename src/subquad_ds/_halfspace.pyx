@@ -1,0 +1,1991 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+# distutils: language = c++
+"""Exact, dynamic half-space reporting core (private; see halfspace.py).
+
+Design
+======
+Answer ``{p : <p, w> >= b}`` exactly for a dynamic set of points.  Two ideas
+beat a brute-force scan, which is memory-bound (or, once the data fit in
+cache, bound by the multiply-adds):
+
+1. **Pruning with ball trees.**  For a ball with centre ``c`` and radius
+   ``r``, every point ``p`` in it satisfies
+   ``<c,w> - r||w|| <= <p,w> <= <c,w> + r||w||``.  A subtree whose upper
+   bound is below ``b`` is skipped; one whose lower bound is at least ``b``
+   is reported whole, without a single inner product (``query_count`` even
+   reads only the node's live count).  This pays on clustered data.
+2. **Reading fewer bytes.**  Each point also has an 8-bit code ``q_p`` with
+   a per-point float32 scale ``s_p`` (``q_p = round(p / s_p)`` in
+   [-127, 127], ``s_p = max|p| / 127``).  A query is quantised to int8
+   (``w = t q_w + e_w``, ``|q_w| <= qmax``: 127, or 63 on the AVX2 kernel
+   whose ``vpmaddubsw`` saturates beyond that) and ``<q_p, q_w>`` is computed
+   *exactly* in int32 (d <= 16384; beyond, screening is off).  Since
+   ``<p,w> = s_p t <q_p,q_w> + s_p <q_p, e_w> + <e_p, w>`` with
+   ``e_p = p - s_p q_p``, Cauchy-Schwarz gives the per-point bound
+   ``|<p,w> - s_p t <q_p,q_w>| <= a_p ||e_w|| + c_p ||w||`` with
+   ``a_p = s_p ||q_p||`` and ``c_p = ||e_p||`` stored per point (float32,
+   rounded up).  A point is accepted if ``approx - bound >= b``, rejected if
+   ``approx + bound < b``, and otherwise verified by an exact dot product.
+   Leaves are screened through the codes: d bytes plus 12 per point instead
+   of 4d (float32) or 8d (float64).
+
+Semantics and rounding (why the answer is exact)
+------------------------------------------------
+The reported set is ``{p : score(p, w) >= b}`` (ties at ``b`` included),
+where ``score`` is the inner product of the stored values accumulated in
+float64 (float32 inputs are widened exactly, so every product is exact for
+float32).  Any float64 summation order of a d-term dot product differs from
+the real value by at most ``gamma_d * sum_j |p_j w_j|``,
+``gamma_d = d u / (1 - d u)``, ``u = 2**-53``.  Every bound (tree and
+screening) is widened by ``GAM * ||p|| ||w||`` with ``GAM = 16 (d + 8) u``
+(a generous multiple of ``gamma_d``), by a relative ``1e-9`` for the rounding
+of the bound arithmetic itself, and by an absolute ``1e-290`` for underflow;
+stored radii, norms and per-point constants are rounded *up*.  Hence a
+point accepted by a bound has ``score >= b`` for *every* summation order,
+and a rejected one has ``score < b``; only points whose value is within the
+band are decided by the one verification kernel, so the result does not
+depend on which path (subtree report, screen, verification) a point took.
+Widening a bound only ever sends more points to verification, never changes
+an answer.  Non-finite bound arithmetic (overflow for huge inputs, NaN
+marking a tombstone) fails both comparisons and falls through to
+verification.
+
+The screening decision is evaluated in float32 when the query's constants
+``t``, ``A``, ``C`` lie in (1e-30, 1e30) and ``|b| < 1e30`` (otherwise in
+float64, as above).  In float32 each of the few operations, and the
+int32 -> float32 conversion of the dot, errs by at most ``2**-24`` relative,
+so a relative widening of ``1e-6`` covers them all; ``1e-37`` absolute covers
+underflow; ``A`` and ``C`` are rounded up, and ``b`` is rounded outwards
+(up for accepting, down for rejecting).  The tests pin all of this on
+adversarial inputs: scores one grid step (2**-20 or 2**-40 relative) away
+from ``b`` on both sides and exactly on it, at scales 2**-90 .. 2**90, for
+every kernel.
+
+Storage and invariants
+======================
+Points live in *slots* ``0 .. n_slots-1`` of growable arrays (``X`` in the
+working dtype; ``scale``/``ea``/``ec`` float32; ``ids`` intp;  ``codes``
+u8).  ``ids[s] == -1`` marks a tombstone, whose ``ea`` is NaN.  ``id2slot``
+(C++ hash map) maps every live id to its slot; ``ids[id2slot[i]] == i``.
+Codes are stored as ``q + 128`` in blocks of 16 slots: the codes of slot s
+for features 4g..4g+3 are the 4 bytes at ``(s/16)*16*dpad + 64 g + 4 (s%16)``
+(``dpad`` = d rounded up to a multiple of 4, padding codes are q = 0), so one
+64-byte load and one ``vpdpbusd`` (AVX-512 VNNI) or two ``vpmaddubsw``
+(AVX2) advance 16 points by 4 features with no horizontal sums.  The kernel
+is chosen at run time (portable C++ otherwise); all give identical dots.
+
+Slots are partitioned into contiguous *segments* ``[seg_start, seg_end)``,
+each with its own ball tree (logarithmic method, Bentley-Saxe).  Tree nodes
+are stored in DFS preorder: the left child of node i is i + 1, the right
+child is ``node_right[i]`` (-1 for a leaf); node i covers the slot range
+``[node_start[i], node_end[i])``.  A node of more than ``leaf_size`` points
+is split along the direction between two far-apart points, at the cut
+minimising the within-side sum of squares of the projections (1-D 2-means)
+inside the middle half of the range: on clustered data cuts fall between
+clusters, and the depth stays O(log n).  The slots of a segment are
+permuted into tree order at build, so a leaf is a contiguous run and
+adjacent leaves are screened in one pass.  Per node: centre (float32; the
+radius is measured from the stored float32 centre, so rounding it costs
+nothing), radius (an upper bound on ``||p - c||`` for every slot in range,
+live or dead, kept valid under updates), ``||c||`` and the live count
+``node_alive``.  The node arrays of the segments are allocated like a
+stack: segment k's nodes follow segment k-1's, and only the tail is ever
+rebuilt.
+
+Updates and amortised costs (n live points, d features, L = leaf_size)
+-----------------------------------------------------------------------
+- ``remove``: tombstone + hash-map erase + decrement ``node_alive`` on the
+  root-to-leaf path: O(depth).  When tombstones exceed a quarter of the
+  slots, everything is compacted and rebuilt as one segment: O(n d log n)
+  every n/4 removals, i.e. O(d log n) amortised.
+- ``add`` of m points: encode (O(m d)).  While the last segment is a single
+  leaf with room, the points join it (its radius grows; O(m d), no build).
+  Otherwise the new points become a segment, built together with the
+  segments it absorbs under the merge rule "merge the last two segments
+  while the second last is smaller than twice the last" (tombstones in the
+  merged tail are compacted away).  Segment sizes at least double towards
+  the front: O(log n) segments, and each point takes part in O(log n)
+  builds, i.e. O(d log^2 n) amortised per point.  Slot arrays grow in place
+  by 1/16 (realloc, no copy), so growth is O(d) amortised with no spike.
+- ``update``: overwrite the slot and its code, and grow the radius of each
+  ancestor to cover the new value: O(d depth).  When a segment has absorbed
+  more updates than half its size, the tail from that segment is rebuilt
+  (later segments are smaller, so O(s d log s) for a segment of s slots,
+  amortised O(d log s) per update).
+- Build of s points: O(s d log s) expected (a projection pass and a sort of
+  the projections per node, then centroid and radius per node).  For
+  s >= 16384 the top levels are built first, the subtrees of at most
+  s / (4 threads) points below them in parallel (OpenMP), and the pieces are
+  spliced back in preorder; the tree is identical to the sequential one.
+
+Queries
+-------
+Per query: O(d) preparation (quantisation, norms); then a depth-first walk
+of each segment's tree.  Worst case (no pruning) O(n d) one-byte integer
+multiply-adds plus O(d) per verified point; on clustered data only the
+leaves straddling the hyperplane are screened, and subtrees inside it are
+reported in O(1) per point.  Batches run one query per OpenMP thread
+iteration with the GIL released; each query fills its own result vectors,
+which are concatenated into CSR in query order (deterministic output for
+any thread count).  Sparse (CSR) queries are densified per thread in O(d +
+nnz).  ``search`` (exact top-k, ties broken by smaller id) walks the trees
+best-child-first with a bounded heap, pruning nodes and points by their
+upper bounds.
+
+Thread-safety: queries only read; mutations (add/remove/update/rebuild) must
+not run concurrently with anything else (the public class documents this).
+"""
+
+import numpy as np
+cimport numpy as cnp
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.math cimport sqrt, fabs, nearbyint, nextafterf, INFINITY, HUGE_VAL, NAN
+from libc.stdint cimport int8_t, uint8_t, int16_t, int32_t, int64_t, uint64_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy, memset
+from libcpp.vector cimport vector
+from libcpp.unordered_map cimport unordered_map
+
+cnp.import_array()
+
+ctypedef Py_ssize_t intp_t
+
+cdef extern from *:
+    """
+    #include <algorithm>
+    #include <cstdint>
+    #include <cstring>
+
+    /* The scan kernels are compiled twice (AVX2 and baseline) and picked at
+       load time; their helpers are force-inlined into each clone. */
+    #if defined(__GNUC__) && defined(__x86_64__) && !defined(__INTEL_COMPILER) && defined(__linux__)
+    #define SQD_CLONES __attribute__((target_clones("avx2", "default")))
+    #define SQD_INLINE inline __attribute__((always_inline))
+    #else
+    #define SQD_CLONES
+    #define SQD_INLINE inline
+    #endif
+
+    #if defined(_OPENMP)
+    #include <omp.h>
+    #else
+    static int omp_get_max_threads(void) { return 1; }
+    #endif
+
+    /* ---- integer screening dots over the blocked code layout ----------
+       Codes are stored as u8 = q + 128 (q in [-127, 127]) in blocks of 16
+       slots: the 4 codes of slot s for features 4g..4g+3 sit at byte
+       (s / 16) * 16 * dpad + g * 64 + (s % 16) * 4 (dpad = d rounded up to a
+       multiple of 4, padding codes are 128, i.e. q = 0).  One 64-byte load
+       then feeds 16 slots x 4 features, with no horizontal sums.  The query
+       is an int8 code qw (|qw| <= qmax, zero padded); the exact dot is
+       <u, qw> - 128 * sum(qw).  Every path is exact in int32 for
+       d <= 16384 (|<u, qw>| <= 255 * 127 * 16384 < 2^31). */
+    #if defined(__GNUC__) && defined(__x86_64__)
+    #define SQD_X86 1
+    #include <immintrin.h>
+    #else
+    #define SQD_X86 0
+    #endif
+
+    static void sqd_block_dots_generic(const uint8_t* codes, Py_ssize_t nblk,
+                                       Py_ssize_t dpad, const int8_t* qw, int32_t* out) {
+        for (Py_ssize_t k = 0; k < nblk; ++k) {
+            const uint8_t* blk = codes + k * 16 * dpad;
+            int32_t acc[16] = {0};
+            for (Py_ssize_t g = 0; g < dpad / 4; ++g)
+                for (int r = 0; r < 16; ++r)
+                    for (int t = 0; t < 4; ++t)
+                        acc[r] += (int32_t)blk[g * 64 + r * 4 + t] * (int32_t)qw[4 * g + t];
+            for (int r = 0; r < 16; ++r) out[k * 16 + r] = acc[r];
+        }
+    }
+
+    #if SQD_X86
+    /* AVX2: u8 x s8 pairs with vpmaddubsw (no saturation since
+       2 * 255 * 63 < 2^15: qmax is 63 on this path), widened by vpmaddwd. */
+    __attribute__((target("avx2")))
+    static void sqd_block_dots_avx2(const uint8_t* codes, Py_ssize_t nblk,
+                                    Py_ssize_t dpad, const int8_t* qw, int32_t* out) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        const Py_ssize_t ng = dpad / 4;
+        for (Py_ssize_t k = 0; k < nblk; ++k) {
+            const uint8_t* blk = codes + k * 16 * dpad;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+            for (Py_ssize_t g = 0; g < ng; ++g) {
+                int32_t q4;
+                std::memcpy(&q4, qw + 4 * g, 4);
+                __m256i q = _mm256_set1_epi32(q4);
+                __m256i v0 = _mm256_loadu_si256((const __m256i*)(blk + g * 64));
+                __m256i v1 = _mm256_loadu_si256((const __m256i*)(blk + g * 64 + 32));
+                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(v0, q), ones));
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(v1, q), ones));
+            }
+            _mm256_storeu_si256((__m256i*)(out + k * 16), a0);
+            _mm256_storeu_si256((__m256i*)(out + k * 16 + 8), a1);
+        }
+    }
+
+    /* AVX-512 VNNI: one vpdpbusd per 16 slots x 4 features. */
+    __attribute__((target("avx512f,avx512bw,avx512vnni")))
+    static void sqd_block_dots_vnni(const uint8_t* codes, Py_ssize_t nblk,
+                                    Py_ssize_t dpad, const int8_t* qw, int32_t* out) {
+        const Py_ssize_t ng = dpad / 4;
+        for (Py_ssize_t k = 0; k < nblk; ++k) {
+            const uint8_t* blk = codes + k * 16 * dpad;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+            Py_ssize_t g = 0;
+            for (; g + 2 <= ng; g += 2) {
+                int32_t q0, q1;
+                std::memcpy(&q0, qw + 4 * g, 4);
+                std::memcpy(&q1, qw + 4 * g + 4, 4);
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(blk + g * 64),
+                                         _mm512_set1_epi32(q0));
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(blk + g * 64 + 64),
+                                         _mm512_set1_epi32(q1));
+            }
+            if (g < ng) {
+                int32_t q0;
+                std::memcpy(&q0, qw + 4 * g, 4);
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(blk + g * 64),
+                                         _mm512_set1_epi32(q0));
+            }
+            _mm512_storeu_si512(out + k * 16, _mm512_add_epi32(a0, a1));
+        }
+    }
+    #endif
+
+    /* 2: AVX-512 VNNI, 1: AVX2, 0: portable; capped by sqd_isa_cap (tests
+       use the cap to exercise every kernel on one machine). */
+    static int sqd_isa_cap = 2;
+    static int sqd_isa_detected(void) {
+    #if SQD_X86
+        static const int isa =
+            (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+             && __builtin_cpu_supports("avx512vnni")) ? 2
+            : (__builtin_cpu_supports("avx2") ? 1 : 0);
+        return isa;
+    #else
+        return 0;
+    #endif
+    }
+    static int sqd_isa(void) {
+        int isa = sqd_isa_detected();
+        return isa < sqd_isa_cap ? isa : sqd_isa_cap;
+    }
+
+    /* Largest |qw| the active kernel accepts exactly. */
+    static int sqd_qmax(void) { return sqd_isa() == 1 ? 63 : 127; }
+
+    static void sqd_block_dots(const uint8_t* codes, Py_ssize_t nblk, Py_ssize_t dpad,
+                               const int8_t* qw, int32_t* out) {
+    #if SQD_X86
+        int isa = sqd_isa();
+        if (isa == 2) { sqd_block_dots_vnni(codes, nblk, dpad, qw, out); return; }
+        if (isa == 1) { sqd_block_dots_avx2(codes, nblk, dpad, qw, out); return; }
+    #endif
+        sqd_block_dots_generic(codes, nblk, dpad, qw, out);
+    }
+
+    /* Exact integer dots <q_s, qw> for slots [s0, s1), s1 - s0 <= 256,
+       into out[s - s0]. */
+    static void sqd_range_dots(const uint8_t* codes, Py_ssize_t dpad, Py_ssize_t s0,
+                               Py_ssize_t s1, const int8_t* qw, int32_t sumq128,
+                               int32_t* out) {
+        int32_t buf[17 * 16];
+        Py_ssize_t b0 = s0 >> 4, b1 = ((s1 - 1) >> 4) + 1;
+        sqd_block_dots(codes + b0 * 16 * dpad, b1 - b0, dpad, qw, buf);
+        const int32_t* src = buf + (s0 - b0 * 16);
+        for (Py_ssize_t i = 0; i < s1 - s0; ++i) out[i] = src[i] - sumq128;
+    }
+
+    /* float32 variant of sqd_classify, twice as wide per vector.  Used only
+       when the query's constants are safely inside the float32 range (see
+       _prepare_query); every rounding (at most a few ulps of 2^-24 relative
+       on each quantity, including the int32 -> float32 conversion) is covered
+       by rel = 1e-6, underflow by tiny, and b is rounded outwards (b_up for
+       accepting, b_dn for rejecting). */
+    __attribute__((target_clones("avx512f", "avx2", "default")))
+    static void sqd_classify_f32(const int32_t* dots, Py_ssize_t n, const float* scale,
+                                 const float* ea, const float* ec, float t, float A,
+                                 float C, float b_up, float b_dn, float rel, float tiny,
+                                 unsigned char* flag) {
+        const float one_rel = 1.0f + rel;
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            float approx = (scale[i] * t) * (float)dots[i];
+            float m = (ea[i] * A + ec[i] * C) * one_rel
+                      + rel * (approx < 0 ? -approx : approx) + tiny;
+            unsigned char acc = (approx - m >= b_up) ? 2 : 0;
+            unsigned char rej = (approx + m < b_dn) ? 1 : 0;
+            flag[i] = acc | (unsigned char)(1 - rej - (acc >> 1));
+        }
+    }
+
+    /* Prefetch the rows about to be verified (turns a latency-bound loop of
+       scattered row reads into a bandwidth-bound one). */
+    static inline void sqd_prefetch_rows(const char* rows, Py_ssize_t row_bytes,
+                                         Py_ssize_t s0, const int32_t* pos, Py_ssize_t n) {
+    #if defined(__GNUC__)
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            const char* r = rows + (s0 + pos[i]) * row_bytes;
+            for (Py_ssize_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(r + o);
+        }
+    #endif
+    }
+
+    static inline void sqd_prefetch_row(const char* row, Py_ssize_t row_bytes) {
+    #if defined(__GNUC__)
+        for (Py_ssize_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(row + o);
+    #endif
+    }
+
+    /* Positions of the accepted (flag 2) and undecided (flag 1) points of a
+       chunk, branch-free; runs of eight rejected points are skipped. */
+    static void sqd_split_flags(const unsigned char* flag, Py_ssize_t n, int32_t* acc,
+                                Py_ssize_t* n_acc, int32_t* ver, Py_ssize_t* n_ver) {
+        Py_ssize_t a = 0, v = 0, i = 0;
+        for (; i + 8 <= n; i += 8) {
+            uint64_t word;
+            std::memcpy(&word, flag + i, 8);
+            if (word == 0) continue;
+            for (Py_ssize_t k = i; k < i + 8; ++k) {
+                unsigned char f = flag[k];
+                acc[a] = (int32_t)k; a += (f == 2);
+                ver[v] = (int32_t)k; v += (f == 1);
+            }
+        }
+        for (; i < n; ++i) {
+            unsigned char f = flag[i];
+            acc[a] = (int32_t)i; a += (f == 2);
+            ver[v] = (int32_t)i; v += (f == 1);
+        }
+        *n_acc = a;
+        *n_ver = v;
+    }
+
+    /* Classify n points from their integer dots: flag 2 = surely
+       score >= b, 0 = surely score < b, 1 = undecided (verify; also every
+       tombstone, whose ea is NaN).  Branch-free so that it vectorises. */
+    SQD_CLONES
+    static void sqd_classify(const int32_t* dots, Py_ssize_t n, const float* scale,
+                             const float* ea, const float* ec, double t, double A,
+                             double C, double b, double rel, double tiny,
+                             unsigned char* flag) {
+        const double one_rel = 1.0 + rel;
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            double approx = ((double)scale[i] * t) * (double)dots[i];
+            double m = ((double)ea[i] * A + (double)ec[i] * C) * one_rel
+                       + rel * (approx < 0 ? -approx : approx) + tiny;
+            unsigned char acc = (approx - m >= b) ? 2 : 0;
+            unsigned char rej = (approx + m < b) ? 1 : 0;
+            /* accept -> 2, reject -> 0, neither (or NaN) -> 1 */
+            flag[i] = acc | (unsigned char)(1 - rej - (acc >> 1));
+        }
+    }
+
+    /* Dot products accumulated in float64 with eight independent partial
+       sums (vectorisable without -ffast-math); any summation order obeys
+       the gamma_d bound of the design notes. */
+    template <typename T>
+    static SQD_INLINE double sqd_dot_impl(const T* a, const double* b, Py_ssize_t d) {
+        double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        Py_ssize_t j = 0;
+        for (; j + 8 <= d; j += 8)
+            for (int k = 0; k < 8; ++k) s[k] += (double)a[j + k] * b[j + k];
+        for (; j < d; ++j) s[0] += (double)a[j] * b[j];
+        return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    }
+    SQD_CLONES
+    static double sqd_xdot(const float* a, const double* b, Py_ssize_t d) {
+        return sqd_dot_impl<float>(a, b, d);
+    }
+    SQD_CLONES
+    static double sqd_xdot(const double* a, const double* b, Py_ssize_t d) {
+        return sqd_dot_impl<double>(a, b, d);
+    }
+
+    /* Tree builder.  Node ranges are positions in perm; nodes are stored in
+       DFS preorder, so the left child of node i is i + 1 and the right child
+       is rights[i] (-1 for a leaf).  A node of more than leaf_size points is
+       split along the direction between two far-apart points (the farthest
+       point from its first point, and the farthest from that one), at the
+       cut that minimises the within-side sum of squares of the projections
+       (1-D 2-means), restricted to the middle half so the depth stays
+       O(log n).  On clustered data the cut falls between clusters, so each
+       cluster gets its own small ball. */
+    template <typename T>
+    struct SqdBuilder {
+        const T* X;
+        Py_ssize_t d, leaf_size;
+        Py_ssize_t* perm;
+        std::vector<Py_ssize_t>* starts;
+        std::vector<Py_ssize_t>* ends;
+        std::vector<Py_ssize_t>* rights;
+        std::vector<std::pair<double, Py_ssize_t> > proj;
+        std::vector<double> pre, pre2, u;
+
+        double dist2(Py_ssize_t a, Py_ssize_t b) const {
+            double s = 0;
+            for (Py_ssize_t j = 0; j < d; ++j) {
+                double t = (double)X[a * d + j] - (double)X[b * d + j];
+                s += t * t;
+            }
+            return s;
+        }
+        /* Farthest point from `from` among (a strided sample of at most 512
+           of) the range: only the split direction depends on it. */
+        Py_ssize_t farthest(Py_ssize_t from, Py_ssize_t start, Py_ssize_t end) const {
+            Py_ssize_t best = perm[start];
+            Py_ssize_t step = (end - start + 511) / 512;
+            double bd = -1.0;
+            for (Py_ssize_t k = start; k < end; k += step) {
+                double t = dist2(from, perm[k]);
+                if (t > bd) { bd = t; best = perm[k]; }
+            }
+            return best;
+        }
+        /* Subtrees of at most `cutoff` points (> leaf_size) are not built
+           but recorded in `pending` (their node gets right = -2 - index), so
+           that they can be built in parallel and spliced in afterwards. */
+        Py_ssize_t cutoff = 0;
+        std::vector<std::pair<Py_ssize_t, Py_ssize_t> > pending;
+
+        void build(Py_ssize_t start, Py_ssize_t end) {
+            Py_ssize_t me = (Py_ssize_t)starts->size();
+            starts->push_back(start);
+            ends->push_back(end);
+            rights->push_back(-1);
+            Py_ssize_t m = end - start;
+            if (m <= leaf_size || m < 2) return;
+            if (m <= cutoff) {
+                (*rights)[me] = -2 - (Py_ssize_t)pending.size();
+                pending.push_back(std::make_pair(start, end));
+                return;
+            }
+            Py_ssize_t p1 = farthest(perm[start], start, end);
+            Py_ssize_t p2 = farthest(p1, start, end);
+            Py_ssize_t lo = start + m / 4, hi = end - m / 4;   /* cut in [lo, hi] */
+            if (lo < start + 1) lo = start + 1;
+            if (hi > end - 1) hi = end - 1;
+            Py_ssize_t cut = start + m / 2;
+            if (dist2(p1, p2) > 0) {
+                proj.resize(m);
+                u.resize(d);
+                for (Py_ssize_t j = 0; j < d; ++j)
+                    u[j] = (double)X[p2 * d + j] - (double)X[p1 * d + j];
+                for (Py_ssize_t k = 0; k < m; ++k) {
+                    const Py_ssize_t i = perm[start + k];
+                    const T* x = X + i * d;
+                    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+                    Py_ssize_t j = 0;
+                    for (; j + 4 <= d; j += 4) {
+                        s0 += (double)x[j] * u[j];
+                        s1 += (double)x[j + 1] * u[j + 1];
+                        s2 += (double)x[j + 2] * u[j + 2];
+                        s3 += (double)x[j + 3] * u[j + 3];
+                    }
+                    for (; j < d; ++j) s0 += (double)x[j] * u[j];
+                    proj[k] = std::make_pair((s0 + s1) + (s2 + s3), i);
+                }
+                std::sort(proj.begin(), proj.end());
+                for (Py_ssize_t k = 0; k < m; ++k) perm[start + k] = proj[k].second;
+                pre.assign(m + 1, 0.0);
+                pre2.assign(m + 1, 0.0);
+                double shift = proj[m / 2].first;   /* centre for stable sums */
+                for (Py_ssize_t k = 0; k < m; ++k) {
+                    double v = proj[k].first - shift;
+                    pre[k + 1] = pre[k] + v;
+                    pre2[k + 1] = pre2[k] + v * v;
+                }
+                double best = -1.0;
+                for (Py_ssize_t c = lo; c <= hi; ++c) {
+                    Py_ssize_t nl = c - start, nr = end - c;
+                    double sl = pre[nl], sr = pre[m] - pre[nl];
+                    double sse = (pre2[nl] - sl * sl / nl) + (pre2[m] - pre2[nl] - sr * sr / nr);
+                    if (best < 0 || sse < best) { best = sse; cut = c; }
+                }
+            }
+            build(start, cut);
+            (*rights)[me] = (Py_ssize_t)starts->size();
+            build(cut, end);
+        }
+    };
+    struct SqdNodes {
+        std::vector<Py_ssize_t> starts, ends, rights;
+    };
+
+    /* Append node i of the top tree (and its subtree) to out in preorder,
+       replacing each pending node by its separately built subtree. */
+    static void sqd_splice(const SqdNodes& top, Py_ssize_t i, const std::vector<SqdNodes>& subs,
+                           std::vector<Py_ssize_t>& starts, std::vector<Py_ssize_t>& ends,
+                           std::vector<Py_ssize_t>& rights) {
+        Py_ssize_t r = top.rights[i];
+        if (r <= -2) {
+            const SqdNodes& sub = subs[-2 - r];
+            Py_ssize_t base = (Py_ssize_t)starts.size();
+            for (size_t j = 0; j < sub.starts.size(); ++j) {
+                starts.push_back(sub.starts[j]);
+                ends.push_back(sub.ends[j]);
+                rights.push_back(sub.rights[j] >= 0 ? sub.rights[j] + base : -1);
+            }
+            return;
+        }
+        Py_ssize_t me = (Py_ssize_t)starts.size();
+        starts.push_back(top.starts[i]);
+        ends.push_back(top.ends[i]);
+        rights.push_back(-1);
+        if (r == -1) return;
+        sqd_splice(top, i + 1, subs, starts, ends, rights);
+        rights[me] = (Py_ssize_t)starts.size();
+        sqd_splice(top, r, subs, starts, ends, rights);
+    }
+
+    /* Build the tree of n points; large inputs build the top levels first,
+       then the subtrees below them in parallel (OpenMP), then splice. */
+    template <typename T>
+    static void sqd_build_tree_impl(const T* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
+                                    Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
+                                    std::vector<Py_ssize_t>& ends,
+                                    std::vector<Py_ssize_t>& rights, int n_threads) {
+        if (n_threads <= 1 || n < 16384) {
+            SqdBuilder<T> b{X, d, leaf_size, perm, &starts, &ends, &rights, {}, {}, {}};
+            b.build(0, n);
+            return;
+        }
+        SqdNodes top;
+        SqdBuilder<T> b{X, d, leaf_size, perm, &top.starts, &top.ends, &top.rights, {}, {}, {}};
+        Py_ssize_t cutoff = n / (4 * (Py_ssize_t)n_threads);
+        b.cutoff = cutoff > leaf_size ? cutoff : leaf_size + 1;
+        b.build(0, n);
+        std::vector<SqdNodes> subs(b.pending.size());
+        int failed = 0;
+        #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
+        for (Py_ssize_t k = 0; k < (Py_ssize_t)b.pending.size(); ++k) {
+            try {
+                SqdBuilder<T> sb{X, d, leaf_size, perm, &subs[k].starts, &subs[k].ends,
+                                 &subs[k].rights, {}, {}, {}};
+                sb.build(b.pending[k].first, b.pending[k].second);
+            } catch (...) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+        }
+        if (failed) throw std::bad_alloc();
+        sqd_splice(top, 0, subs, starts, ends, rights);
+    }
+    static void sqd_build_tree(const float* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
+                               Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
+                               std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights,
+                               int n_threads) {
+        sqd_build_tree_impl<float>(X, d, perm, n, leaf_size, starts, ends, rights, n_threads);
+    }
+    static void sqd_build_tree(const double* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
+                               Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
+                               std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights,
+                               int n_threads) {
+        sqd_build_tree_impl<double>(X, d, perm, n, leaf_size, starts, ends, rights, n_threads);
+    }
+
+    """
+    int sqd_isa() noexcept nogil
+    void sqd_prefetch_rows(const char* rows, intp_t row_bytes, intp_t s0,
+                           const int32_t* pos, intp_t n) noexcept nogil
+    void sqd_prefetch_row(const char* row, intp_t row_bytes) noexcept nogil
+    void sqd_split_flags(const unsigned char* flag, intp_t n, int32_t* acc,
+                         intp_t* n_acc, int32_t* ver, intp_t* n_ver) noexcept nogil
+    int sqd_isa_detected() noexcept nogil
+    int sqd_isa_cap
+    int sqd_qmax() noexcept nogil
+    void sqd_range_dots(const uint8_t* codes, intp_t dpad, intp_t s0, intp_t s1,
+                        const int8_t* qw, int32_t sumq128, int32_t* out) noexcept nogil
+    void sqd_classify_f32(const int32_t* dots, intp_t n, const float* scale,
+                          const float* ea, const float* ec, float t, float A,
+                          float C, float b_up, float b_dn, float rel, float tiny,
+                          unsigned char* flag) noexcept nogil
+    void sqd_classify(const int32_t* dots, intp_t n, const float* scale,
+                      const float* ea, const float* ec, double t, double A,
+                      double C, double b, double rel, double tiny,
+                      unsigned char* flag) noexcept nogil
+    double sqd_xdot(const float* a, const double* b, intp_t d) noexcept nogil
+    double sqd_xdot(const double* a, const double* b, intp_t d) noexcept nogil
+    int omp_get_max_threads() noexcept nogil
+    void sqd_build_tree(const float* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
+                        vector[intp_t]& starts, vector[intp_t]& ends,
+                        vector[intp_t]& rights, int n_threads) except + nogil
+    void sqd_build_tree(const double* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
+                        vector[intp_t]& starts, vector[intp_t]& ends,
+                        vector[intp_t]& rights, int n_threads) except + nogil
+
+
+cdef double U64 = 1.1102230246251565e-16   # 2**-53
+cdef double REL = 1e-9                      # relative widening of bound arithmetic
+cdef double TINY = 1e-290                   # absolute widening (underflow)
+cdef double INFL = 1.0 + 1e-10              # rounding-up factor for stored norms
+cdef intp_t CHUNK = 256                     # leaf scan chunk (dots buffer size)
+cdef intp_t MAX_SCREEN_D = 16384            # integer dots are exact up to this d
+cdef intp_t MAX_DEPTH = 128
+cdef intp_t PREFETCH_AHEAD = 6              # rows in flight while verifying
+
+# Modes of the query kernel.
+cdef enum:
+    MODE_COUNT = 0
+    MODE_IDS = 1
+    MODE_SCORES = 2
+
+
+cdef struct CoreView:
+    # A snapshot of raw pointers into the core's arrays, valid while no
+    # mutation runs; lets nogil kernels read the structure.
+    const void* X
+    const uint8_t* codes    # blocked u8 codes (see sqd_range_dots)
+    const float* scale
+    const float* ea
+    const float* ec
+    const intp_t* ids
+    const intp_t* node_start
+    const intp_t* node_end
+    const intp_t* node_right   # right child (local index), -1 for a leaf; left is +1
+    const intp_t* node_alive
+    const float* node_center
+    const double* node_radius
+    const double* node_cnorm
+    const intp_t* seg_node0
+    const intp_t* seg_n_nodes
+    intp_t n_segs
+    intp_t d
+    intp_t dpad
+    double gam
+
+
+cdef struct QueryBuf:
+    # Per-thread scratch space for one query.
+    double* w          # the query in float64 (d)
+    int8_t* qw         # its int8 code, zero padded (dpad)
+    int32_t sumq128    # 128 * sum(qw): removes the +128 offset of the codes
+    int32_t* dots      # integer dots of one leaf chunk (CHUNK)
+    unsigned char* flag  # screening decisions of one chunk (CHUNK)
+    int32_t* pos         # positions of accepted, then undecided points (2 CHUNK)
+    intp_t* stack      # DFS stack of node indices (MAX_DEPTH)
+    double t           # query scale
+    double wnorm       # upper bound on ||w||
+    double A           # multiplier of a_p in the screening bound
+    double C           # multiplier of c_p in the screening bound
+    bint use_f32       # classify in float32 (constants safely in range)
+    float t32, A32, C32   # float32 copies (A32, C32 rounded up)
+    # work counters of the last query (cheap; read by query_stats)
+    intp_t n_nodes
+    intp_t n_screened
+    intp_t n_verified
+    intp_t n_bulk
+    # top-k heap (search)
+    double* hscore
+    intp_t* hid
+    intp_t hsize
+    intp_t k
+
+
+cdef inline float _round_up_f32(double x) noexcept nogil:
+    """Smallest float32 >= x; inf if x overflows float32."""
+    cdef float f = <float>x
+    if <double>f < x:
+        f = nextafterf(f, INFINITY)
+    return f
+
+
+cdef inline float _round_down_f32(double x) noexcept nogil:
+    """Largest float32 <= x."""
+    cdef float f = <float>x
+    if <double>f > x:
+        f = nextafterf(f, -INFINITY)
+    return f
+
+
+cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes,
+                        intp_t slot, float* scale, float* ea, float* ec) noexcept nogil:
+    """Code, scale and error constants of one slot (see the design notes).
+
+    The codes are written into the blocked layout at ``slot``.
+    """
+    cdef intp_t j
+    cdef double maxabs = 0.0, v, s, e, qn2 = 0.0, en2 = 0.0
+    cdef float s32
+    cdef int qv
+    cdef uint8_t* base = codes + (slot >> 4) * 16 * dpad + (slot & 15) * 4
+    for j in range(d):
+        v = fabs(<double>p[j])
+        if v > maxabs:
+            maxabs = v
+    s = maxabs / 127.0
+    s32 = <float>s
+    for j in range(dpad):
+        base[(j >> 2) * 64 + (j & 3)] = 128          # q = 0
+    if maxabs == 0.0:
+        scale[0] = 0.0
+        ea[0] = 0.0
+        ec[0] = 0.0
+        return
+    if not (s32 >= 1.1754943508222875e-38 and s32 < 3.0e38) or d > MAX_SCREEN_D:
+        # Scale not a normal float32 (tiny or huge float64 data), or d too
+        # large for exact int32 dots: no screening, the infinite bound sends
+        # the point to exact verification.
+        scale[0] = 0.0
+        ea[0] = INFINITY
+        ec[0] = INFINITY
+        return
+    for j in range(d):
+        qv = <int>nearbyint(<double>p[j] / <double>s32)
+        if qv > 127:
+            qv = 127
+        elif qv < -127:
+            qv = -127
+        base[(j >> 2) * 64 + (j & 3)] = <uint8_t>(qv + 128)
+        # s32 * qv is exact in float64 (24 + 7 bits); the subtraction rounds
+        # once, relative to |e|.
+        e = <double>p[j] - <double>s32 * <double>qv
+        qn2 += <double>(qv * qv)
+        en2 += e * e
+    scale[0] = s32
+    ea[0] = _round_up_f32(<double>s32 * sqrt(qn2) * INFL)
+    ec[0] = _round_up_f32(sqrt(en2) * INFL + d * TINY)
+
+
+cdef void _prepare_query(QueryBuf* qb, intp_t d, intp_t dpad, double gam) noexcept nogil:
+    """Quantise qb.w to int8 and set the bound multipliers A and C."""
+    cdef intp_t j
+    cdef double maxabs = 0.0, v, w2 = 0.0, e2 = 0.0, e, t, wnorm, enorm
+    cdef long qv, sumq = 0
+    cdef int qmax = sqd_qmax()
+    for j in range(dpad):
+        qb.qw[j] = 0
+    for j in range(d):
+        v = fabs(qb.w[j])
+        w2 += qb.w[j] * qb.w[j]
+        if v > maxabs:
+            maxabs = v
+    t = maxabs / qmax
+    wnorm = sqrt(w2) * INFL + d * TINY
+    if t == 0.0 or not (t > 1e-300) or d > MAX_SCREEN_D:
+        # zero (or denormal-scale) query: no integer screening information
+        for j in range(d):
+            qb.qw[j] = 0
+        t = 0.0
+        enorm = wnorm
+    else:
+        for j in range(d):
+            qv = <long>nearbyint(qb.w[j] / t)
+            if qv > qmax:
+                qv = qmax
+            elif qv < -qmax:
+                qv = -qmax
+            qb.qw[j] = <int8_t>qv
+            sumq += qv
+            e = qb.w[j] - t * <double>qv
+            e2 += e * e
+        enorm = sqrt(e2) * INFL + 4.0 * U64 * wnorm + d * TINY
+    qb.t = t
+    qb.sumq128 = <int32_t>(128 * sumq)
+    qb.wnorm = wnorm
+    qb.A = enorm + gam * wnorm
+    qb.C = wnorm * INFL + gam * wnorm
+    # float32 classification is safe when every per-query constant is a
+    # normal float32 far from overflow (per-point products then stay finite
+    # or become inf/NaN, which means "verify").
+    qb.use_f32 = (1e-30 < t < 1e30 and 1e-30 < qb.A < 1e30 and qb.C < 1e30)
+    qb.t32 = <float>t
+    qb.A32 = _round_up_f32(qb.A)
+    qb.C32 = _round_up_f32(qb.C)
+
+
+cdef inline void _node_bounds(const CoreView* v, intp_t node, const QueryBuf* qb,
+                              double* lo, double* hi) noexcept nogil:
+    """Rigorous bounds on score(p, w) over the node's ball."""
+    cdef double cw = sqd_xdot(v.node_center + node * v.d, qb.w, v.d)
+    cdef double r = v.node_radius[node]
+    cdef double half = r * qb.wnorm
+    cdef double slack = v.gam * (v.node_cnorm[node] + r) * qb.wnorm * 2.0
+    half = (half + slack) * (1.0 + REL) + REL * fabs(cw) + TINY
+    lo[0] = cw - half
+    hi[0] = cw + half
+
+
+# ---------------------------------------------------------------------------
+# top-k heap: a min-heap on (score, -id), i.e. the root is the worst kept hit
+# (lowest score; among equal scores the largest id).
+
+cdef inline bint _worse(double s1, intp_t i1, double s2, intp_t i2) noexcept nogil:
+    return s1 < s2 or (s1 == s2 and i1 > i2)
+
+
+cdef void _heap_push(QueryBuf* qb, double s, intp_t i) noexcept nogil:
+    """Offer (s, i) to the bounded heap."""
+    cdef intp_t pos, child, n
+    cdef double* hs = qb.hscore
+    cdef intp_t* hi = qb.hid
+    if qb.hsize < qb.k:
+        pos = qb.hsize
+        qb.hsize += 1
+        while pos > 0:
+            child = (pos - 1) // 2   # parent
+            if _worse(s, i, hs[child], hi[child]):
+                hs[pos] = hs[child]
+                hi[pos] = hi[child]
+                pos = child
+            else:
+                break
+        hs[pos] = s
+        hi[pos] = i
+        return
+    if not _worse(hs[0], hi[0], s, i):
+        return
+    n = qb.hsize
+    pos = 0
+    while True:
+        child = 2 * pos + 1
+        if child >= n:
+            break
+        if child + 1 < n and _worse(hs[child + 1], hi[child + 1], hs[child], hi[child]):
+            child += 1
+        if _worse(hs[child], hi[child], s, i):
+            hs[pos] = hs[child]
+            hi[pos] = hi[child]
+            pos = child
+        else:
+            break
+    hs[pos] = s
+    hi[pos] = i
+
+
+cdef inline bint _heap_prunes(const QueryBuf* qb, double upper) noexcept nogil:
+    """True if nothing with score <= upper can enter the full heap."""
+    return qb.hsize == qb.k and upper < qb.hscore[0]
+
+
+# ---------------------------------------------------------------------------
+# query kernels
+
+cdef inline void _chunk_dots(const CoreView* v, QueryBuf* qb, intp_t s0,
+                             intp_t s1) noexcept nogil:
+    """Exact integer dots of slots [s0, s1) (at most CHUNK) into qb.dots."""
+    if qb.t == 0.0:
+        memset(qb.dots, 0, (s1 - s0) * sizeof(int32_t))
+    else:
+        sqd_range_dots(v.codes, v.dpad, s0, s1, qb.qw, qb.sumq128, qb.dots)
+
+
+cdef inline void _classify_chunk(const CoreView* v, QueryBuf* qb, intp_t s, intp_t n,
+                                 const int32_t* dots, double b) noexcept nogil:
+    """Screening flags of slots [s, s + n) from their integer dots, into qb.flag."""
+    if qb.use_f32 and fabs(b) < 1e30:
+        sqd_classify_f32(dots, n, v.scale + s, v.ea + s, v.ec + s, qb.t32, qb.A32,
+                         qb.C32, _round_up_f32(b), _round_down_f32(b), 1e-6, 1e-37,
+                         qb.flag)
+    else:
+        sqd_classify(dots, n, v.scale + s, v.ea + s, v.ec + s, qb.t, qb.A, qb.C, b,
+                     REL, TINY, qb.flag)
+
+
+cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
+                        intp_t start, intp_t end, double b, int mode,
+                        vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
+    """Screen slots [start, end) through their codes; verify the band."""
+    cdef intp_t d = v.d, s0, s1, s, cnt = 0, sid, n_acc, n_ver, i
+    cdef size_t old
+    cdef intp_t* dst
+    cdef double score
+    cdef unsigned char* flag = qb.flag
+    s0 = start
+    while s0 < end:
+        s1 = s0 + CHUNK
+        if s1 > end:
+            s1 = end
+        _chunk_dots(v, qb, s0, s1)
+        qb.n_screened += s1 - s0
+        _classify_chunk(v, qb, s0, s1 - s0, qb.dots, b)
+        sqd_split_flags(flag, s1 - s0, qb.pos, &n_acc, qb.pos + CHUNK, &n_ver)
+        # accepted: surely in the half-space (never a tombstone: NaN ea)
+        if mode != MODE_COUNT and n_acc > 0:
+            old = out_ids.size()
+            out_ids.resize(old + n_acc)
+            dst = out_ids.data() + old
+            for i in range(n_acc):
+                dst[i] = v.ids[s0 + qb.pos[i]]
+            if mode == MODE_SCORES:
+                sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s0, qb.pos, n_acc)
+                for i in range(n_acc):
+                    out_sc.push_back(sqd_xdot(X + (s0 + qb.pos[i]) * d, qb.w, d))
+        cnt += n_acc
+        # undecided: verify exactly (rows prefetched PREFETCH_AHEAD ahead)
+        for i in range(min(n_ver, PREFETCH_AHEAD)):
+            sqd_prefetch_row(<const char*>(X + (s0 + qb.pos[CHUNK + i]) * d),
+                             d * sizeof(floating))
+        for i in range(n_ver):
+            if i + PREFETCH_AHEAD < n_ver:
+                sqd_prefetch_row(
+                    <const char*>(X + (s0 + qb.pos[CHUNK + i + PREFETCH_AHEAD]) * d),
+                    d * sizeof(floating))
+            s = s0 + qb.pos[CHUNK + i]
+            sid = v.ids[s]
+            if sid < 0:
+                continue
+            qb.n_verified += 1
+            score = sqd_xdot(X + s * d, qb.w, d)
+            if score >= b:
+                if mode == MODE_SCORES:
+                    out_sc.push_back(score)
+                if mode != MODE_COUNT:
+                    out_ids.push_back(sid)
+                cnt += 1
+        s0 = s1
+    return cnt
+
+
+cdef intp_t _report_range(const CoreView* v, const floating* X, QueryBuf* qb,
+                          intp_t start, intp_t end, int mode,
+                          vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
+    """Report every live slot of [start, end) (its node is inside the half-space)."""
+    cdef intp_t s, sid, cnt = 0
+    for s in range(start, end):
+        sid = v.ids[s]
+        if sid < 0:
+            continue
+        if mode == MODE_SCORES:
+            out_sc.push_back(sqd_xdot(X + s * v.d, qb.w, v.d))
+        out_ids.push_back(sid)
+        cnt += 1
+    return cnt
+
+
+cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, double b,
+                       int mode, vector[intp_t]* out_ids,
+                       vector[double]* out_sc) noexcept nogil:
+    """Report (or count) the points with score >= b; qb.w must be set."""
+    cdef intp_t seg, node0, n_nodes, node, top, cnt = 0
+    cdef intp_t pend_start = 0, pend_end = 0     # pending run of leaves to screen
+    cdef double lo, hi
+    _prepare_query(qb, v.d, v.dpad, v.gam)
+    qb.n_nodes = qb.n_screened = qb.n_verified = qb.n_bulk = 0
+    for seg in range(v.n_segs):
+        node0 = v.seg_node0[seg]
+        n_nodes = v.seg_n_nodes[seg]
+        qb.stack[0] = 0
+        top = 1
+        while top > 0:
+            top -= 1
+            node = node0 + qb.stack[top]
+            if v.node_alive[node] == 0:
+                continue
+            _node_bounds(v, node, qb, &lo, &hi)
+            qb.n_nodes += 1
+            if hi < b:
+                continue
+            if lo >= b:
+                qb.n_bulk += v.node_alive[node]
+                if mode == MODE_COUNT:
+                    cnt += v.node_alive[node]
+                else:
+                    cnt += _report_range(v, X, qb, v.node_start[node], v.node_end[node],
+                                         mode, out_ids, out_sc)
+                continue
+            if v.node_right[node] < 0:
+                # Leaves come in slot order: runs of adjacent leaves are
+                # screened in one pass (long chunks vectorise better).
+                if v.node_start[node] != pend_end:
+                    if pend_end > pend_start:
+                        cnt += _scan_range(v, X, qb, pend_start, pend_end, b, mode,
+                                           out_ids, out_sc)
+                    pend_start = v.node_start[node]
+                pend_end = v.node_end[node]
+                continue
+            qb.stack[top + 1] = qb.stack[top] + 1           # left child, visited first
+            qb.stack[top] = v.node_right[node]
+            top += 2
+        if pend_end > pend_start:
+            cnt += _scan_range(v, X, qb, pend_start, pend_end, b, mode, out_ids, out_sc)
+        pend_start = pend_end = 0
+    return cnt
+
+
+cdef void _search_range(const CoreView* v, const floating* X, QueryBuf* qb,
+                        intp_t start, intp_t end) noexcept nogil:
+    """Offer the live slots of [start, end) to the top-k heap, screening them
+    against its current k-th score."""
+    cdef intp_t s, s0, s1, sid, i, n_acc, n_ver, d = v.d
+    s0 = start
+    while s0 < end:
+        s1 = s0 + CHUNK
+        if s1 > end:
+            s1 = end
+        _chunk_dots(v, qb, s0, s1)
+        s = s0
+        while s < s1 and qb.hsize < qb.k:      # fill the heap
+            sid = v.ids[s]
+            if sid >= 0:
+                _heap_push(qb, sqd_xdot(X + s * d, qb.w, d), sid)
+            s += 1
+        if s < s1:
+            # only points whose upper bound reaches the k-th score can enter
+            _classify_chunk(v, qb, s, s1 - s, qb.dots + (s - s0), qb.hscore[0])
+            sqd_split_flags(qb.flag, s1 - s, qb.pos, &n_acc, qb.pos + CHUNK, &n_ver)
+            for i in range(n_ver):
+                qb.pos[n_acc + i] = qb.pos[CHUNK + i]
+            sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s, qb.pos,
+                              n_acc + n_ver)
+            for i in range(n_acc + n_ver):
+                sid = v.ids[s + qb.pos[i]]
+                if sid >= 0:
+                    _heap_push(qb, sqd_xdot(X + (s + qb.pos[i]) * d, qb.w, d), sid)
+        s0 = s1
+
+
+cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexcept nogil:
+    """Exact top-k by inner product into qb's heap; qb.w and qb.k must be set."""
+    cdef intp_t seg, node0, n_nodes, node, local, top, c, r
+    cdef intp_t pend_start = 0, pend_end = 0
+    cdef intp_t d = v.d
+    cdef double lo, hi, lo_l, hi_l, lo_r, hi_r
+    cdef double* stack_hi = <double*>(qb.stack + MAX_DEPTH)
+    _prepare_query(qb, d, v.dpad, v.gam)
+    qb.hsize = 0
+    if qb.k == 0:
+        return
+    for seg in range(v.n_segs):
+        node0 = v.seg_node0[seg]
+        n_nodes = v.seg_n_nodes[seg]
+        if v.node_alive[node0] == 0:
+            continue
+        _node_bounds(v, node0, qb, &lo, &hi)
+        qb.stack[0] = 0
+        stack_hi[0] = hi
+        top = 1
+        while top > 0:
+            top -= 1
+            local = qb.stack[top]
+            node = node0 + local
+            if _heap_prunes(qb, stack_hi[top]):
+                continue
+            if v.node_right[node] < 0:
+                # adjacent leaves are screened in one run (as in _query_one)
+                if v.node_start[node] == pend_end:
+                    pend_end = v.node_end[node]
+                elif v.node_end[node] == pend_start:
+                    pend_start = v.node_start[node]
+                else:
+                    if pend_end > pend_start:
+                        _search_range(v, X, qb, pend_start, pend_end)
+                    pend_start = v.node_start[node]
+                    pend_end = v.node_end[node]
+                continue
+            # push the children, the more promising one last (visited first)
+            c = local + 1                      # left child
+            r = v.node_right[node]             # right child
+            lo_l = hi_l = lo_r = hi_r = -HUGE_VAL
+            if v.node_alive[node0 + c] > 0:
+                _node_bounds(v, node0 + c, qb, &lo_l, &hi_l)
+            if v.node_alive[node0 + r] > 0:
+                _node_bounds(v, node0 + r, qb, &lo_r, &hi_r)
+            if hi_l >= hi_r:
+                if v.node_alive[node0 + r] > 0:
+                    qb.stack[top] = r
+                    stack_hi[top] = hi_r
+                    top += 1
+                if v.node_alive[node0 + c] > 0:
+                    qb.stack[top] = c
+                    stack_hi[top] = hi_l
+                    top += 1
+            else:
+                if v.node_alive[node0 + c] > 0:
+                    qb.stack[top] = c
+                    stack_hi[top] = hi_l
+                    top += 1
+                if v.node_alive[node0 + r] > 0:
+                    qb.stack[top] = r
+                    stack_hi[top] = hi_r
+                    top += 1
+        if pend_end > pend_start:
+            _search_range(v, X, qb, pend_start, pend_end)
+        pend_start = pend_end = 0
+
+
+cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
+    """Allocate a per-thread query buffer (NULL on failure)."""
+    cdef QueryBuf* qb = <QueryBuf*>malloc(sizeof(QueryBuf))
+    if qb == NULL:
+        return NULL
+    qb.w = <double*>malloc((d + 1) * sizeof(double))
+    qb.qw = <int8_t*>malloc((d + 4) * sizeof(int8_t))
+    qb.dots = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.flag = <unsigned char*>malloc(CHUNK + 8)
+    qb.pos = <int32_t*>malloc(2 * CHUNK * sizeof(int32_t))
+    # the stack holds MAX_DEPTH node indices, then MAX_DEPTH doubles (search)
+    qb.stack = <intp_t*>malloc(MAX_DEPTH * (sizeof(intp_t) + sizeof(double)))
+    qb.hscore = <double*>malloc((k + 1) * sizeof(double))
+    qb.hid = <intp_t*>malloc((k + 1) * sizeof(intp_t))
+    qb.k = k
+    qb.hsize = 0
+    if (qb.w == NULL or qb.qw == NULL or qb.dots == NULL or qb.flag == NULL
+            or qb.pos == NULL
+            or qb.stack == NULL
+            or qb.hscore == NULL or qb.hid == NULL):
+        _free_qbuf(qb)
+        return NULL
+    return qb
+
+
+cdef void _free_qbuf(QueryBuf* qb) noexcept nogil:
+    if qb == NULL:
+        return
+    free(qb.w)
+    free(qb.qw)
+    free(qb.dots)
+    free(qb.flag)
+    free(qb.pos)
+    free(qb.stack)
+    free(qb.hscore)
+    free(qb.hid)
+    free(qb)
+
+
+cdef void _load_query(QueryBuf* qb, intp_t q, intp_t d, const floating* W,
+                      const intp_t* indptr, const intp_t* indices) noexcept nogil:
+    """Densify query q (dense row, or CSR row when indptr != NULL) into qb.w."""
+    cdef intp_t j
+    if indptr == NULL:
+        for j in range(d):
+            qb.w[j] = <double>W[q * d + j]
+    else:
+        for j in range(d):
+            qb.w[j] = 0.0
+        for j in range(indptr[q], indptr[q + 1]):
+            qb.w[indices[j]] += <double>W[j]
+
+
+cdef int _batch_query(const CoreView* v, const floating* X, const floating* W,
+                      const intp_t* indptr, const intp_t* indices, intp_t n_queries,
+                      const double* b, int mode, int n_threads, intp_t* counts,
+                      vector[intp_t]* res_ids, vector[double]* res_sc) except -1 nogil:
+    """Run n_queries queries across OpenMP threads; results per query."""
+    cdef intp_t q
+    cdef QueryBuf* qb
+    cdef int failed = 0
+    cdef int* failed_ptr = &failed      # written through a pointer: shared
+    with parallel(num_threads=n_threads):
+        qb = _alloc_qbuf(v.d, 0)
+        if qb == NULL:
+            failed_ptr[0] = 1
+        else:
+            for q in prange(n_queries, schedule="dynamic"):
+                _load_query(qb, q, v.d, W, indptr, indices)
+                counts[q] = _query_one(v, X, qb, b[q], mode, &res_ids[q], &res_sc[q])
+            _free_qbuf(qb)
+    if failed:
+        with gil:
+            raise MemoryError()
+    return 0
+
+
+cdef int _batch_search(const CoreView* v, const floating* X, const floating* W,
+                       const intp_t* indptr, const intp_t* indices, intp_t n_queries,
+                       intp_t k, int n_threads, double* out_s,
+                       intp_t* out_i) except -1 nogil:
+    """Exact top-k per query, sorted by decreasing score then increasing id."""
+    cdef intp_t q, j, n
+    cdef QueryBuf* qb
+    cdef int failed = 0
+    cdef int* failed_ptr = &failed      # written through a pointer: shared
+    cdef double s
+    cdef intp_t i
+    with parallel(num_threads=n_threads):
+        qb = _alloc_qbuf(v.d, k)
+        if qb == NULL:
+            failed_ptr[0] = 1
+        else:
+            for q in prange(n_queries, schedule="dynamic"):
+                _load_query(qb, q, v.d, W, indptr, indices)
+                _search_one(v, X, qb)
+                # heap-sort out: pop the worst into the last free position
+                n = qb.hsize
+                for j in range(k):
+                    out_s[q * k + j] = -HUGE_VAL
+                    out_i[q * k + j] = -1
+                while n > 0:
+                    # the root is the worst kept hit: it goes last
+                    s = qb.hscore[0]
+                    i = qb.hid[0]
+                    out_s[q * k + n - 1] = s
+                    out_i[q * k + n - 1] = i
+                    n = n - 1
+                    _heap_drop_root(qb, n)
+                qb.k = k
+            _free_qbuf(qb)
+    if failed:
+        with gil:
+            raise MemoryError()
+    return 0
+
+
+cdef void _heap_drop_root(QueryBuf* qb, intp_t n) noexcept nogil:
+    """Drop the root of a heap of n+1 entries, leaving a valid heap of n."""
+    cdef double s = qb.hscore[n]
+    cdef intp_t i = qb.hid[n]
+    cdef intp_t pos = 0, child
+    cdef double* hs = qb.hscore
+    cdef intp_t* hi = qb.hid
+    qb.hsize = n
+    qb.k = n
+    if n == 0:
+        return
+    while True:
+        child = 2 * pos + 1
+        if child >= n:
+            break
+        if child + 1 < n and _worse(hs[child + 1], hi[child + 1], hs[child], hi[child]):
+            child += 1
+        if _worse(hs[child], hi[child], s, i):
+            hs[pos] = hs[child]
+            hi[pos] = hi[child]
+            pos = child
+        else:
+            break
+    hs[pos] = s
+    hi[pos] = i
+
+
+# ---------------------------------------------------------------------------
+# tree construction
+
+cdef void _node_stats(const floating* X, const intp_t* ids, intp_t d, intp_t start,
+                      intp_t end, float* center, double* radius, double* cnorm,
+                      intp_t* alive, double* buf) noexcept nogil:
+    """Centroid of [start, end) rounded to float32 (any centre is valid: the
+    radius is measured from the stored one), and an upper bound on the
+    distance of every slot to it."""
+    cdef intp_t s, j, n = end - start, n_alive = 0
+    cdef double r2 = 0.0, dist2, diff, c2 = 0.0
+    for j in range(d):
+        buf[j] = 0.0
+    for s in range(start, end):
+        if ids[s] >= 0:
+            n_alive += 1
+        for j in range(d):
+            buf[j] += <double>X[s * d + j]
+    for j in range(d):
+        center[j] = <float>(buf[j] / n) if n > 0 else 0.0
+    for s in range(start, end):
+        dist2 = 0.0
+        for j in range(d):
+            diff = <double>X[s * d + j] - <double>center[j]
+            dist2 += diff * diff
+        if dist2 > r2:
+            r2 = dist2
+    for j in range(d):
+        c2 += <double>center[j] * <double>center[j]
+    radius[0] = sqrt(r2) * INFL + d * TINY
+    cnorm[0] = sqrt(c2) * INFL
+    alive[0] = n_alive
+
+
+_ISA_NAMES = ("portable", "avx2", "avx512-vnni")
+
+
+def screening_kernel():
+    """Name of the integer screening kernel in use on this CPU."""
+    return _ISA_NAMES[sqd_isa()]
+
+
+def _cap_screening_kernel(int level):
+    """Cap the kernel level (0 portable, 1 AVX2, 2 VNNI); returns the old cap.
+
+    For tests only: not thread-safe, and must not change while queries run.
+    """
+    global sqd_isa_cap
+    old = sqd_isa_cap
+    sqd_isa_cap = level
+    return old
+
+
+def _grow(old, intp_t new_cap, intp_t used):
+    """A larger copy of a capacity array, keeping its first ``used`` rows."""
+    new = np.empty((new_cap,) + old.shape[1:], dtype=old.dtype)
+    new[:used] = old[:used]
+    return new
+
+
+cdef class _HalfspaceCore:
+    """Storage, segments and trees of a HalfspaceIndex (one dtype per instance)."""
+
+    cdef readonly intp_t d
+    cdef readonly intp_t dpad
+    cdef readonly intp_t leaf_size
+    cdef readonly object dtype
+    cdef readonly intp_t n_slots
+    cdef readonly intp_t n_alive
+    cdef readonly intp_t next_id
+    cdef readonly intp_t n_rebuilds
+    cdef bint is32
+    cdef double gam
+    # slot arrays (capacity rows)
+    cdef object _X
+    cdef object _codes
+    cdef object _scale
+    cdef object _ea
+    cdef object _ec
+    cdef object _ids
+    # node arrays (capacity nodes)
+    cdef object _node_start
+    cdef object _node_end
+    cdef object _node_right
+    cdef object _node_alive
+    cdef object _node_center
+    cdef object _node_radius
+    cdef object _node_cnorm
+    cdef intp_t n_nodes_used
+    cdef vector[intp_t] seg_start
+    cdef vector[intp_t] seg_end
+    cdef vector[intp_t] seg_node0
+    cdef vector[intp_t] seg_n_nodes
+    cdef vector[intp_t] seg_stale
+    cdef unordered_map[intp_t, intp_t] id2slot
+
+    def __init__(self, intp_t d, intp_t leaf_size, dtype):
+        self.d = d
+        self.dpad = (d + 3) // 4 * 4
+        self.leaf_size = leaf_size
+        self.dtype = np.dtype(dtype)
+        self.is32 = self.dtype == np.float32
+        self.gam = 16.0 * (d + 8) * U64
+        self.n_slots = 0
+        self.n_alive = 0
+        self.next_id = 0
+        self.n_rebuilds = 0
+        self.n_nodes_used = 0
+        self._X = np.empty((0, d), dtype=self.dtype)
+        self._codes = np.empty(0, dtype=np.uint8)
+        self._scale = np.empty(0, dtype=np.float32)
+        self._ea = np.empty(0, dtype=np.float32)
+        self._ec = np.empty(0, dtype=np.float32)
+        self._ids = np.empty(0, dtype=np.intp)
+        self._node_start = np.empty(0, dtype=np.intp)
+        self._node_end = np.empty(0, dtype=np.intp)
+        self._node_right = np.empty(0, dtype=np.intp)
+        self._node_alive = np.empty(0, dtype=np.intp)
+        self._node_center = np.empty((0, d), dtype=np.float32)
+        self._node_radius = np.empty(0, dtype=np.float64)
+        self._node_cnorm = np.empty(0, dtype=np.float64)
+
+    # -- bookkeeping --------------------------------------------------------
+
+    cdef CoreView _view(self):
+        cdef CoreView v
+        v.X = cnp.PyArray_DATA(<cnp.ndarray>self._X)
+        v.codes = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>self._codes)
+        v.scale = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._scale)
+        v.ea = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._ea)
+        v.ec = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._ec)
+        v.ids = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._ids)
+        v.node_start = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_start)
+        v.node_end = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_end)
+        v.node_right = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_right)
+        v.node_alive = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_alive)
+        v.node_center = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._node_center)
+        v.node_radius = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self._node_radius)
+        v.node_cnorm = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self._node_cnorm)
+        v.seg_node0 = self.seg_node0.data()
+        v.seg_n_nodes = self.seg_n_nodes.data()
+        v.n_segs = <intp_t>self.seg_start.size()
+        v.d = self.d
+        v.dpad = self.dpad
+        v.gam = self.gam
+        return v
+
+    cdef _reserve_slots(self, intp_t n):
+        cdef intp_t cap = self._ids.shape[0], new_cap, used = self.n_slots
+        if n <= cap:
+            return
+        # Grow by 1/16 (at least 1024 slots), in place: realloc moves large
+        # blocks by remapping pages (no O(n) copy), and numpy zero-fills only
+        # the new part, so a growth step costs O(d cap / 16) and every add
+        # pays O(d) amortised, without the latency spike of a doubling.
+        # The arrays are private and no view of them outlives a method call.
+        new_cap = (max(n, cap + max(cap // 16, 1024)) + 15) // 16 * 16
+        self._X.resize((new_cap, self.d), refcheck=False)
+        self._codes.resize(new_cap * self.dpad, refcheck=False)
+        self._scale.resize(new_cap, refcheck=False)
+        self._ea.resize(new_cap, refcheck=False)
+        self._ec.resize(new_cap, refcheck=False)
+        self._ids.resize(new_cap, refcheck=False)
+
+    cdef _reserve_nodes(self, intp_t n):
+        cdef intp_t cap = self._node_start.shape[0], new_cap, used = self.n_nodes_used
+        if n <= cap:
+            return
+        new_cap = max(n, 2 * cap, 16)
+        self._node_start = _grow(self._node_start, new_cap, used)
+        self._node_end = _grow(self._node_end, new_cap, used)
+        self._node_right = _grow(self._node_right, new_cap, used)
+        self._node_alive = _grow(self._node_alive, new_cap, used)
+        self._node_center = _grow(self._node_center, new_cap, used)
+        self._node_radius = _grow(self._node_radius, new_cap, used)
+        self._node_cnorm = _grow(self._node_cnorm, new_cap, used)
+
+    def has_ids(self, const intp_t[::1] ids):
+        """Boolean mask: which ids are live."""
+        out = np.empty(ids.shape[0], dtype=bool)
+        cdef unsigned char[::1] o = out.view(np.uint8)
+        cdef intp_t i
+        for i in range(ids.shape[0]):
+            o[i] = self.id2slot.count(ids[i]) > 0
+        return out
+
+    def first_missing(self, const intp_t[::1] ids):
+        """Position of the first id that is not live, or -1."""
+        cdef intp_t i
+        for i in range(ids.shape[0]):
+            if self.id2slot.count(ids[i]) == 0:
+                return i
+        return -1
+
+    def first_present(self, const intp_t[::1] ids):
+        """Position of the first id that is live, or -1."""
+        cdef intp_t i
+        for i in range(ids.shape[0]):
+            if self.id2slot.count(ids[i]) > 0:
+                return i
+        return -1
+
+    def slots_of(self, const intp_t[::1] ids):
+        """Slots of live ids (the caller checked they are live)."""
+        out = np.empty(ids.shape[0], dtype=np.intp)
+        cdef intp_t[::1] o = out
+        cdef intp_t i
+        for i in range(ids.shape[0]):
+            o[i] = self.id2slot[ids[i]]
+        return out
+
+    def get(self, const intp_t[::1] ids):
+        """Rows of live ids (checked by the caller), as a new array."""
+        return self._X[self.slots_of(ids)]
+
+    def live_ids(self):
+        """Live ids in slot order."""
+        ids = self._ids[:self.n_slots]
+        return ids[ids >= 0].copy()
+
+    def live_points(self):
+        """Live rows in slot order (a copy)."""
+        ids = self._ids[:self.n_slots]
+        return self._X[:self.n_slots][ids >= 0].copy()
+
+    def set_next_id(self, intp_t next_id):
+        self.next_id = max(self.next_id, next_id)
+
+    @property
+    def n_segments(self):
+        return <intp_t>self.seg_start.size()
+
+    @property
+    def segment_sizes(self):
+        return [self.seg_end[k] - self.seg_start[k] for k in range(self.seg_start.size())]
+
+    # -- building -----------------------------------------------------------
+
+    cdef _encode_range(self, intp_t start, intp_t end):
+        """(Re)compute the codes and error constants of slots [start, end)."""
+        cdef CoreView v = self._view()
+        cdef intp_t s, d = self.d, dpad = self.dpad
+        with nogil:
+            for s in range(start, end):
+                if self.is32:
+                    _encode_point(<const float*>v.X + s * d, d, dpad, <uint8_t*>v.codes, s,
+                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s)
+                else:
+                    _encode_point(<const double*>v.X + s * d, d, dpad, <uint8_t*>v.codes, s,
+                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s)
+                if v.ids[s] < 0:
+                    (<float*>v.ea)[s] = NAN    # tombstones always go to "verify"
+
+    cdef _compact_from(self, intp_t start):
+        """Move the live slots of [start, n_slots) down over the tombstones."""
+        cdef intp_t s
+        cdef intp_t[::1] ids
+        cdef intp_t n = self.n_slots
+        keep = np.flatnonzero(self._ids[start:n] >= 0) + start
+        if keep.shape[0] == n - start:
+            return
+        m = keep.shape[0]
+        self._X[start:start + m] = self._X[keep]
+        self._ids[start:start + m] = self._ids[keep]
+        ids = self._ids
+        for s in range(start, start + m):
+            self.id2slot[ids[s]] = s
+        self.n_slots = start + m
+        self._encode_range(start, start + m)
+
+    cdef _build_segment(self, intp_t k):
+        """(Re)build segment k's tree and permute its slots into tree order."""
+        cdef intp_t start = self.seg_start[k], end = self.seg_end[k]
+        cdef intp_t n = end - start, n_nodes, node0 = self.seg_node0[k]
+        cdef intp_t d = self.d, i, s
+        cdef int n_threads
+        cdef int alloc_failed = 0
+        cdef int* alloc_failed_ptr = &alloc_failed
+        perm = np.arange(n, dtype=np.intp)
+        cdef intp_t[::1] p = perm
+        cdef vector[intp_t] starts, ends, rights
+        cdef CoreView v = self._view()
+        cdef int build_threads = 1 if n < 16384 else omp_get_max_threads()
+        with nogil:
+            if self.is32:
+                sqd_build_tree(<const float*>v.X + start * d, d, &p[0], n, self.leaf_size,
+                               starts, ends, rights, build_threads)
+            else:
+                sqd_build_tree(<const double*>v.X + start * d, d, &p[0], n, self.leaf_size,
+                               starts, ends, rights, build_threads)
+        n_nodes = <intp_t>starts.size()
+        # only the last segment is ever (re)built, so its nodes may grow
+        self._reserve_nodes(node0 + n_nodes)
+        perm += start
+        self._X[start:end] = self._X[perm]
+        self._ids[start:end] = self._ids[perm]
+        self._encode_range(start, end)
+        cdef intp_t[::1] ids = self._ids
+        for s in range(start, end):
+            if ids[s] >= 0:
+                self.id2slot[ids[s]] = s
+        cdef intp_t[::1] ns = self._node_start
+        cdef intp_t[::1] ne = self._node_end
+        cdef intp_t[::1] na = self._node_alive
+        cdef float[:, ::1] nc = self._node_center
+        cdef double[::1] nr = self._node_radius
+        cdef double[::1] nn = self._node_cnorm
+        cdef intp_t[::1] nright = self._node_right
+        for i in range(n_nodes):
+            ns[node0 + i] = start + starts[i]
+            ne[node0 + i] = start + ends[i]
+            nright[node0 + i] = rights[i]
+        v = self._view()
+        n_threads = 1 if n < 8192 else omp_get_max_threads()
+        cdef double* buf
+        with nogil, parallel(num_threads=n_threads):
+            buf = <double*>malloc(d * sizeof(double))
+            if buf != NULL:
+                for i in prange(n_nodes, schedule="dynamic"):
+                    if self.is32:
+                        _node_stats(<const float*>v.X, v.ids, d, ns[node0 + i],
+                                    ne[node0 + i], &nc[node0 + i, 0], &nr[node0 + i],
+                                    &nn[node0 + i], &na[node0 + i], buf)
+                    else:
+                        _node_stats(<const double*>v.X, v.ids, d, ns[node0 + i],
+                                    ne[node0 + i], &nc[node0 + i, 0], &nr[node0 + i],
+                                    &nn[node0 + i], &na[node0 + i], buf)
+                free(buf)
+            else:
+                alloc_failed_ptr[0] = 1
+        if alloc_failed:
+            raise MemoryError()
+        self.seg_n_nodes[k] = n_nodes
+        self.seg_stale[k] = 0
+        self.n_nodes_used = self.seg_node0.back() + self.seg_n_nodes.back()
+        self.n_rebuilds += 1
+
+    cdef _push_segment(self, intp_t start, intp_t end):
+        cdef intp_t node0 = 0
+        if self.seg_start.size() > 0:
+            node0 = self.seg_node0.back() + self.seg_n_nodes.back()
+        self.seg_start.push_back(start)
+        self.seg_end.push_back(end)
+        self.seg_node0.push_back(node0)
+        self.seg_n_nodes.push_back(0)
+        self.seg_stale.push_back(0)
+        self._build_segment(<intp_t>self.seg_start.size() - 1)
+
+    cdef _pop_segment(self):
+        self.seg_start.pop_back()
+        self.seg_end.pop_back()
+        self.seg_node0.pop_back()
+        self.seg_n_nodes.pop_back()
+        self.seg_stale.pop_back()
+
+    cdef _rebuild_tail(self, intp_t first_seg):
+        """Merge segments first_seg.. into one, dropping their tombstones."""
+        cdef intp_t start = self.seg_start[first_seg]
+        while <intp_t>self.seg_start.size() > first_seg:
+            self._pop_segment()
+        self.n_nodes_used = 0 if first_seg == 0 else (
+            self.seg_node0.back() + self.seg_n_nodes.back())
+        self._compact_from(start)
+        if self.n_slots > start:
+            self._push_segment(start, self.n_slots)
+
+    def rebuild(self):
+        """Compact all tombstones and rebuild a single tree."""
+        if self.seg_start.size() == 0:
+            self.n_slots = 0
+            return
+        self._rebuild_tail(0)
+
+    cdef _merge_tail(self):
+        cdef intp_t k
+        while self.seg_start.size() >= 2:
+            k = <intp_t>self.seg_start.size()
+            if (self.seg_end[k - 2] - self.seg_start[k - 2]
+                    < 2 * (self.seg_end[k - 1] - self.seg_start[k - 1])):
+                self._rebuild_tail(k - 2)
+            else:
+                break
+
+    # -- mutation -----------------------------------------------------------
+
+    def add(self, X, const intp_t[::1] ids):
+        """Append rows X (validated, dtype, C order) with new, distinct ids."""
+        cdef intp_t m = ids.shape[0], start = self.n_slots, i
+        if m == 0:
+            return
+        self._reserve_slots(start + m)
+        self._X[start:start + m] = X
+        self._ids[start:start + m] = ids
+        self.n_slots = start + m
+        self._encode_range(start, start + m)
+        for i in range(m):
+            self.id2slot[ids[i]] = start + i
+            if ids[i] >= self.next_id:
+                self.next_id = ids[i] + 1
+        self.n_alive += m
+        cdef intp_t k = <intp_t>self.seg_start.size() - 1
+        cdef intp_t merged = m
+        # A trailing single-leaf segment acts as an insertion buffer of up to
+        # max(leaf_size, min(n / 256, 4096)) slots: screening it costs a few
+        # microseconds per query, and it saves the builds of small segments.
+        cdef intp_t buffer_max = max(self.leaf_size, min(self.n_alive // 256, 4096))
+        if (k >= 0 and self.seg_n_nodes[k] == 1
+                and start + m - self.seg_start[k] <= buffer_max):
+            # Small adds extend the last segment while it is a single leaf:
+            # its ball keeps its centre and grows its radius (O(m d), no
+            # rebuild); a tree is built once it outgrows the buffer.
+            self._extend_leaf(k, start, start + m)
+            self._merge_tail()
+            return
+        # Find the segments the new one would absorb under the merge rule,
+        # and build them together once.
+        while k >= 0 and self.seg_end[k] - self.seg_start[k] < 2 * merged:
+            merged += self.seg_end[k] - self.seg_start[k]
+            k -= 1
+        if k + 1 < <intp_t>self.seg_start.size():
+            self.seg_end[self.seg_start.size() - 1] = start + m
+            self._rebuild_tail(k + 1)
+        else:
+            self._push_segment(start, start + m)
+        self._merge_tail()
+
+    cdef _extend_leaf(self, intp_t k, intp_t start, intp_t end):
+        """Append slots [start, end) to segment k, a single leaf."""
+        # raw pointers: creating typed memoryviews would dominate an O(d) add
+        cdef intp_t node = self.seg_node0[k], s, j, d = self.d
+        cdef double dist2, diff, r
+        cdef CoreView v = self._view()
+        cdef const float* c = v.node_center + node * d
+        cdef double* nr = <double*>v.node_radius
+        for s in range(start, end):
+            dist2 = 0.0
+            for j in range(d):
+                if self.is32:
+                    diff = <double>(<const float*>v.X)[s * d + j] - <double>c[j]
+                else:
+                    diff = (<const double*>v.X)[s * d + j] - <double>c[j]
+                dist2 += diff * diff
+            r = sqrt(dist2) * INFL + d * TINY
+            if r > nr[node]:
+                nr[node] = r
+        (<intp_t*>v.node_end)[node] = end
+        (<intp_t*>v.node_alive)[node] += end - start
+        self.seg_end[k] = end
+
+    cdef intp_t _segment_of(self, intp_t slot):
+        cdef intp_t k
+        for k in range(<intp_t>self.seg_start.size()):
+            if slot < self.seg_end[k]:
+                return k
+        return -1
+
+    def remove(self, const intp_t[::1] ids):
+        """Tombstone live ids (checked by the caller); returns the count."""
+        cdef intp_t i, slot, k, local, n_nodes, node0, mid, m = ids.shape[0]
+        cdef intp_t[::1] sid = self._ids
+        cdef float[::1] ea = self._ea
+        cdef intp_t[::1] na = self._node_alive
+        cdef intp_t[::1] ne = self._node_end
+        cdef intp_t[::1] nright = self._node_right
+        for i in range(m):
+            slot = self.id2slot[ids[i]]
+            self.id2slot.erase(ids[i])
+            sid[slot] = -1
+            ea[slot] = NAN    # tombstones always fall into the "verify" band
+            k = self._segment_of(slot)
+            node0 = self.seg_node0[k]
+            n_nodes = self.seg_n_nodes[k]
+            local = 0
+            while True:
+                na[node0 + local] -= 1
+                if nright[node0 + local] < 0:
+                    break
+                if slot < ne[node0 + local + 1]:
+                    local = local + 1
+                else:
+                    local = nright[node0 + local]
+        self.n_alive -= m
+        if self.n_slots - self.n_alive > max(self.n_slots // 4, 64) or self.n_alive == 0:
+            self.rebuild()
+        return m
+
+    def update(self, const intp_t[::1] ids, X):
+        """Overwrite the rows of live ids (checked by the caller) in place."""
+        cdef intp_t i, slot, k, local, n_nodes, node0, j, m = ids.shape[0], d = self.d
+        cdef double dist2, diff, r
+        cdef float[:, ::1] nc
+        cdef double[::1] nr
+        cdef intp_t[::1] ne
+        cdef intp_t[::1] nright = self._node_right
+        cdef CoreView v
+        slots = self.slots_of(ids)
+        self._X[slots] = X
+        cdef intp_t[::1] sl = slots
+        v = self._view()
+        for i in range(m):
+            slot = sl[i]
+            if self.is32:
+                _encode_point(<const float*>v.X + slot * d, d, self.dpad, <uint8_t*>v.codes,
+                              slot, <float*>v.scale + slot, <float*>v.ea + slot,
+                              <float*>v.ec + slot)
+            else:
+                _encode_point(<const double*>v.X + slot * d, d, self.dpad, <uint8_t*>v.codes,
+                              slot, <float*>v.scale + slot, <float*>v.ea + slot,
+                              <float*>v.ec + slot)
+        nc = self._node_center
+        nr = self._node_radius
+        ne = self._node_end
+        rebuild = set()
+        for i in range(m):
+            slot = sl[i]
+            k = self._segment_of(slot)
+            node0 = self.seg_node0[k]
+            n_nodes = self.seg_n_nodes[k]
+            local = 0
+            while True:
+                dist2 = 0.0
+                for j in range(d):
+                    if self.is32:
+                        diff = (<double>(<const float*>v.X)[slot * d + j]
+                                - <double>nc[node0 + local, j])
+                    else:
+                        diff = ((<const double*>v.X)[slot * d + j]
+                                - <double>nc[node0 + local, j])
+                    dist2 += diff * diff
+                r = sqrt(dist2) * INFL + d * TINY
+                if r > nr[node0 + local]:
+                    nr[node0 + local] = r
+                if nright[node0 + local] < 0:
+                    break
+                if slot < ne[node0 + local + 1]:
+                    local = local + 1
+                else:
+                    local = nright[node0 + local]
+            self.seg_stale[k] += 1
+            if self.seg_stale[k] > max((self.seg_end[k] - self.seg_start[k]) // 2,
+                                       self.leaf_size):
+                rebuild.add(k)
+        if rebuild:
+            # Segments after k are smaller (sizes at least double towards the
+            # front), so rebuilding the tail from k costs O(size of k).
+            self._rebuild_tail(min(rebuild))
+            self._merge_tail()
+
+    # -- queries ------------------------------------------------------------
+
+    def query(self, W, const intp_t[::1] indptr, const intp_t[::1] indices,
+              const double[::1] b, int mode, int n_threads):
+        """Batched half-space query; returns (counts, ids list, scores list) as arrays."""
+        cdef intp_t n_queries = b.shape[0], q, total, off
+        cdef CoreView v = self._view()
+        cdef vector[vector[intp_t]] res_ids
+        cdef vector[vector[double]] res_sc
+        counts = np.zeros(n_queries, dtype=np.intp)
+        cdef intp_t[::1] c = counts
+        cdef const intp_t* ip = NULL
+        cdef const intp_t* ix = NULL
+        cdef cnp.ndarray Wa = W
+        if n_queries == 0:
+            return counts, None, None
+        if indptr is not None:
+            ip = &indptr[0]
+            if indices.shape[0] > 0:
+                ix = &indices[0]
+        res_ids.resize(n_queries)
+        res_sc.resize(n_queries)
+        if n_queries < 4 * n_threads:
+            n_threads = 1
+        with nogil:
+            if self.is32:
+                _batch_query(&v, <const float*>v.X, <const float*>cnp.PyArray_DATA(Wa),
+                             ip, ix, n_queries, &b[0], mode, n_threads, &c[0],
+                             &res_ids[0], &res_sc[0])
+            else:
+                _batch_query(&v, <const double*>v.X, <const double*>cnp.PyArray_DATA(Wa),
+                             ip, ix, n_queries, &b[0], mode, n_threads, &c[0],
+                             &res_ids[0], &res_sc[0])
+        if mode == MODE_COUNT:
+            return counts, None, None
+        indptr_out = np.zeros(n_queries + 1, dtype=np.intp)
+        np.cumsum(counts, out=indptr_out[1:])
+        total = indptr_out[n_queries]
+        ids_out = np.empty(total, dtype=np.intp)
+        cdef intp_t[::1] io = ids_out
+        cdef double[::1] so
+        scores_out = None
+        if mode == MODE_SCORES:
+            scores_out = np.empty(total, dtype=np.float64)
+            so = scores_out
+        off = 0
+        for q in range(n_queries):
+            if res_ids[q].size() > 0:
+                memcpy(&io[off], res_ids[q].data(), res_ids[q].size() * sizeof(intp_t))
+                if mode == MODE_SCORES:
+                    memcpy(&so[off], res_sc[q].data(), res_sc[q].size() * sizeof(double))
+            off += res_ids[q].size()
+        return indptr_out, ids_out, scores_out
+
+    def query_single(self, cnp.ndarray w, double b, int mode):
+        """One dense query on the calling thread (no OpenMP region).
+
+        ``w``: C-contiguous 1-D array of the core's dtype (checked by the
+        caller).  Returns ``(count, ids, scores)``; ids/scores are None for
+        MODE_COUNT, scores None unless MODE_SCORES.
+        """
+        cdef CoreView v = self._view()
+        cdef QueryBuf* qb = _alloc_qbuf(self.d, 0)
+        cdef vector[intp_t] res_ids
+        cdef vector[double] res_sc
+        cdef intp_t cnt, n
+        cdef intp_t[::1] io
+        cdef double[::1] so
+        if qb == NULL:
+            raise MemoryError()
+        with nogil:
+            if self.is32:
+                _load_query(qb, 0, v.d, <const float*>cnp.PyArray_DATA(w), NULL, NULL)
+                cnt = _query_one(&v, <const float*>v.X, qb, b, mode, &res_ids, &res_sc)
+            else:
+                _load_query(qb, 0, v.d, <const double*>cnp.PyArray_DATA(w), NULL, NULL)
+                cnt = _query_one(&v, <const double*>v.X, qb, b, mode, &res_ids, &res_sc)
+            _free_qbuf(qb)
+        if mode == MODE_COUNT:
+            return cnt, None, None
+        n = res_ids.size()
+        ids = np.empty(n, dtype=np.intp)
+        scores = None
+        if n:
+            io = ids
+            memcpy(&io[0], res_ids.data(), n * sizeof(intp_t))
+        if mode == MODE_SCORES:
+            scores = np.empty(n, dtype=np.float64)
+            if n:
+                so = scores
+                memcpy(&so[0], res_sc.data(), n * sizeof(double))
+        return cnt, ids, scores
+
+    def search(self, W, const intp_t[::1] indptr, const intp_t[::1] indices,
+               intp_t n_queries, intp_t k, int n_threads):
+        """Exact top-k inner products; (scores float64, ids) of shape (n_queries, k)."""
+        cdef CoreView v = self._view()
+        scores = np.empty((n_queries, k), dtype=np.float64)
+        ids = np.empty((n_queries, k), dtype=np.intp)
+        cdef double[:, ::1] s = scores
+        cdef intp_t[:, ::1] i = ids
+        cdef const intp_t* ip = NULL
+        cdef const intp_t* ix = NULL
+        cdef cnp.ndarray Wa = W
+        if n_queries == 0 or k == 0:
+            return scores, ids
+        if indptr is not None:
+            ip = &indptr[0]
+            if indices.shape[0] > 0:
+                ix = &indices[0]
+        if n_queries < 4 * n_threads:
+            n_threads = 1
+        with nogil:
+            if self.is32:
+                _batch_search(&v, <const float*>v.X, <const float*>cnp.PyArray_DATA(Wa),
+                              ip, ix, n_queries, k, n_threads, &s[0, 0], &i[0, 0])
+            else:
+                _batch_search(&v, <const double*>v.X, <const double*>cnp.PyArray_DATA(Wa),
+                              ip, ix, n_queries, k, n_threads, &s[0, 0], &i[0, 0])
+        return scores, ids
+
+    # -- introspection ------------------------------------------------------
+
+    def query_stats(self, w, double b):
+        """Work done by one query: nodes bounded, points screened through their
+        codes, points verified exactly, points reported by whole subtrees."""
+        cdef CoreView v = self._view()
+        cdef QueryBuf* qb = _alloc_qbuf(self.d, 0)
+        cdef vector[intp_t] ids
+        cdef vector[double] sc
+        cdef intp_t j, cnt
+        if qb == NULL:
+            raise MemoryError()
+        w = np.asarray(w, dtype=np.float64)
+        for j in range(self.d):
+            qb.w[j] = w[j]
+        if self.is32:
+            cnt = _query_one(&v, <const float*>v.X, qb, b, MODE_COUNT, &ids, &sc)
+        else:
+            cnt = _query_one(&v, <const double*>v.X, qb, b, MODE_COUNT, &ids, &sc)
+        out = {"count": cnt, "nodes": qb.n_nodes, "screened": qb.n_screened,
+               "verified": qb.n_verified, "bulk": qb.n_bulk}
+        _free_qbuf(qb)
+        return out
+
+
+    def check_invariants(self):
+        """Verify every structural invariant; raises AssertionError (tests only)."""
+        cdef intp_t k, i, s, node0, n_nodes, alive
+        ids = self._ids[:self.n_slots]
+        live = ids[ids >= 0]
+        if live.shape[0] != self.n_alive or len(set(live.tolist())) != self.n_alive:
+            raise AssertionError("live ids inconsistent with n_alive")
+        if <intp_t>self.id2slot.size() != self.n_alive:
+            raise AssertionError("id2slot size mismatch")
+        for s in range(self.n_slots):
+            if ids[s] >= 0 and self.id2slot[ids[s]] != s:
+                raise AssertionError("id2slot does not point back")
+        prev_end = 0
+        for k in range(<intp_t>self.seg_start.size()):
+            if self.seg_start[k] != prev_end:
+                raise AssertionError("segments not contiguous")
+            prev_end = self.seg_end[k]
+            node0 = self.seg_node0[k]
+            n_nodes = self.seg_n_nodes[k]
+            if self._node_start[node0] != self.seg_start[k] or \
+                    self._node_end[node0] != self.seg_end[k]:
+                raise AssertionError("root does not cover its segment")
+            for i in range(n_nodes):
+                a, e = self._node_start[node0 + i], self._node_end[node0 + i]
+                r = self._node_right[node0 + i]
+                if r >= 0:
+                    if not (i + 1 < r < n_nodes):
+                        raise AssertionError("bad child index")
+                    if (self._node_start[node0 + i + 1] != a
+                            or self._node_end[node0 + r] != e
+                            or self._node_end[node0 + i + 1] != self._node_start[node0 + r]
+                            or not a < self._node_start[node0 + r] < e):
+                        raise AssertionError("children do not split their parent")
+                alive = int((ids[a:e] >= 0).sum())
+                if alive != self._node_alive[node0 + i]:
+                    raise AssertionError("node_alive wrong")
+                pts = self._X[a:e].astype(np.float64)
+                if e > a:
+                    dist = np.sqrt(((pts - self._node_center[node0 + i]) ** 2).sum(axis=1))
+                    if dist.max() > self._node_radius[node0 + i]:
+                        raise AssertionError("radius does not cover the node")
+        if prev_end != self.n_slots:
+            raise AssertionError("segments do not cover the slots")
+        return True

@@ -1,0 +1,408 @@
+"""HalfspaceIndex against the float64 brute-force oracle."""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from subquad_ds import HalfspaceIndex
+from subquad_ds._halfspace import _cap_screening_kernel, screening_kernel
+
+from _oracles import check_csr_equal, halfspace_bruteforce, topk_bruteforce
+
+
+@pytest.fixture(params=[0, 1, 2], ids=["portable", "avx2", "vnni"])
+def kernel(request):
+    """Run a test with each integer screening kernel this CPU supports."""
+    old = _cap_screening_kernel(request.param)
+    name = screening_kernel()
+    if ("portable", "avx2", "avx512-vnni").index(name) != request.param:
+        _cap_screening_kernel(old)
+        pytest.skip(f"this CPU lacks the kernel (best: {name})")
+    yield name
+    _cap_screening_kernel(old)
+
+
+def _live(index):
+    ids = index.ids
+    return index.get(ids) if ids.size else np.empty((0, index.n_features)), ids
+
+
+def check_against_oracle(index, W, b, *, k=None):
+    """query / query_count / scores / search agree with the oracle."""
+    X, ids = _live(index)
+    ref_ptr, ref_idx, ref_sc = halfspace_bruteforce(X, ids, W, b)
+    indptr, scores, indices = index.query(W, b, return_scores=True)
+    check_csr_equal(indptr, indices, ref_ptr, ref_idx)
+    assert indptr.dtype == np.intp and indices.dtype == np.intp
+    assert scores.dtype == index.dtype
+    # scores travel with their ids
+    for q in range(len(indptr) - 1):
+        sl = slice(indptr[q], indptr[q + 1])
+        order = np.argsort(indices[sl])
+        rtol = 1e-5 if index.dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(scores[sl][order], ref_sc[ref_ptr[q]:ref_ptr[q + 1]],
+                                   rtol=rtol, atol=rtol)
+    np.testing.assert_array_equal(index.query_count(W, b), np.diff(ref_ptr))
+    ptr2, idx2 = index.query(W, b)
+    check_csr_equal(ptr2, idx2, ref_ptr, ref_idx)
+    if k is not None:
+        s, i = index.search(W, k)
+        ref_s, ref_i = topk_bruteforce(X, ids, W, k)
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_allclose(s, ref_s.astype(index.dtype), rtol=1e-5)
+
+
+def _thresholds(X, W, fractions, rng, *, on_scores=False):
+    """Per-query b at the given selectivities (quantiles of the true scores).
+
+    Unless ``on_scores`` (for data with exact arithmetic), b is put midway
+    between two distinct scores: a b equal to an inexact score would make
+    the answer depend on the rounding of the summation order.
+    """
+    S = np.atleast_2d(np.asarray(W, np.float64)) @ np.asarray(X, np.float64).T
+    out = []
+    for q in range(S.shape[0]):
+        if S.shape[1] == 0:
+            out.append(0.0)
+            continue
+        v = np.quantile(S[q], 1 - rng.choice(fractions), method="lower")
+        if not on_scores:
+            above = S[q][S[q] > v]
+            v = (v + above.min()) / 2 if above.size else v + 1.0
+        out.append(v)
+    return np.array(out)
+
+
+def clustered(rng, n, d, n_clusters=8, spread=0.05):
+    centers = rng.normal(size=(n_clusters, d)) * 3
+    return centers[rng.integers(n_clusters, size=n)] + spread * rng.normal(size=(n, d))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "clustered", "duplicates", "integers"])
+@pytest.mark.parametrize("d", [1, 3, 17, 64])
+def test_oracle_random_data(dtype, rng, kind, d, kernel):
+    n = 700
+    if kind == "gaussian":
+        X = rng.normal(size=(n, d))
+    elif kind == "clustered":
+        X = clustered(rng, n, d)
+    elif kind == "duplicates":
+        X = np.repeat(rng.normal(size=(7, d)), n // 7, axis=0)
+    else:
+        X = rng.integers(-3, 4, size=(n, d)).astype(float)
+    X = X.astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=8)
+    W = rng.normal(size=(9, d)).astype(dtype)
+    if kind == "integers":
+        W = rng.integers(-2, 3, size=(9, d)).astype(dtype)
+    b = _thresholds(X, W, [0.001, 0.01, 0.1, 0.5, 0.99], rng, on_scores=kind == "integers")
+    check_against_oracle(index, W, b, k=5)
+
+
+def test_ties_are_reported(dtype):
+    # integer data: every score is exact, so b can sit exactly on scores
+    X = np.array([[1, 2], [2, 1], [3, 0], [0, 3], [1, 2], [-1, 4]], dtype=dtype)
+    index = HalfspaceIndex(X, leaf_size=1)
+    w = np.array([1, 1], dtype=dtype)
+    assert sorted(index.query(w, 3.0)) == [0, 1, 2, 3, 4, 5]
+    assert sorted(index.query(w, np.nextafter(3.0, 4.0))) == []
+    assert index.query_count(w, 3.0) == 6
+    w = np.array([1, 0], dtype=dtype)
+    assert sorted(index.query(w, 1.0)) == [0, 1, 2, 4]
+    assert sorted(index.query(w, np.nextafter(1.0, 2.0))) == [1, 2]
+    assert sorted(index.query(w, np.nextafter(1.0, 0.0))) == [0, 1, 2, 4]
+
+
+@pytest.mark.parametrize("log2_scale", [-90, -20, 0, 30, 90])
+def test_adversarial_near_threshold(dtype, rng, log2_scale, kernel):
+    # Points whose scores differ from b by one unit of a 2**-20 (float32) or
+    # 2**-40 (float64) relative grid, on both sides and exactly on it.  The
+    # values are integers times a power of two, so every score is exact and
+    # the oracle is unambiguous; all of these points sit deep inside the
+    # int8 screening band and must be verified exactly.
+    d = 24
+    bits = 20 if dtype == np.float32 else 40
+    base = rng.integers(2 ** (bits - 2), 2 ** (bits - 1), size=d) * rng.choice([-1, 1], d)
+    w = rng.integers(-31, 32, size=d).astype(np.float64)
+    n = 600
+    Xi = base + rng.integers(-2, 3, size=(n, d)) * (rng.random((n, 1)) < 0.8)
+    scale = 2.0 ** log2_scale
+    X = (Xi.astype(np.float64) * scale).astype(dtype)
+    assert np.array_equal(X.astype(np.float64) / scale, Xi)      # exact
+    index = HalfspaceIndex(X, leaf_size=4)
+    s = (Xi.astype(np.float64) @ w) * scale                      # exact scores
+    assert np.unique(s).shape[0] > 20
+    for v in [np.median(s), s[0], s[1], s.min(), s.max()]:
+        for b in (v, np.nextafter(v, np.inf), np.nextafter(v, -np.inf)):
+            ref = np.flatnonzero(s >= b)
+            np.testing.assert_array_equal(np.sort(index.query(w.astype(dtype), b)), ref)
+            assert index.query_count(w.astype(dtype), b) == ref.shape[0]
+    ref_s, ref_i = topk_bruteforce(X, np.arange(n), w, 10)
+    np.testing.assert_array_equal(index.search(w, 10)[1], ref_i[0])
+
+
+def test_exact_integer_boundaries(dtype, rng):
+    # integer points and query: scores are exact integers; thresholds at,
+    # just above and just below every distinct score
+    d = 32
+    X = rng.integers(-60, 61, size=(400, d)).astype(dtype)
+    w = rng.integers(-50, 51, size=d).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=16)
+    s = X.astype(np.float64) @ w.astype(np.float64)
+    for v in np.unique(s)[::7]:
+        for b in (v, np.nextafter(v, np.inf), np.nextafter(v, -np.inf)):
+            assert index.query_count(w, b) == np.count_nonzero(s >= b)
+
+
+def test_empty_and_single(dtype):
+    index = HalfspaceIndex(np.empty((0, 3), dtype=dtype))
+    assert len(index) == 0
+    assert index.query(np.ones(3), 0.0).shape == (0,)
+    indptr, indices = index.query(np.ones((2, 3)), 0.0)
+    np.testing.assert_array_equal(indptr, [0, 0, 0])
+    s, i = index.search(np.ones(3), 2)
+    np.testing.assert_array_equal(i, [-1, -1])
+    assert np.all(np.isneginf(s))
+    index.add(np.array([[1.0, 2.0, 3.0]], dtype=dtype))
+    assert list(index.query([1, 0, 0], 1.0)) == [0]
+    assert list(index.query([1, 0, 0], 1.5)) == []
+    s, i = index.search([0, 0, 1], 2)
+    np.testing.assert_array_equal(i, [0, -1])
+    assert s[0] == 3.0
+    index.remove(0)
+    assert len(index) == 0 and 0 not in index
+    assert index.query_count([1, 0, 0], -1e9) == 0
+    clone = pickle.loads(pickle.dumps(index))
+    assert len(clone) == 0 and clone.dtype == dtype
+    assert list(clone.add(np.ones((1, 3)))) == [1]
+    assert list(index.add(np.ones((1, 3)))) == [1]   # ids are never reused
+
+
+def test_zero_query_vector(dtype, rng):
+    X = rng.normal(size=(300, 5)).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=4)
+    z = np.zeros(5)
+    assert index.query_count(z, 0.0) == 300        # 0 >= 0
+    assert index.query_count(z, -1.0) == 300
+    assert index.query_count(z, 1e-300) == 0
+    scores, ids = index.query(z, 0.0, return_scores=True)
+    assert np.all(scores == 0)
+    s, i = index.search(z, 3)
+    np.testing.assert_array_equal(i, [0, 1, 2])
+
+
+def test_d1(dtype, rng):
+    X = rng.normal(size=(500, 1)).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=3)
+    W = np.array([[1.0], [-1.0], [0.0], [2.5]])
+    check_against_oracle(index, W, [0.3, 0.3, 0.0, -1.0], k=4)
+
+
+def test_sparse_queries_match_dense(dtype, rng):
+    X = rng.normal(size=(800, 64)).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=16)
+    W = rng.normal(size=(20, 64)) * (rng.random((20, 64)) < 0.1)
+    W[3] = 0.0                                      # an empty row
+    b = _thresholds(X, W.astype(dtype), [0.01, 0.1], rng)
+    dense_ptr, dense_idx = index.query(W.astype(dtype), b)
+    for make in (sp.csr_matrix, sp.csr_array, sp.csc_matrix, sp.coo_array):
+        Ws = make(W.astype(dtype))
+        ptr, idx = index.query(Ws, b)
+        check_csr_equal(ptr, idx, dense_ptr, np.concatenate(
+            [np.sort(dense_idx[dense_ptr[q]:dense_ptr[q + 1]]) for q in range(20)]))
+        np.testing.assert_array_equal(index.query_count(Ws, b), np.diff(dense_ptr))
+        s1, i1 = index.search(Ws, 4)
+        s2, i2 = index.search(W.astype(dtype), 4)
+        np.testing.assert_array_equal(i1, i2)
+    # duplicate entries in a CSR row are summed (scipy semantics)
+    Wd = sp.csr_matrix((np.array([1.0, 2.0]), np.array([5, 5]), np.array([0, 2])),
+                       shape=(1, 64))
+    ptr, idx = index.query(Wd, 0.0)
+    np.testing.assert_array_equal(np.sort(idx), np.sort(index.query(np.eye(64)[5] * 3, 0.0)))
+
+
+def test_float32_float64_agree(rng):
+    X = rng.normal(size=(1000, 16))
+    W = rng.normal(size=(10, 16))
+    b = _thresholds(X, W, [0.05], rng)
+    p32, i32 = HalfspaceIndex(X.astype(np.float32)).query(W, b)
+    p64, i64 = HalfspaceIndex(X).query(W, b)
+    # identical except for points within float32 rounding of b
+    S = W @ X.T
+    close = np.abs(S - b[:, None]) < 1e-4 * (np.abs(S) + 1)
+    for q in range(10):
+        a = set(i32[p32[q]:p32[q + 1]]) ^ set(i64[p64[q]:p64[q + 1]])
+        assert all(close[q, j] for j in a)
+
+
+def test_dynamic_against_oracle(dtype, rng):
+    d = 16
+    index = HalfspaceIndex(clustered(rng, 500, d).astype(dtype), leaf_size=8)
+    for step in range(30):
+        op = step % 3
+        if op == 0:
+            index.add(clustered(rng, int(rng.integers(1, 60)), d).astype(dtype))
+        elif op == 1:
+            ids = index.ids
+            index.remove(rng.choice(ids, size=min(len(ids), 40), replace=False))
+        else:
+            ids = rng.choice(index.ids, size=30, replace=False)
+            index.update(ids, clustered(rng, 30, d).astype(dtype))
+        index._core.check_invariants()
+        W = rng.normal(size=(4, d))
+        X, ids = _live(index)
+        check_against_oracle(index, W, _thresholds(X, W, [0.01, 0.2, 0.7], rng), k=7)
+    assert index._core.n_rebuilds > 5
+
+
+def test_update_keeps_ids_and_moves_points(dtype):
+    index = HalfspaceIndex(np.zeros((100, 2), dtype=dtype), leaf_size=4)
+    index.update([5, 7], np.array([[10.0, 0.0], [0.0, 10.0]]))
+    assert sorted(index.query([1, 0], 5.0)) == [5]
+    assert sorted(index.query([0, 1], 5.0)) == [7]
+    np.testing.assert_array_equal(index.get([7, 5]), [[0, 10], [10, 0]])
+    assert index.get([7]).dtype == dtype
+
+
+def test_explicit_ids_and_next_id(dtype):
+    index = HalfspaceIndex(np.ones((3, 2), dtype=dtype))
+    out = index.add(np.ones((2, 2)), ids=[100, 50])
+    np.testing.assert_array_equal(out, [100, 50])
+    assert 100 in index and 50 in index and 4 not in index and "x" not in index
+    np.testing.assert_array_equal(index.add(np.ones((1, 2))), [101])
+    np.testing.assert_array_equal(index.ids, [0, 1, 2, 50, 100, 101])
+
+
+@pytest.mark.parametrize("protocol", range(2, pickle.HIGHEST_PROTOCOL + 1))
+def test_pickle_round_trip(dtype, rng, protocol):
+    index = HalfspaceIndex(rng.normal(size=(300, 8)).astype(dtype), leaf_size=8)
+    index.remove(np.arange(0, 300, 5))
+    index.update([1, 2], np.ones((2, 8)))
+    index.add(rng.normal(size=(10, 8)), ids=[1000 + i for i in range(10)])
+    clone = pickle.loads(pickle.dumps(index, protocol=protocol))
+    assert clone.dtype == dtype and len(clone) == len(index)
+    assert clone.leaf_size == 8
+    np.testing.assert_array_equal(clone.ids, index.ids)
+    W = rng.normal(size=(5, 8))
+    b = np.zeros(5)
+    p1, i1 = index.query(W, b)
+    p2, i2 = clone.query(W, b)
+    check_csr_equal(p2, i2, p1, np.concatenate(
+        [np.sort(i1[p1[q]:p1[q + 1]]) for q in range(5)]))
+    np.testing.assert_array_equal(clone.add(np.ones((1, 8))), [1010])
+    deep = copy.deepcopy(index)
+    assert len(deep) == len(index)
+
+
+def test_pickle_rejects_unknown_version():
+    index = HalfspaceIndex(np.ones((2, 2)))
+    fn, (cls, state) = index.__reduce__()
+    state["version"] = 99
+    with pytest.raises(ValueError, match="unsupported HalfspaceIndex state version 99"):
+        fn(cls, state)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, None])
+def test_threads_agree(rng, n_threads):
+    X = clustered(rng, 3000, 24).astype(np.float32)
+    index = HalfspaceIndex(X, leaf_size=16, n_threads=n_threads)
+    W = rng.normal(size=(64, 24)).astype(np.float32)
+    b = _thresholds(X, W, [0.01, 0.1], rng)
+    ref = HalfspaceIndex(X, leaf_size=16, n_threads=1)
+    p1, s1, i1 = index.query(W, b, return_scores=True)
+    p2, s2, i2 = ref.query(W, b, return_scores=True, n_threads=1)
+    # deterministic: same order per query whatever the thread count
+    np.testing.assert_array_equal(p1, p2)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
+    np.testing.assert_array_equal(index.search(W, 5)[1], ref.search(W, 5)[1])
+
+
+def test_read_only_and_non_contiguous_inputs(rng):
+    X = rng.normal(size=(200, 12))[:, ::2]
+    X.flags.writeable = False
+    index = HalfspaceIndex(X)
+    W = rng.normal(size=(6, 12)).T            # non-contiguous, 12 queries
+    W.flags.writeable = False
+    b = np.zeros(12)
+    b.flags.writeable = False
+    check_against_oracle(index, W, b, k=3)
+    ids = np.array([1, 2])
+    ids.flags.writeable = False
+    Y = rng.normal(size=(2, 12))[:, ::2]
+    Y.flags.writeable = False
+    index.update(ids, Y)
+    index.remove(ids)
+    assert len(index) == 198
+
+
+def test_large_magnitudes_and_tiny_values(dtype, rng):
+    # points whose per-point int8 scale is not a normal float32 fall back to
+    # exact verification; results stay exact
+    big = 1e36 if dtype == np.float32 else 1e300
+    X = rng.normal(size=(50, 4))
+    X[:10] *= 1e-40 if dtype == np.float64 else 1e-38
+    X[10:20] *= big / 10
+    X = X.astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=4)
+    w = np.array([1.0, 0.0, 0.0, 0.0], dtype=dtype)
+    s = X[:, 0].astype(np.float64)
+    for b in (0.0, 1e-45, -1e-45, 1.0, big / 100):
+        np.testing.assert_array_equal(np.sort(index.query(w, b)), np.flatnonzero(s >= b))
+
+
+def test_repr_and_properties(rng):
+    index = HalfspaceIndex(rng.normal(size=(5, 3)).astype(np.float32))
+    assert repr(index) == "<HalfspaceIndex(n=5, d=3, dtype=float32)>"
+    assert index.n_features == 3 and index.dtype == np.float32
+
+
+def test_single_adds_use_the_insertion_buffer(dtype, rng):
+    # with n / 256 > leaf_size the trailing leaf grows past leaf_size before
+    # a tree is built over it; answers stay exact throughout
+    index = HalfspaceIndex(clustered(rng, 4000, 6).astype(dtype), leaf_size=4)
+    sizes = set()
+    for i in range(60):
+        index.add(clustered(rng, 1, 6).astype(dtype))
+        sizes.add(index._core.segment_sizes[-1])
+        if i % 10 == 9:
+            index._core.check_invariants()
+            W = rng.normal(size=(3, 6))
+            X, _ = _live(index)
+            check_against_oracle(index, W, _thresholds(X, W, [0.01, 0.3], rng), k=3)
+    assert max(sizes) > 4          # the buffer leaf outgrew leaf_size
+
+
+def test_dimension_beyond_integer_screening(rng):
+    # d > 16384: integer dots could overflow int32, so screening is off and
+    # every candidate leaf is verified exactly
+    d = 16390
+    X = rng.normal(size=(40, d)).astype(np.float32)
+    index = HalfspaceIndex(X, leaf_size=4)
+    W = rng.normal(size=(3, d)).astype(np.float32)
+    check_against_oracle(index, W, _thresholds(X, W, [0.1, 0.5], rng), k=3)
+
+
+def test_query_stats_accounting(rng):
+    X = clustered(rng, 3000, 16).astype(np.float32)
+    index = HalfspaceIndex(X, leaf_size=16)
+    w = rng.normal(size=16)
+    b = float(np.quantile(X @ w, 0.99))
+    st = index._core.query_stats(w, b)
+    assert st["count"] == index.query_count(w, b)
+    assert st["screened"] + st["bulk"] <= len(index) and st["nodes"] > 0
+    assert st["verified"] <= st["screened"]
+
+
+def test_large_build_uses_parallel_subtrees(dtype, rng):
+    # n >= 16384 builds the top levels first and the subtrees below them in
+    # parallel, then splices them in preorder: the tree must be the same
+    # kind of valid tree, and answers exact
+    X = clustered(rng, 20000, 8).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=16)
+    index._core.check_invariants()
+    W = rng.normal(size=(5, 8))
+    check_against_oracle(index, W, _thresholds(X, W, [0.001, 0.05], rng), k=4)
