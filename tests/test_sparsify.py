@@ -223,3 +223,26 @@ def test_sparse_backward_and_update_match_dense(dtype, rng):
                                   dtype(0.1), n_threads)
         np.testing.assert_allclose(W2, WT - 0.1 * (Hin.astype(np.float64).T @ D),
                                    rtol=rtol_for(dtype) * 10, atol=rtol_for(dtype) * 10)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_fused_backward_update_equals_separate_kernels(dtype, rng, n_threads):
+    n, d, m = 10, 40, 60
+    (i_ptr, i_idx, i_data), Hin = _random_csr(rng, n, d, 0.3, dtype)
+    (o_ptr, o_idx, _), _ = _random_csr(rng, n, m, 0.2, dtype)
+    delta = rng.standard_normal(len(o_idx)).astype(dtype)
+    norms = np.sqrt((Hin.astype(np.float64) ** 2).sum(axis=1)).astype(dtype)
+    WT = rng.standard_normal((d, m)).astype(dtype)
+    ref_delta = _sparse_mlp.sparse_backward(WT, o_ptr, o_idx, delta, i_ptr, i_idx, i_data,
+                                            norms, dtype(0.7), 1)
+    ref_W = WT.copy()
+    _sparse_mlp.sparse_update(ref_W, o_ptr, o_idx, delta, i_ptr, i_idx, i_data, dtype(0.1), 1)
+    col_ptr, col_pos = _sparse_mlp.invert_pattern(i_ptr, i_idx, d)
+    assert np.array_equal(np.sort(col_pos), np.arange(len(i_idx)))
+    assert np.all(i_idx[col_pos] == np.repeat(np.arange(d), np.diff(col_ptr)))
+    row_of = _sparse_mlp.sample_of_positions(i_ptr)
+    W = WT.copy()
+    got = _sparse_mlp.backward_update(W, o_ptr, o_idx, delta, i_ptr, i_data, norms, col_ptr,
+                                      col_pos, row_of, dtype(0.7), dtype(0.1), True, n_threads)
+    np.testing.assert_array_equal(got, ref_delta)
+    np.testing.assert_array_equal(W, ref_W)

@@ -33,6 +33,19 @@ Complexity per sample (k_in, k_out active inputs/outputs, m outputs)
   products).  It parallelises over disjoint ranges of ``WT`` rows, so no
   two threads write the same row and the result does not depend on the
   number of threads.
+* ``backward_update`` (what training uses): the two above fused.  Rows of
+  ``WT`` are visited once, through the column view of the input pattern
+  (``invert_pattern``, O(nnz + d)): for row ``j``, first every sample's
+  backward gather (old weights), then every sample's update, while the
+  row's touched cache lines are still in L1.  Exactly the same arithmetic as
+  the separate kernels, half the memory traffic.
+
+Where the time goes (m = 16384, k ~ 392, n = 32, one core): the forward
+gather reads 32 * 392 rows of 64 KiB per layer (~820 MB, memory-bound at
+~15 GB/s); the backward block touches one cache line per gathered entry
+(~5M lines per layer), also bandwidth-bound.  A column-blocked forward that
+reads each row once per batch (union of the supports, ~54% of the rows here)
+was measured slower than the per-sample gather and is not used.
 """
 
 import numpy as np
@@ -276,3 +289,94 @@ def sparse_update(floating[:, ::1] WT,
                     w = &WT[j, 0]
                     for p in range(p0, p1):
                         w[out_indices[p]] -= coef * delta_out[p]
+
+
+def invert_pattern(const ptr_t[::1] indptr, const idx_t[::1] indices, Py_ssize_t d):
+    """Column view of a CSR pattern: for every column ``j`` the positions ``q`` holding it.
+
+    Returns ``(col_ptr, col_pos)``: the entries of column ``j`` are
+    ``col_pos[col_ptr[j]:col_ptr[j+1]]`` (CSR positions, in increasing sample
+    order).  O(nnz + d), a counting sort.
+    """
+    cdef Py_ssize_t n = indptr.shape[0] - 1, nnz = indices.shape[0], q, j
+    col_ptr_arr = np.zeros(d + 1, np.intp)
+    col_pos_arr = np.empty(nnz, np.intp)
+    cdef ptr_t[::1] col_ptr = col_ptr_arr
+    cdef ptr_t[::1] col_pos = col_pos_arr
+    cdef ptr_t[::1] fill = np.empty(d, np.intp)
+    with nogil:
+        for q in range(nnz):
+            col_ptr[indices[q] + 1] += 1
+        for j in range(d):
+            col_ptr[j + 1] += col_ptr[j]
+            fill[j] = col_ptr[j]
+        for q in range(nnz):
+            j = indices[q]
+            col_pos[fill[j]] = q
+            fill[j] += 1
+    return col_ptr_arr, col_pos_arr
+
+
+def sample_of_positions(const ptr_t[::1] indptr):
+    """Row (sample) index of every CSR position."""
+    cdef Py_ssize_t n = indptr.shape[0] - 1, i, q
+    out_arr = np.empty(indptr[n], np.intp)
+    cdef ptr_t[::1] out = out_arr
+    with nogil:
+        for i in range(n):
+            for q in range(indptr[i], indptr[i + 1]):
+                out[q] = i
+    return out_arr
+
+
+def backward_update(floating[:, ::1] WT,
+                    const ptr_t[::1] out_indptr, const idx_t[::1] out_indices,
+                    const floating[::1] delta_out,
+                    const ptr_t[::1] in_indptr, const floating[::1] in_data,
+                    const floating[::1] in_norms, const ptr_t[::1] col_ptr,
+                    const ptr_t[::1] col_pos, const ptr_t[::1] row_of,
+                    floating rel_coef, floating lr, bint want_delta, int n_threads):
+    """``sparse_backward`` then ``sparse_update`` in one pass over the active weight rows.
+
+    Row ``j`` of ``WT`` is visited once: first the backward gathers of every
+    sample that has input ``j`` active (old weights), then their updates
+    (the row is still in cache).  Rows are independent, so the result is
+    exactly that of the two separate kernels, whatever the thread count.
+    Returns the input deltas (aligned with ``in_data``) or None.
+    """
+    cdef Py_ssize_t n = in_indptr.shape[0] - 1, d = WT.shape[0], i, j, e, p, q
+    cdef Py_ssize_t p0, p1
+    dtype = np.asarray(WT).dtype
+    coef_arr = np.zeros(n, dtype)
+    cdef floating[::1] c = coef_arr
+    cdef floating total, acc, cf
+    cdef floating* w
+    delta_arr = np.empty(in_data.shape[0] if want_delta else 0, dtype)
+    cdef floating[::1] delta_in = delta_arr
+    if want_delta and rel_coef != 0:
+        for i in range(n):
+            if in_norms[i] > 0:
+                total = 0
+                for p in range(out_indptr[i], out_indptr[i + 1]):
+                    total = total + delta_out[p]
+                c[i] = rel_coef * total / in_norms[i]
+    with nogil:
+        for j in prange(d, num_threads=n_threads, schedule="dynamic", chunksize=16):
+            if col_ptr[j] == col_ptr[j + 1]:
+                continue
+            w = &WT[j, 0]
+            if want_delta:
+                for e in range(col_ptr[j], col_ptr[j + 1]):
+                    q = col_pos[e]
+                    i = row_of[q]
+                    acc = 0
+                    for p in range(out_indptr[i], out_indptr[i + 1]):
+                        acc = acc + w[out_indices[p]] * delta_out[p]
+                    delta_in[q] = acc - c[i] * in_data[q]
+            for e in range(col_ptr[j], col_ptr[j + 1]):
+                q = col_pos[e]
+                i = row_of[q]
+                cf = lr * in_data[q]
+                for p in range(out_indptr[i], out_indptr[i + 1]):
+                    w[out_indices[p]] -= cf * delta_out[p]
+    return delta_arr if want_delta else None

@@ -42,6 +42,8 @@ _OPTIMIZERS = ("gd", "sgd", "gauss-newton")
 _THRESHOLDS = ("relative", "fixed")
 _PREDICT_CHUNK = 256
 _LR_SAMPLES = 256
+# Kernel calls with fewer multiply-adds than this run on one thread.
+_PARALLEL_WORK = 1 << 20
 # Default step = _LR_FACTOR / (largest curvature of the loss at init).  At
 # practical widths the tangent kernel moves during training (this is not the
 # lazy regime) and steps near 1/lambda_max oscillate or diverge; a quarter of
@@ -77,8 +79,13 @@ class _SparseNet:
         self.n_threads = n_threads
         self.dtype = coefs[0].dtype
 
+    def _threads(self, work):
+        # A parallel region costs tens of microseconds (more on a busy
+        # machine): small calls run on one thread.
+        return self.n_threads if work >= _PARALLEL_WORK else 1
+
     def forward(self, X):
-        r, nt = self.rule, self.n_threads
+        r = self.rule
         # The dense input goes through the same kernel with every entry
         # "active" (n d m work, like a GEMM, but on our threads: a BLAS call
         # here would start its own thread pool next to OpenMP's).
@@ -86,6 +93,7 @@ class _SparseNet:
         H, all_norms = [], []
         for W in self.coefs:
             norms = _sparse_mlp.row_norms(indptr, data)
+            nt = self._threads(len(indices) * W.shape[1])
             indptr, indices, data, _ = _sparse_mlp.sparse_forward(
                 W, indptr, indices, data, r.rule, r.b, norms, r.k, nt
             )
@@ -105,15 +113,19 @@ class _SparseNet:
             (data, indices, indptr), shape=(len(indptr) - 1, self.coefs[layer - 1].shape[1])
         )
 
-    def deltas(self, cache, E, head):
-        """``dL/dz_l`` on each layer's active set (aligned with ``H_l.data``), l = 1..L."""
+    def _output_delta(self, cache, E, head):
+        """``dL/dz_L = (E @ head.T)`` on the last active set."""
         indptr, indices, _ = cache["H"][-1]
-        rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+        rows = _sparse_mlp.sample_of_positions(indptr)
         if E.shape[1] == 1:
             delta = E[rows, 0] * head[indices, 0]
         else:
             delta = np.einsum("pc,pc->p", E[rows], head[indices])
-        delta = np.ascontiguousarray(delta, dtype=self.dtype)
+        return np.ascontiguousarray(delta, dtype=self.dtype)
+
+    def deltas(self, cache, E, head):
+        """``dL/dz_l`` on each layer's active set (aligned with ``H_l.data``), l = 1..L."""
+        delta = self._output_delta(cache, E, head)
         out = [delta]
         for layer in range(len(self.coefs) - 1, 0, -1):
             o_indptr, o_indices, _ = cache["H"][layer]
@@ -125,6 +137,33 @@ class _SparseNet:
             )
             out.append(delta)
         return out[::-1]
+
+    def backward_update(self, cache, E, head, lr):
+        """Backward and eager sparse step fused per layer (``_sparse_mlp.backward_update``).
+
+        Layer ``l``'s weight rows are visited once: the gathers that produce
+        ``delta_{l-1}`` read the old weights, then the same rows are updated
+        while in cache.  Same result as ``deltas`` followed by ``update``.
+        """
+        lr = self.dtype.type(lr)
+        delta = self._output_delta(cache, E, head)
+        for layer in range(len(self.coefs) - 1, -1, -1):
+            W = self.coefs[layer]
+            o_indptr, o_indices, _ = cache["H"][layer]
+            if layer == 0:
+                i_indptr, i_indices, i_data = cache["X_pattern"]
+                norms = cache["norms"][0]
+            else:
+                i_indptr, i_indices, i_data = cache["H"][layer - 1]
+                norms = cache["norms"][layer]
+            col_ptr, col_pos = _sparse_mlp.invert_pattern(i_indptr, i_indices, W.shape[0])
+            row_of = _sparse_mlp.sample_of_positions(i_indptr)
+            n = len(i_indptr) - 1
+            nt = self._threads(len(i_indices) * len(o_indices) // max(n, 1))
+            delta = _sparse_mlp.backward_update(
+                W, o_indptr, o_indices, delta, i_indptr, i_data, norms, col_ptr, col_pos,
+                row_of, self.rule.rel_coef, lr, layer > 0, nt,
+            )
 
     def update(self, cache, deltas, lr):
         """Eager sparse step on every layer (after all deltas were computed)."""
@@ -204,6 +243,9 @@ class _DenseNet:
             delta = G * (H[layer] > 0)
             out.append(delta)
         return out[::-1]
+
+    def backward_update(self, cache, E, head, lr):
+        self.update(cache, self.deltas(cache, E, head), lr)
 
     def gradients(self, cache, deltas):
         """``dL/dcoefs_[l] = H_{l-1}^T delta_l`` (dense)."""
@@ -497,12 +539,10 @@ class SparseMLP:
         """Step ``W_l -= lr * dL/dW_l`` for an output error ``E = dL/d(out)`` (n, n_outputs).
 
         For the MSE, ``E = residual / n``; a Gauss-Newton step is this call
-        with ``E = alpha[:, None]`` and ``lr = 1``.  Returns the per-layer
-        deltas (the head is not updated here).
+        with ``E = alpha[:, None]`` and ``lr = 1``.  The head is not
+        updated here.
         """
-        deltas = self._net.deltas(cache, E, self.head_)
-        self._net.update(cache, deltas, lr)
-        return deltas
+        self._net.backward_update(cache, E, self.head_, lr)
 
     def _jacobian_factors(self, X, output=0):
         """Kronecker factors of the Jacobian rows of output ``output`` w.r.t. every ``W_l``.
