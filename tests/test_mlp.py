@@ -310,8 +310,20 @@ def test_bad_data(task32):
     with pytest.raises(ValueError, match="at least 2 classes"):
         SparseMLP(width=32, task="classification").fit(X, np.zeros(32, dtype=int))
     model.fit(X, y)
+    before = model.predict(X)
+    coefs = [W.copy() for W in model.coefs_]
     with pytest.raises(ValueError, match="X has 3 features; the model was fitted with 64"):
         model.predict(X[:, :3])
+    for bad in (dict(X=Xn), dict(y=y[:5])):
+        args = {"X": X, "y": y, **bad}
+        with pytest.raises(ValueError):
+            model.fit(args["X"], args["y"])
+    with pytest.raises(ValueError):
+        model.set_params(width=1).fit(X, y)
+    model.set_params(width=32)
+    np.testing.assert_array_equal(model.predict(X), before)  # rejected calls changed nothing
+    for W, W0 in zip(model.coefs_, coefs):
+        np.testing.assert_array_equal(W, W0)
     with pytest.raises(ValueError, match="only available for task='classification'"):
         model.predict_proba(X)
     with pytest.raises(FloatingPointError, match="diverged"):

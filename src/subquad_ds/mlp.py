@@ -487,8 +487,9 @@ class SparseMLP:
         n_threads = check_n_threads(self.n_threads)
         return tau, p, k, dtype, n_threads
 
-    def _check_X(self, X, reset):
-        X = as_float_array(X, "X", dtype=self._dtype, ndim=2, allow_empty=False)
+    def _check_X(self, X, reset, dtype=None):
+        dtype = self._dtype if dtype is None else dtype
+        X = as_float_array(X, "X", dtype=dtype, ndim=2, allow_empty=False)
         if not reset and X.shape[1] != self.n_features_in_:
             raise ValueError(
                 f"X has {X.shape[1]} features; the model was fitted with {self.n_features_in_}"
@@ -618,9 +619,10 @@ class SparseMLP:
         -------
         self : SparseMLP
         """
+        # Everything is validated before any attribute changes, so a
+        # rejected call leaves a fitted model as it was.
         tau, p, k, dtype, n_threads = self._check_params()
-        self._dtype, self._n_threads = dtype, n_threads
-        X = self._check_X(X, reset=True)
+        X = self._check_X(X, reset=True, dtype=dtype)
         n = X.shape[0]
         if self.task == "regression":
             y = as_float_array(y, "y", dtype=np.float64, shape=(n,))
@@ -643,6 +645,7 @@ class SparseMLP:
             )
         batch = n if self.optimizer == "gd" else min(self.batch_size or 32, n)
         rng = check_random_state(self.random_state)
+        self._dtype, self._n_threads = dtype, n_threads
         self.tau_, self.active_fraction_, self.active_count_ = tau, p, k
         self.scale_ = init_scale(self.width, tau)
         self.n_features_in_ = X.shape[1]
