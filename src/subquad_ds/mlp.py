@@ -323,7 +323,9 @@ class SparseMLP:
         of the mean squared loss at initialisation (stored in
         ``learning_rate_``).  The quarter is a safety margin: the kernel
         moves during training at practical widths, and steps close to
-        ``1 / lambda_max`` oscillate.  For "sgd" it is further multiplied by
+        ``1 / lambda_max`` oscillate.  For classification the kernel
+        includes the head and bias terms, and the softmax curvature at
+        initialisation is ``1 / n_classes``.  For "sgd" it is multiplied by
         ``0.5 sqrt(batch_size / n')`` against the mini-batch noise.
     batch_size : int, optional
         Mini-batch size for "sgd" (default ``min(32, n_samples)``); must be
@@ -604,6 +606,10 @@ class SparseMLP:
                 "cannot derive a learning rate: the tangent kernel is zero at "
                 "initialisation (no active neuron); pass learning_rate explicitly"
             )
+        if self.task == "classification":
+            # The softmax Hessian at initialisation (uniform probabilities)
+            # is (I - 11^T / C) / C: the curvature is lambda_max / (n C).
+            lam /= self.head_.shape[1]
         return _LR_FACTOR * X.shape[0] / lam
 
     def fit(self, X, y):
