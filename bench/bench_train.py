@@ -35,7 +35,7 @@ LR = 1e-3  # small and fixed: the timed steps must not depend on the data
 def _rounds(m, slow):
     """Rounds per benchmark: the dense steps at large m take seconds each."""
     if not slow:
-        return 10
+        return 20
     return {2048: 8, 4096: 5, 8192: 3}.get(m, 2)
 
 
@@ -62,26 +62,17 @@ def _info(benchmark, machine_info, model, impl, m):
 
 
 @pytest.mark.parametrize("m", WIDTHS)
-def test_train_step_sparse(benchmark, machine_info, batch, m):
+@pytest.mark.parametrize("backend", ["sparse", "dense"])
+def test_train_step_subquad(benchmark, machine_info, batch, backend, m):
     X, y = batch
-    model = _model("sparse", m, X, y)
+    model = _model(backend, m, X, y)
     benchmark.group = f"train-step-m{m}"
-    _info(benchmark, machine_info, model, "subquad_ds sparse", m)
+    impl = "subquad_ds sparse" if backend == "sparse" else "numpy dense reference"
+    _info(benchmark, machine_info, model, impl, m)
     with threadpool_limits(1):
-        benchmark.pedantic(model._step, args=(X, y), rounds=_rounds(m, False),
-                           iterations=1, warmup_rounds=1)
+        benchmark.pedantic(model._step, args=(X, y), rounds=_rounds(m, backend == "dense"),
+                           iterations=1, warmup_rounds=1 if backend == "sparse" else 0)
     assert np.isfinite(model.history_["loss"][-1])
-
-
-@pytest.mark.parametrize("m", WIDTHS)
-def test_train_step_dense(benchmark, machine_info, batch, m):
-    X, y = batch
-    model = _model("dense", m, X, y)
-    benchmark.group = f"train-step-m{m}"
-    _info(benchmark, machine_info, model, "numpy dense reference", m)
-    with threadpool_limits(1):
-        benchmark.pedantic(model._step, args=(X, y), rounds=_rounds(m, True),
-                           iterations=1, warmup_rounds=0)
 
 
 @pytest.mark.parametrize("m", WIDTHS)

@@ -177,32 +177,19 @@ def sparse_forward(const floating[:, ::1] WT, const ptr_t[::1] indptr,
                    const idx_t[::1] indices, const floating[::1] data,
                    int rule, floating b, const floating[::1] norms, Py_ssize_t k,
                    int n_threads):
-    """Next layer of a CSR batch: ``max(H @ WT - t, 0)`` as CSR; returns (indptr, indices, data, t)."""
+    """Next layer of a CSR batch: ``max(H @ WT - t, 0)`` as CSR; returns (indptr, indices, data, t).
+
+    Each sample's pre-activations are the sum of its active rows of ``WT``
+    (``_gather_rows``); ``extract_active`` then thresholds the batch.
+    """
     cdef Py_ssize_t n = indptr.shape[0] - 1, m = WT.shape[1], i
-    dtype = np.asarray(WT).dtype
-    cdef floating[:, ::1] zbuf = np.empty((n_threads, m), dtype)
-    cdef floating[:, ::1] scratch = np.empty((n_threads if rule == RULE_TOPK else 1, m), dtype)
-    cdef idx_t[:, ::1] pad_idx = np.empty((n, m), np.int32)
-    cdef floating[:, ::1] pad_val = np.empty((n, m), dtype)
-    cdef ptr_t[::1] counts = np.empty(n, np.intp)
-    thr_arr = np.empty(n, dtype)
-    cdef floating[::1] thr = thr_arr
-    cdef floating t, nrm
-    cdef floating* z
-    cdef int tid
-    with nogil, parallel(num_threads=n_threads):
-        tid = threadid()
-        z = &zbuf[tid, 0]
-        for i in prange(n, schedule="dynamic"):
-            _gather_rows(z, &WT[0, 0], m, &indices[indptr[i]], &data[indptr[i]],
+    Z_arr = np.empty((n, m), np.asarray(WT).dtype)
+    cdef floating[:, ::1] Z = Z_arr
+    with nogil:
+        for i in prange(n, num_threads=n_threads, schedule="dynamic"):
+            _gather_rows(&Z[i, 0], &WT[0, 0], m, &indices[indptr[i]], &data[indptr[i]],
                          indptr[i + 1] - indptr[i])
-            nrm = norms[i] if rule == RULE_RELATIVE else 1
-            t = _row_threshold(z, &scratch[tid if rule == RULE_TOPK else 0, 0],
-                               m, rule, b, nrm, k)
-            thr[i] = t
-            counts[i] = _extract_row(z, m, t, &pad_idx[i, 0], &pad_val[i, 0])
-    out_indptr, out_indices, out_data = _compact(counts, pad_idx, pad_val, n_threads)
-    return out_indptr, out_indices, out_data, thr_arr
+    return extract_active(Z_arr, rule, b, norms, k, n_threads)
 
 
 def row_norms(const ptr_t[::1] indptr, const floating[::1] data):
