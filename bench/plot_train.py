@@ -3,12 +3,14 @@
 Usage::
 
     pytest bench/bench_train.py --benchmark-only --benchmark-json=train.json
-    python bench/plot_train.py train.json [-o bench/train_scaling.png]
+    python bench/plot_train.py train.json [more.json ...] [-o bench/train_scaling.png]
 
 Prints a Markdown table (median seconds per iteration for each width and
 implementation, speed-ups of the sparse backend) and the least-squares slope
 of log(time) against log(width) for each implementation, then draws the
-log-log plot (needs matplotlib).
+log-log plot (needs matplotlib).  With several runs (a shared, noisy
+machine), each cell is the median over the runs of the per-run medians, and
+the per-run exponents are listed too.
 """
 
 import argparse
@@ -84,13 +86,29 @@ def plot(medians, out):
     return out
 
 
+def combine(runs):
+    """Median over runs of each (implementation, width) median."""
+    out = defaultdict(dict)
+    for impl in {i for run in runs for i in run}:
+        for w in {w for run in runs for w in run.get(impl, {})}:
+            out[impl][w] = float(np.median([run[impl][w] for run in runs
+                                            if w in run.get(impl, {})]))
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="pytest-benchmark JSON of bench/bench_train.py")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON of bench/bench_train.py")
     parser.add_argument("-o", "--output", default="bench/train_scaling.png")
     args = parser.parse_args(argv)
-    medians, when = load(args.json)
-    print(f"run: {when}")
+    runs = []
+    for path in args.json:
+        medians, when = load(path)
+        runs.append(medians)
+        slopes = ", ".join(f"{impl}: {exponent(medians[impl])[0]:.2f}"
+                           for impl in IMPLS if impl in medians)
+        print(f"run {when}: exponents {slopes}")
+    medians = combine(runs)
     print(table(medians))
     print(f"plot: {plot(medians, args.output)}")
 
