@@ -9,9 +9,10 @@
   blocks, and the update is the eager sum of sparse outer products.
 * ``_DenseNet`` -- the same maths with dense numpy BLAS (the reference).
 
-Both expose ``forward(X) -> cache``, ``last_hidden(cache)``,
-``deltas(cache, E, head)`` and ``update(cache, deltas, lr)``, so an optimiser
-is written once.  Weights are stored as ``coefs_[l]`` of shape (d_in, d_out)
+Both expose ``forward(X) -> cache``, ``last_hidden(cache)``, ``hidden``,
+``deltas(cache, E, head)``, ``update(cache, deltas, lr)`` and
+``backward_update(cache, E, head, lr)`` (the two fused; what training
+calls), so an optimiser is written once.  Weights are stored as ``coefs_[l]`` of shape (d_in, d_out)
 (scikit-learn's layout; the transpose of ``W_l``) by both.
 """
 
@@ -48,7 +49,9 @@ _PARALLEL_WORK = 1 << 20
 # Default step = _LR_FACTOR / (largest curvature of the loss at init).  At
 # practical widths the tangent kernel moves during training (this is not the
 # lazy regime) and steps near 1/lambda_max oscillate or diverge; a quarter of
-# it converged on every schedule tried (m = 256..16384, p = 0.01..0.1).
+# it converged on every setting tried on the default task (n = 32; m = 2048
+# with p = 0.01, 0.03, 0.1 and sqrt-log; sqrt-log at m = 8192 and 16384 reached
+# MSE 1e-10 and 1e-8 in 150 and 100 steps; top-k at m = 256).
 _LR_FACTOR = 0.25
 
 
