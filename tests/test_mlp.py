@@ -328,3 +328,24 @@ def test_bad_data(task32):
         model.predict_proba(X)
     with pytest.raises(FloatingPointError, match="diverged"):
         SparseMLP(width=64, learning_rate=1e12, max_iter=50, dtype=np.float64).fit(X, y)
+
+
+def test_topk_keeps_exactly_k_active_per_sample(task32):
+    X, y = task32
+    model = _fit(X, y, sparsity=12, max_iter=3)
+    net = model._net
+    cache = net.forward(X)
+    for indptr, _, _ in cache["H"]:
+        assert np.all(np.diff(indptr) == 12)
+    assert model.history_["active_fraction"] == pytest.approx([12 / 256] * 3)
+
+
+def test_pickle_round_trip(task32):
+    import pickle
+
+    X, y = task32
+    model = _fit(X, y, max_iter=3)
+    clone = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(clone.predict(X), model.predict(X))
+    clone.fit(X, y)  # the copy trains on its own weights
+    np.testing.assert_array_equal(model.predict(X), _fit(X, y, max_iter=3).predict(X))

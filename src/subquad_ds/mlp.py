@@ -403,6 +403,10 @@ class SparseMLP:
     are not used: with BLAS (which lacks fast rectangular products) eager
     sparse updates are faster in practice.
 
+    Thread-safety: ``fit`` mutates the model; ``predict``, ``score`` and
+    ``decision_function`` only read it and may run concurrently (the
+    kernels release the GIL).
+
     Gauss-Newton hook.  ``_backward(cache, E, lr)`` accepts an arbitrary
     per-sample output error ``E`` (``E = residual / n`` is the MSE
     gradient), and ``_jacobian_factors(X)`` returns the Kronecker factors of
