@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import sparse
 
 from subquad_ds import SparseMLP
@@ -349,3 +351,21 @@ def test_pickle_round_trip(task32):
     np.testing.assert_array_equal(clone.predict(X), model.predict(X))
     clone.fit(X, y)  # the copy trains on its own weights
     np.testing.assert_array_equal(model.predict(X), _fit(X, y, max_iter=3).predict(X))
+
+
+@given(width=st.integers(8, 48), depth=st.integers(1, 3), n=st.integers(1, 9),
+       rule=st.sampled_from(["relative", "fixed", "topk"]), seed=st.integers(0, 2**16))
+@settings(max_examples=25)
+def test_sparse_equals_dense_on_random_configurations(width, depth, n, rule, seed):
+    """Edge cases (depth 1, one sample, dead samples, tiny widths) keep the backends equal."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 5))
+    y = rng.standard_normal(n)
+    kw = dict(width=width, depth=depth, max_iter=4, learning_rate=0.3, dtype=np.float64,
+              random_state=seed, n_threads=1,
+              threshold="fixed" if rule == "fixed" else "relative",
+              sparsity=max(1, width // 4) if rule == "topk" else 0.2)
+    runs = [SparseMLP(backend=b, **kw).fit(X, y) for b in ("sparse", "dense")]
+    np.testing.assert_allclose(runs[0].history_["loss"], runs[1].history_["loss"],
+                               rtol=1e-9, atol=1e-300)
+    np.testing.assert_allclose(runs[0].predict(X), runs[1].predict(X), rtol=1e-9, atol=1e-12)
