@@ -58,12 +58,16 @@ def test_sparse_and_dense_agree_for_sgd_and_classification(kw):
 def test_backward_with_arbitrary_output_error(task32):
     """The Gauss-Newton hook: a step from any per-sample error is the same in both backends."""
     X, y = task32
-    e = np.random.default_rng(3).standard_normal((32, 1))
+    e = np.random.default_rng(3).standard_normal(32)
     coefs = {}
     for b in ("sparse", "dense"):
         model = _fit(X, y, backend=b, max_iter=1)
-        model._backward(model._net.forward(X), e, 1.0)
+        model._backward(model._forward(X), e, 1.0)
         coefs[b] = model.coefs_
+    again = _fit(X, y, backend="sparse", max_iter=1)
+    again._backward(again._forward(X), e[:, None], 1.0)  # (n,) and (n, 1) are the same
+    for W, W2 in zip(coefs["sparse"], again.coefs_):
+        np.testing.assert_array_equal(W, W2)
     for Ws, Wd in zip(coefs["sparse"], coefs["dense"]):
         np.testing.assert_allclose(Ws, Wd, rtol=1e-9, atol=1e-12)
 

@@ -407,8 +407,8 @@ class SparseMLP:
     ``decision_function`` only read it and may run concurrently (the
     kernels release the GIL).
 
-    Gauss-Newton hook.  ``_backward(cache, E, lr)`` accepts an arbitrary
-    per-sample output error ``E`` (``E = residual / n`` is the MSE
+    Gauss-Newton hook.  ``_backward(self._forward(X), E, lr)`` accepts an
+    arbitrary per-sample output error ``E`` (``E = residual / n`` is the MSE
     gradient), and ``_jacobian_factors(X)`` returns the Kronecker factors of
     the Jacobian rows.
 
@@ -556,13 +556,21 @@ class SparseMLP:
         return loss, (E / n).astype(self._dtype)
 
     # -- training --------------------------------------------------------------
-    def _backward(self, cache, E, lr):
-        """Step ``W_l -= lr * dL/dW_l`` for an output error ``E = dL/d(out)`` (n, n_outputs).
+    def _forward(self, X):
+        """Validated forward pass; returns the cache that ``_backward`` takes."""
+        self._check_fitted()
+        return self._net.forward(self._check_X(X, reset=False))
 
-        For the MSE, ``E = residual / n``; a Gauss-Newton step is this call
-        with ``E = alpha[:, None]`` and ``lr = 1``.  The head is not
-        updated here.
+    def _backward(self, cache, E, lr):
+        """Step ``W_l -= lr * dL/dW_l`` for an output error ``E = dL/d(out)``.
+
+        ``E`` has shape (n,) or (n, n_outputs), one row per sample of the
+        ``cache`` (from ``_forward``).  For the MSE, ``E = residual / n``; a
+        Gauss-Newton step is this call with ``E = alpha`` and ``lr = 1``.
+        The head is not updated here.
         """
+        E = np.asarray(E, dtype=self._dtype)
+        E = np.ascontiguousarray(E[:, None] if E.ndim == 1 else E)
         self._net.backward_update(cache, E, self.head_, lr)
 
     def _jacobian_factors(self, X, output=0):
