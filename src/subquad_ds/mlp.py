@@ -357,8 +357,11 @@ class SparseMLP:
     random_state : int, Generator or None, default=None
         Seeds the initial weights and the SGD shuffles.
     n_threads : int, optional
-        OpenMP threads of the sparse kernels (None: all cores).  The dense
-        backend uses numpy's BLAS threads (limit them with threadpoolctl).
+        OpenMP threads of the sparse kernels (None: all cores).  The kernels
+        are memory-bound: on a machine whose cores are busy with other work
+        a second thread gained nothing and, with OpenMP's default spin-wait,
+        could be several times slower; use 1 there.  The dense backend uses
+        numpy's BLAS threads (limit them with threadpoolctl).
     verbose : bool or int, default=0
         Print the loss every ``max_iter // 10`` iterations (True) or every
         ``verbose`` iterations (an int > 1).
