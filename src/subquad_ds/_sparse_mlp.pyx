@@ -20,8 +20,10 @@ Invariants
   ``t_i = b * norm_i`` (``norm_i`` = Euclidean norm of the sample's layer
   input); 2 top-k, ``t_i`` = the (k+1)-th largest entry of ``z_i``, so
   exactly the k largest entries are active when there are no ties.
-* Kernels never allocate per sample; each OpenMP thread owns one scratch row
-  of length m.  Validation is done by the Python caller.
+* Kernels never allocate per sample: a batch's pre-activations go to one
+  (n, m) buffer, extraction to padded (n, m) rows compacted into CSR, and
+  top-k uses one scratch row per thread.  Validation is done by the Python
+  caller.
 
 Complexity per sample (k_in, k_out active inputs/outputs, m outputs)
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -46,8 +48,8 @@ gather reads 32 * 392 rows of 64 KiB per layer (~820 MB, memory-bound at
 (~5M lines per layer), also bandwidth-bound.  Column-blocked forwards that
 try to read each row once per batch (the union of the supports is ~54% of
 the rows here) were measured 1.3-3x slower than the per-sample gather of
-whole rows (short segments defeat the hardware prefetcher and the shared
-cache does not keep them) and are not used.
+whole rows (probably: short segments defeat the hardware prefetcher, and
+the shared cache does not keep them between samples) and are not used.
 """
 
 import numpy as np
