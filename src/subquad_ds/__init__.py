@@ -9,6 +9,14 @@ from .lowrank import LowRankUpdatedMatrix
 from .lstsq import sketched_lstsq
 from .sketch import SRHT, CountSketch, GaussianSketch, TensorSketch
 from .halfspace import HalfspaceIndex
+from .mlp import SparseMLP
+from .sparsify import (
+    init_scale,
+    resolve_sparsity,
+    shifted_relu,
+    shifted_relu_topk,
+    threshold_for_sparsity,
+)
 
 __version__ = "0.1.0"
 
@@ -21,4 +29,10 @@ __all__ = [
     "sketched_lstsq",
     "HalfspaceIndex",
     "openmp_enabled",
+    "SparseMLP",
+    "init_scale",
+    "resolve_sparsity",
+    "shifted_relu",
+    "shifted_relu_topk",
+    "threshold_for_sparsity",
 ]
