@@ -6,10 +6,24 @@ are re-exported here.
 
 from ._openmp_helpers import openmp_enabled
 from .lowrank import LowRankUpdatedMatrix
+from .mlp import SparseMLP
+from .sparsify import (
+    init_scale,
+    resolve_sparsity,
+    shifted_relu,
+    shifted_relu_topk,
+    threshold_for_sparsity,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LowRankUpdatedMatrix",
     "openmp_enabled",
+    "SparseMLP",
+    "init_scale",
+    "resolve_sparsity",
+    "shifted_relu",
+    "shifted_relu_topk",
+    "threshold_for_sparsity",
 ]
