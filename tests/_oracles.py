@@ -67,3 +67,93 @@ def mlp_loss(coefs, head, intercept, X, y, *, rule, b, k=None, task="regression"
     out = out - out.max(axis=1, keepdims=True)
     logp = out - np.log(np.exp(out).sum(axis=1, keepdims=True))
     return -np.mean(logp[np.arange(len(y)), y])
+
+
+# ---------------------------------------------------------------------------
+# Sketches (workstream "sketch")
+# ---------------------------------------------------------------------------
+import itertools  # noqa: E402
+
+
+def countsketch_matrix(buckets, signs, sketch_size):
+    """The dense (s, d) CountSketch matrix with S[buckets[j], j] = signs[j]."""
+    d = len(buckets)
+    S = np.zeros((sketch_size, d))
+    S[np.asarray(buckets), np.arange(d)] = np.asarray(signs, dtype=np.float64)
+    return S
+
+
+def countsketch_rows(X, buckets, signs, sketch_size):
+    """Sketch each row of a dense X with an explicit S (float64)."""
+    return np.asarray(X, dtype=np.float64) @ countsketch_matrix(buckets, signs, sketch_size).T
+
+
+def kron_rows(U, V):
+    """Row-wise Kronecker products: row i is np.kron(U[i], V[i])."""
+    U = np.asarray(U, dtype=np.float64)
+    V = np.asarray(V, dtype=np.float64)
+    return (U[:, :, None] * V[:, None, :]).reshape(U.shape[0], U.shape[1] * V.shape[1])
+
+
+def countsketch_variance(x, y, sketch_size):
+    """Var <Sx, Sy> for a CountSketch with fully random buckets and signs."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    return (x @ x * (y @ y) + (x @ y) ** 2 - 2 * np.sum(x**2 * y**2)) / sketch_size
+
+
+def gaussian_sketch_variance(x, y, sketch_size):
+    """Var <Sx, Sy> for S with i.i.d. N(0, 1/s) entries."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    return (x @ x * (y @ y) + (x @ y) ** 2) / sketch_size
+
+
+def tensorsketch_variance(x, y, dims, sketch_size):
+    """Exact Var <TS x, TS y> for degree-2 TensorSketch, by enumeration.
+
+    x, y are vectors of length d1 * d2 (index j * d2 + k).  The bucket of
+    (j, k) is (h1[j] + h2[k]) mod s and its sign g1[j] g2[k], with h1, h2,
+    g1, g2 fully random and independent.  The error is
+    sum_{a != b} x_a y_b sigma_a sigma_b [H(a) = H(b)], so
+    Var = sum over a != b, c != d of x_a y_b x_c y_d E[sigma_a sigma_b
+    sigma_c sigma_d] P[H(a) = H(b), H(c) = H(d)]; the sign moment is 1 when
+    every j and every k value occurs an even number of times, else 0, and
+    the probability is computed by enumerating the hash values of the
+    distinct j's and k's involved.  O((d1 d2)^4 s^4): tiny sizes only.
+    """
+    d1, d2 = dims
+    s = sketch_size
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    D = d1 * d2
+    total = 0.0
+    for a, b, c, d in itertools.product(range(D), repeat=4):
+        if a == b or c == d:
+            continue
+        w = x[a] * y[b] * x[c] * y[d]
+        if w == 0.0:
+            continue
+        js = [a // d2, b // d2, c // d2, d // d2]
+        ks = [a % d2, b % d2, c % d2, d % d2]
+        if any(js.count(j) % 2 for j in set(js)) or any(ks.count(k) % 2 for k in set(ks)):
+            continue
+        uj, uk = sorted(set(js)), sorted(set(ks))
+        hits = 0
+        for hv in itertools.product(range(s), repeat=len(uj) + len(uk)):
+            h1 = dict(zip(uj, hv[: len(uj)]))
+            h2 = dict(zip(uk, hv[len(uj):]))
+            H = [(h1[j] + h2[k]) % s for j, k in zip(js, ks)]
+            hits += H[0] == H[1] and H[2] == H[3]
+        total += w * hits / s ** (len(uj) + len(uk))
+    return total
+
+
+def kron_jacobian(factors):
+    """Dense J whose layer-l block row i is np.kron(D_l[i], H_{l-1}[i]) (float64)."""
+    blocks = []
+    for D, H in factors:
+        D = D.toarray() if hasattr(D, "toarray") else np.asarray(D)
+        H = H.toarray() if hasattr(H, "toarray") else np.asarray(H)
+        blocks.append(np.stack([np.kron(D[i], H[i]) for i in range(D.shape[0])]))
+    return np.hstack(blocks)

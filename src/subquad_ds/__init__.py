@@ -14,11 +14,18 @@ from .sparsify import (
     shifted_relu_topk,
     threshold_for_sparsity,
 )
+from .lstsq import sketched_lstsq
+from .sketch import SRHT, CountSketch, GaussianSketch, TensorSketch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LowRankUpdatedMatrix",
+    "CountSketch",
+    "GaussianSketch",
+    "SRHT",
+    "TensorSketch",
+    "sketched_lstsq",
     "openmp_enabled",
     "SparseMLP",
     "init_scale",

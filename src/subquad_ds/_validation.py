@@ -212,3 +212,52 @@ def check_random_state(seed, name="random_state"):
     raise TypeError(
         f"{name} must be None, an int, a SeedSequence or a Generator; got {seed!r}"
     )
+
+
+def is_sparse(X):
+    """True for any scipy.sparse array or matrix (without importing scipy eagerly)."""
+    return hasattr(X, "tocsr") and hasattr(X, "nnz") and hasattr(X, "format")
+
+
+def as_float_csr(X, name, *, dtype, shape=None, finite=True):
+    """Validate a scipy.sparse input and return it as CSR of ``dtype``.
+
+    Any scipy.sparse format is accepted and converted.  The result shares
+    no writable state with ``X`` that the caller could mutate by accident:
+    when ``X`` already is a CSR of the right dtype it is returned as is and
+    must be treated as read-only.  Index arrays keep their int32/int64 dtype
+    (made a common one when they differ).
+
+    Raises
+    ------
+    TypeError
+        ``X`` is not scipy.sparse, or holds non-real numbers.
+    ValueError
+        Not 2-D, wrong shape, NaN or infinity when ``finite``.
+    """
+    import scipy.sparse as sp
+
+    if not is_sparse(X):
+        raise TypeError(f"{name} must be a scipy.sparse matrix; got {type(X).__name__}")
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D; got shape {X.shape}")
+    if X.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name} must hold real numbers (bool, int or float); got dtype {X.dtype}"
+        )
+    if shape is not None and any(
+        s is not None and s != a for s, a in zip(shape, X.shape)
+    ):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} must have shape {want}; got shape {X.shape}")
+    X = sp.csr_array(X) if X.format != "csr" else X
+    if X.dtype != dtype:
+        X = X.astype(dtype)
+    if X.indices.dtype != X.indptr.dtype:
+        idx = np.promote_types(X.indices.dtype, X.indptr.dtype)
+        X = sp.csr_array(
+            (X.data, X.indices.astype(idx), X.indptr.astype(idx)), shape=X.shape
+        )
+    if finite and X.nnz and not np.isfinite(X.data).all():
+        raise ValueError(f"{name} must be finite; found NaN or inf")
+    return X
