@@ -183,7 +183,8 @@ def test_time_to_loss(benchmark, method, width, task, machine_info):
     n_iter = SMOKE_ITERATIONS if benchmark.disabled else ITERATIONS[method]
     trace = benchmark.pedantic(run, args=(method, width, n_iter, X, y), rounds=1, iterations=1)
     assert trace.steps == n_iter and np.isfinite(trace.mse[-1])
-    assert trace.mse[-1] < trace.mse[0]
+    if not benchmark.disabled:  # Adam's first few steps at lr 3e-3 overshoot
+        assert trace.mse[-1] < trace.mse[0]
     benchmark.extra_info.update(machine_info)
     benchmark.extra_info.update(
         method=method, width=width, n_samples=N_SAMPLES, depth=DEPTH, iterations=n_iter,
