@@ -47,9 +47,12 @@ positive definite when ``J J^T`` is singular (duplicate samples, dead
 units) and costs nothing in accuracy; failed steps raise ``mu`` and turn
 the step toward a short gradient step.
 
-Cost per iteration (no rejection): one forward, one backward, the
-solve, one sparse update and one forward.  The Jacobian is never formed;
-``solve_gauss_newton`` documents the costs of the solvers.
+Cost per iteration (no rejection): one backward pass, the solve, one
+sparse update and one forward pass (the trial, which is the next
+iteration's forward), i.e. a gradient-descent iteration plus the solve.
+A rejected trial costs a solve, an update and a forward pass.  The
+Jacobian is never formed; ``solve_gauss_newton`` documents the costs of
+the solvers.
 """
 
 import math
