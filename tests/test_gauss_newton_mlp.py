@@ -259,3 +259,15 @@ def test_zero_jacobian_is_reported(task32):
     # A fixed threshold far out in the tail: no neuron fires on any sample.
     with pytest.raises(ValueError, match="the Jacobian is zero"):
         _gn(X, y, width=64, threshold="fixed", sparsity=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tiny_damping_on_a_singular_system_never_corrupts_the_weights(task32, dtype):
+    """Dead samples make J J^T singular; with damping 1e-300 the first solves blow up."""
+    X, y = task32
+    model = _gn(X, y, width=1024, threshold="fixed", sparsity="sqrt-log", damping=1e-300,
+                max_iter=5, dtype=dtype)
+    assert all(np.isfinite(W).all() for W in model.coefs_)
+    loss = np.array(model.history_["loss"])
+    assert np.all(np.diff(loss) <= 0) and loss[-1] < 0.2 * loss[0]
+    assert max(model.history_["damping"]) > 1e-300

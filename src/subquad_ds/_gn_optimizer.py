@@ -32,8 +32,10 @@ One iteration at weights ``theta`` on the full batch, loss
      1999; Madsen, Nielsen and Tingleff, "Methods for non-linear least
      squares problems", 2004, sec. 3.2).  The trial forward pass is the next
      iteration's forward pass.
-   * otherwise: reject.  ``mu <- mu nu``, ``nu <- 2 nu``, solve again with the
-     same factors (the Jacobian does not change) and replace the step: one
+   * otherwise (also when the damped system is numerically singular or the
+     step overflows the working dtype; such a step is never applied):
+     reject.  ``mu <- mu nu``, ``nu <- 2 nu``, solve again with the same
+     factors (the Jacobian does not change) and replace the step: one
      update with ``alpha_new - alpha_old`` undoes the old step and takes the
      new one.  At most ``MAX_TRIES`` solves per iteration; if none
      decreases the loss (at the rounding floor, or a very rough region)
@@ -73,15 +75,18 @@ def _row_scaled_deltas(cache, deltas, alpha, dtype):
 
     Dense backend: ``deltas[l]`` is (n, m); sparse backend: a flat array
     aligned with ``cache["H"][l]`` (CSR pattern of layer ``l + 1``).
+    The product is taken in float64 (a huge ``alpha_i`` on a sample whose
+    deltas are zero stays zero); an entry that overflows the working dtype
+    becomes inf and the caller rejects the step.
     """
     out = []
-    for layer, d in enumerate(deltas):
-        if d.ndim == 2:
-            scaled = d * alpha.astype(dtype)[:, None]
-        else:
-            indptr = cache["H"][layer][0]
-            scaled = d * np.repeat(alpha, np.diff(indptr)).astype(dtype, copy=False)
-        out.append(np.ascontiguousarray(scaled, dtype=dtype))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for layer, d in enumerate(deltas):
+            if d.ndim == 2:
+                scaled = d * alpha[:, None]
+            else:
+                scaled = d * np.repeat(alpha, np.diff(cache["H"][layer][0]))
+            out.append(np.ascontiguousarray(scaled, dtype=dtype))
     return out
 
 
@@ -131,12 +136,19 @@ class GaussNewtonState:
         return factors, deltas
 
     def _solve(self, factors, r, lam):
-        model = self.model
-        alpha, info = solve_gauss_newton(
-            factors, r, damping=lam, method=self.solver, random_state=self.rng,
-            n_threads=model._n_threads,
-        )
-        return alpha, info
+        """alpha of the damped system, or None when it is numerically singular."""
+        try:
+            alpha, _ = solve_gauss_newton(
+                factors, r, damping=lam, method=self.solver, random_state=self.rng,
+                n_threads=self.model._n_threads,
+            )
+        except ValueError as exc:
+            # The solver's own advice ("... increase damping") is what the
+            # Levenberg-Marquardt loop does next; anything else is a bug.
+            if "increase damping" not in str(exc):
+                raise
+            return None
+        return alpha if np.isfinite(alpha).all() else None
 
     def step(self):
         """One damped Gauss-Newton iteration; returns the loss before the step."""
@@ -168,31 +180,38 @@ class GaussNewtonState:
         accepted = False
         for _ in range(MAX_TRIES):
             lam = self.mu * scale
-            alpha, _ = self._solve(factors, r, lam)
-            # The linear model predicts the residual r - J J^T alpha = lambda alpha.
-            predicted = 0.5 * float(np.dot(lam * alpha, lam * alpha)) / r.shape[0]
-            gain = loss - predicted
-            if gain <= floor:
-                # Nothing left that a step can remove (converged to rounding, or
-                # the rest of the residual is outside the range of J: samples
-                # with no active neuron): no step, damping unchanged.
-                break
-            # Replace the step in place: undo ``applied`` and apply ``alpha``.
-            net.update(cache, _row_scaled_deltas(cache, deltas, alpha - applied, dtype), 1.0)
-            applied = alpha
-            trial = net.forward(self.X)
-            new_loss, _ = self._loss(trial)
-            if new_loss < loss:
-                rho = (loss - new_loss) / gain
-                self.mu = max(self.mu_min, self.mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3))
-                self.nu = 2.0
-                self.cache = trial
-                accepted = True
-                break
+            alpha = self._solve(factors, r, lam)
+            if alpha is not None:
+                # The linear model predicts the residual r - J J^T alpha = lambda alpha.
+                predicted = 0.5 * float(np.dot(lam * alpha, lam * alpha)) / r.shape[0]
+                gain = loss - predicted
+                if gain <= floor:
+                    # Nothing left that a step can remove (converged to rounding,
+                    # or the rest of the residual is outside the range of J:
+                    # samples with no active neuron): no step, damping unchanged.
+                    break
+                # Replace the step in place: undo ``applied`` and apply ``alpha``.
+                step = _row_scaled_deltas(cache, deltas, alpha - applied, dtype)
+                if all(np.isfinite(d).all() for d in step):
+                    net.update(cache, step, 1.0)
+                    applied = alpha
+                    trial = net.forward(self.X)
+                    new_loss, _ = self._loss(trial)
+                    if new_loss < loss:
+                        rho = (loss - new_loss) / gain
+                        self.mu = max(self.mu_min,
+                                      self.mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3))
+                        self.nu = 2.0
+                        self.cache = trial
+                        accepted = True
+                        break
+            # Rejected (no decrease, a singular system or a step that overflows
+            # the working dtype): more damping, same factors.
             self.mu = min(self.mu * self.nu, _MU_MAX)
             self.nu *= 2.0
         if not accepted:
-            net.update(cache, _row_scaled_deltas(cache, deltas, -applied, dtype), 1.0)
+            if applied.any():
+                net.update(cache, _row_scaled_deltas(cache, deltas, -applied, dtype), 1.0)
             self.cache = cache
         model.history_["damping"].append(lam / scale)
         return loss
