@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from subquad_ds import SparseMLP
 from subquad_ds._gn_optimizer import GaussNewtonState
@@ -104,6 +106,42 @@ def test_undamped_step_solves_the_linearised_problem(backend):
     # The minimum-norm solution: the step lies in the row space of J.
     coef, *_ = np.linalg.lstsq(J.T, step, rcond=None)
     np.testing.assert_allclose(J.T @ coef, step, rtol=1e-7, atol=1e-8 * np.abs(step).max())
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 8), width=st.integers(8, 20),
+       depth=st.integers(1, 3), threshold=st.sampled_from(["relative", "fixed"]),
+       backend=st.sampled_from(["sparse", "dense"]), mu=st.floats(1e-6, 1.0))
+def test_step_matches_the_oracle_on_random_networks(seed, n, width, depth, threshold, backend,
+                                                     mu):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, 5))
+    y = rng.standard_normal(n)
+    model = SparseMLP(width=width, depth=depth, optimizer="gauss-newton", max_iter=1,
+                      threshold=threshold, sparsity=0.3, backend=backend, dtype=np.float64,
+                      random_state=seed, n_threads=1).fit(X, y)
+    model._init_params(5, 1, np.random.default_rng(seed))
+    model._build_net()
+    model.history_ = {"damping": []}
+    kw = _oracle_kw(model, X)
+    J = mlp_jacobian_fd(model.coefs_, model.head_, X, **kw)
+    diag = np.einsum("ij,ij->i", J, J)
+    assume(diag.max() > 1e-6)  # at least one sample with an active path
+    r = mlp_outputs(model.coefs_, model.head_, X, **kw) - y
+    expected = gauss_newton_step_dense(J, r, mu * diag.mean())
+    shapes = [W.shape for W in model.coefs_]
+    trial = np.split(np.concatenate([W.ravel() for W in model.coefs_]) + expected,
+                     np.cumsum([np.prod(s) for s in shapes])[:-1])
+    new_r = mlp_outputs([t.reshape(s) for t, s in zip(trial, shapes)], model.head_, X,
+                        **kw) - y
+    gain = r @ r - (mu * diag.mean()) ** 2 * np.sum(
+        np.linalg.solve(J @ J.T + mu * diag.mean() * np.eye(n), r) ** 2)
+    assume(new_r @ new_r < r @ r and gain > 1e-20)  # a first trial the optimiser accepts
+    before = np.concatenate([W.ravel() for W in model.coefs_])
+    GaussNewtonState(model, X, y, damping=mu, solver="exact", rng=0).step()
+    assert model.history_["damping"] == [pytest.approx(mu, rel=1e-12)]
+    step = np.concatenate([W.ravel() for W in model.coefs_]) - before
+    np.testing.assert_allclose(step, expected, rtol=1e-5, atol=1e-8 * np.abs(expected).max())
 
 
 # -- convergence -------------------------------------------------------------------
