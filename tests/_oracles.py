@@ -212,3 +212,67 @@ def mlp_loss(coefs, head, intercept, X, y, *, rule, b, k=None, task="regression"
     out = out - out.max(axis=1, keepdims=True)
     logp = out - np.log(np.exp(out).sum(axis=1, keepdims=True))
     return -np.mean(logp[np.arange(len(y)), y])
+
+
+# ---------------------------------------------------------------------------
+# Gauss-Newton training of SparseMLP (workstream "gn")
+# ---------------------------------------------------------------------------
+
+def mlp_outputs(coefs, head, X, *, rule, b, frozen=None):
+    """Regression outputs ``f(X) = h_L @ head[:, 0]`` in float64, written out plainly.
+
+    ``frozen``: a list of per-layer ``(t, mask)`` from :func:`topk_selection`;
+    the top-k threshold and active set are then held constant (the
+    straight-through rule of the top-k backward pass).
+    """
+    H = np.asarray(X, dtype=np.float64)
+    for layer, W in enumerate(coefs):
+        Z = H @ np.asarray(W, dtype=np.float64)
+        if frozen is not None:
+            t, mask = frozen[layer]
+            H = (Z - t[:, None]) * mask
+            continue
+        if rule == "fixed":
+            t = np.full(len(Z), b)
+        else:
+            t = b * np.sqrt((H * H).sum(axis=1))
+        H = shifted_relu_dense(Z, t)
+    return H @ np.asarray(head, dtype=np.float64)[:, 0]
+
+
+def topk_selection(coefs, X, k):
+    """Per-layer top-k thresholds and active masks at ``coefs`` (to freeze them)."""
+    H, frozen = np.asarray(X, dtype=np.float64), []
+    for W in coefs:
+        Z = H @ np.asarray(W, dtype=np.float64)
+        t = topk_threshold(Z, k)
+        mask = Z - t[:, None] > 0
+        frozen.append((t, mask))
+        H = (Z - t[:, None]) * mask
+    return frozen
+
+
+def mlp_jacobian_fd(coefs, head, X, *, rule, b, frozen=None, eps=1e-6):
+    """Dense Jacobian df/dtheta (n, sum of coef sizes) by central differences.
+
+    Columns follow ``np.concatenate([W.ravel() for W in coefs])`` (the
+    stored ``coefs_`` layout, (d_in, m) per layer, row-major).
+    """
+    coefs = [np.array(W, dtype=np.float64) for W in coefs]
+    cols = []
+    for W in coefs:
+        for idx in np.ndindex(W.shape):
+            w0 = W[idx]
+            W[idx] = w0 + eps
+            up = mlp_outputs(coefs, head, X, rule=rule, b=b, frozen=frozen)
+            W[idx] = w0 - eps
+            down = mlp_outputs(coefs, head, X, rule=rule, b=b, frozen=frozen)
+            W[idx] = w0
+            cols.append((up - down) / (2 * eps))
+    return np.stack(cols, axis=1)
+
+
+def gauss_newton_step_dense(J, r, damping):
+    """The damped Gauss-Newton step ``-J^T (J J^T + damping I)^{-1} r`` (flat)."""
+    G = J @ J.T + damping * np.eye(J.shape[0])
+    return -J.T @ np.linalg.solve(G, r)

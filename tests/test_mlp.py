@@ -288,7 +288,6 @@ def test_inputs_are_not_modified(task32):
     (dict(callback=3), TypeError, "callback must be callable"),
     (dict(dtype=np.int32), TypeError, "dtype must be float32 or float64"),
     (dict(n_threads=0), ValueError, "n_threads = 0 is invalid"),
-    (dict(optimizer="gauss-newton"), NotImplementedError, "sketched least-squares solver"),
 ])
 def test_bad_parameters(task32, kw, exc, match):
     X, y = task32
