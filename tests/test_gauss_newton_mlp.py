@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, given, reject, settings
 from hypothesis import strategies as st
 
 from subquad_ds import SparseMLP
@@ -119,7 +119,15 @@ def test_step_matches_the_oracle_on_random_networks(seed, n, width, depth, thres
     y = rng.standard_normal(n)
     model = SparseMLP(width=width, depth=depth, optimizer="gauss-newton", max_iter=1,
                       threshold=threshold, sparsity=0.3, backend=backend, dtype=np.float64,
-                      random_state=seed, n_threads=1).fit(X, y)
+                      random_state=seed, n_threads=1)
+    try:
+        model.fit(X, y)
+    except ValueError as exc:
+        # A fixed threshold can leave every sample without an active neuron;
+        # fit refuses that network, and it has no step to compare.
+        if "the Jacobian is zero" not in str(exc):
+            raise
+        reject()
     model._init_params(5, 1, np.random.default_rng(seed))
     model._build_net()
     model.history_ = {"damping": []}

@@ -5,11 +5,11 @@ are re-exported here.
 """
 
 from ._openmp_helpers import openmp_enabled
+from .halfspace import HalfspaceIndex
 from .lowrank import LowRankUpdatedMatrix
 from .lstsq import sketched_lstsq
-from .sketch import SRHT, CountSketch, GaussianSketch, TensorSketch
-from .halfspace import HalfspaceIndex
 from .mlp import SparseMLP
+from .sketch import SRHT, CountSketch, GaussianSketch, TensorSketch
 from .sparsify import (
     init_scale,
     resolve_sparsity,
@@ -21,18 +21,18 @@ from .sparsify import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "LowRankUpdatedMatrix",
     "CountSketch",
     "GaussianSketch",
-    "SRHT",
-    "TensorSketch",
-    "sketched_lstsq",
     "HalfspaceIndex",
-    "openmp_enabled",
+    "LowRankUpdatedMatrix",
+    "SRHT",
     "SparseMLP",
+    "TensorSketch",
     "init_scale",
+    "openmp_enabled",
     "resolve_sparsity",
     "shifted_relu",
     "shifted_relu_topk",
+    "sketched_lstsq",
     "threshold_for_sparsity",
 ]
