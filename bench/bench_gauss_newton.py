@@ -39,20 +39,20 @@ the times to 1e-4, 1e-6 and 1e-10 (None: not reached within the run).
 """
 
 import argparse
-import os
 import time
 
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
+from conftest import max_width
 from subquad_ds import SparseMLP
 from subquad_ds.datasets import load_default_task
 
 N_SAMPLES = 32
 DEPTH = 3
 TARGETS = (1e-4, 1e-6, 1e-10)
-WIDTHS = [m for m in (2048, 4096) if m <= int(os.environ.get("SUBQUAD_BENCH_MAX_WIDTH", 4096))]
+WIDTHS = [m for m in (2048, 4096) if m <= max_width()]
 # Iterations of one pytest body (full run): enough for GN and GD to pass
 # 1e-10 (GD needs ~190 at m = 2048); PyTorch gets ~10-30 s of steps.
 ITERATIONS = {"gn-float32": 10, "gn-float64": 10, "gd-float32": 300,

@@ -17,12 +17,11 @@ plot with ``python bench/plot_train.py <pytest-benchmark json>``.
 """
 
 import contextlib
-import os
 
 import numpy as np
 import pytest
 
-from conftest import require
+from conftest import max_width, require
 
 try:
     from threadpoolctl import threadpool_limits
@@ -31,8 +30,7 @@ except ImportError:  # only the dense reference needs it (skipped without it)
 from subquad_ds import SparseMLP
 from subquad_ds.datasets import load_default_task
 
-MAX_WIDTH = int(os.environ.get("SUBQUAD_BENCH_MAX_WIDTH", "16384"))
-WIDTHS = [m for m in (2048, 4096, 8192, 16384) if m <= MAX_WIDTH] or [2048]
+WIDTHS = [m for m in (2048, 4096, 8192, 16384) if m <= max_width()] or [2048]
 BATCH = 32
 LR = 1e-3  # small and fixed: the timed steps must not depend on the data
 

@@ -26,6 +26,15 @@ def machine_info():
     }
 
 
+def max_width(default=16384):
+    """Largest network width a benchmark may use: ``SUBQUAD_BENCH_MAX_WIDTH``.
+
+    The full sweeps go to m = 16384 (several GiB and seconds per dense
+    step); the CI smoke run caps them.
+    """
+    return int(os.environ.get("SUBQUAD_BENCH_MAX_WIDTH", default))
+
+
 def require(module_name):
     """Import an optional peer or skip the benchmark saying which is missing."""
     return pytest.importorskip(

@@ -1,7 +1,6 @@
 """Long random add/remove/update/query sequences against a dict-of-points model."""
 
 import numpy as np
-import pytest
 from hypothesis import assume, settings, strategies as st
 from hypothesis.extra import numpy as hynp
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
