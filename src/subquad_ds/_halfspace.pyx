@@ -819,7 +819,7 @@ cdef inline bint _worse(double s1, intp_t i1, double s2, intp_t i2) noexcept nog
 
 cdef void _heap_push(QueryBuf* qb, double s, intp_t i) noexcept nogil:
     """Offer (s, i) to the bounded heap."""
-    cdef intp_t pos, child, n
+    cdef intp_t pos, child
     cdef double* hs = qb.hscore
     cdef intp_t* hi = qb.hid
     if qb.hsize < qb.k:
@@ -838,8 +838,13 @@ cdef void _heap_push(QueryBuf* qb, double s, intp_t i) noexcept nogil:
         return
     if not _worse(hs[0], hi[0], s, i):
         return
-    n = qb.hsize
-    pos = 0
+    _sift_down_from_root(hs, hi, qb.hsize, s, i)
+
+
+cdef inline void _sift_down_from_root(double* hs, intp_t* hi, intp_t n,
+                                      double s, intp_t i) noexcept nogil:
+    """Put (s, i) in place of the root of the n-entry heap and restore the order."""
+    cdef intp_t pos = 0, child
     while True:
         child = 2 * pos + 1
         if child >= n:
@@ -1226,29 +1231,10 @@ cdef int _batch_search(const CoreView* v, const floating* X, const floating* W,
 
 cdef void _heap_drop_root(QueryBuf* qb, intp_t n) noexcept nogil:
     """Drop the root of a heap of n+1 entries, leaving a valid heap of n."""
-    cdef double s = qb.hscore[n]
-    cdef intp_t i = qb.hid[n]
-    cdef intp_t pos = 0, child
-    cdef double* hs = qb.hscore
-    cdef intp_t* hi = qb.hid
     qb.hsize = n
     qb.k = n
-    if n == 0:
-        return
-    while True:
-        child = 2 * pos + 1
-        if child >= n:
-            break
-        if child + 1 < n and _worse(hs[child + 1], hi[child + 1], hs[child], hi[child]):
-            child += 1
-        if _worse(hs[child], hi[child], s, i):
-            hs[pos] = hs[child]
-            hi[pos] = hi[child]
-            pos = child
-        else:
-            break
-    hs[pos] = s
-    hi[pos] = i
+    if n > 0:
+        _sift_down_from_root(qb.hscore, qb.hid, n, qb.hscore[n], qb.hid[n])
 
 
 # ---------------------------------------------------------------------------
