@@ -13,6 +13,7 @@ def test_train_writes_history_and_plot(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "sparse" in out and "dense" in out and "speedup" in out
+    assert "threads: sparse kernels 1, dense reference 1 BLAS thread(s)" in out
     history = json.loads((tmp_path / "subquad_ds_train.json").read_text())
     for backend in ("sparse", "dense"):
         h = history["history"][backend]
@@ -74,3 +75,19 @@ def test_progress_bar_non_interactive(tmp_path):
 def test_python_dash_m_is_the_same_program():
     res = subprocess.run([sys.executable, "-m", "subquad_ds", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "train" in res.stdout and "bench" in res.stdout
+
+
+def test_dense_reference_gets_the_same_blas_threads(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from subquad_ds.cli import blas_thread_limit
+
+    limit, text = blas_thread_limit(1)
+    assert text == "1 BLAS thread(s)"
+    with limit:
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)
+    limit, text = blas_thread_limit(1)
+    assert "threadpoolctl is not installed" in text
+    with limit:
+        pass

@@ -8,12 +8,15 @@ and prints the fitted exponent of time versus m.
 """
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ._validation import check_n_threads
 
 __all__ = ["main"]
 
@@ -106,13 +109,30 @@ def _model_kwargs(args):
     )
 
 
+def blas_thread_limit(n_threads):
+    """Limit numpy's BLAS to ``n_threads`` so both backends get the same threads.
+
+    Returns ``(context manager, description)``.  Without threadpoolctl the
+    BLAS keeps its default thread count, and the description says so.
+    """
+    n = check_n_threads(n_threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext(), ("numpy's default BLAS threads (threadpoolctl is not "
+                                          "installed: pip install 'subquad_ds[cli]')")
+    return threadpool_limits(limits=n, user_api="blas"), f"{n} BLAS thread(s)"
+
+
 def _fit_one(backend, X, y, args, stream):
     from .mlp import SparseMLP
 
     bar = ProgressBar(args.iters, backend, stream=stream)
     model = SparseMLP(backend=backend, callback=bar, **_model_kwargs(args))
+    limit, _ = blas_thread_limit(args.threads)
     start = time.perf_counter()
-    model.fit(X, y)
+    with limit:
+        model.fit(X, y)
     wall = time.perf_counter() - start
     bar.close()
     return model, wall
@@ -136,6 +156,8 @@ def _print_summary(rows, args, out):
     print(f"\nwidth m={args.width}, depth L={args.depth}, n={args.n_samples} samples, "
           f"task={args.task}, threshold={args.threshold}, sparsity={args.sparsity}, "
           f"dtype={args.dtype}", file=out)
+    print(f"threads: sparse kernels {check_n_threads(args.threads)}, dense reference "
+          f"{blas_thread_limit(args.threads)[1]}", file=out)
     print(f"{'backend':<8} {'final loss':>12} {'iters':>6} {'ms/iter':>10} {'fit s':>8}", file=out)
     for r in rows:
         print(f"{r['backend']:<8} {r['final_loss']:>12.4e} {r['iterations']:>6d} "
@@ -209,7 +231,7 @@ def cmd_train(args):
         print(f"plot written to {out_dir / PLOT_NAME}", file=out)
     else:
         print("matplotlib is not installed, so no plot was written "
-              "(pip install 'subquad_ds[plot]')", file=err)
+              "(pip install 'subquad_ds[cli]')", file=err)
     return 0
 
 
@@ -235,7 +257,8 @@ def cmd_bench(args):
                               sparsity=args.sparsity, threshold=args.threshold,
                               dtype=np.dtype(args.dtype).type, random_state=args.seed,
                               n_threads=args.threads)
-            model.fit(X, y)
+            with blas_thread_limit(args.threads)[0]:
+                model.fit(X, y)
             # The first iteration pays one-off page faults and cache warm-up.
             times = np.asarray(model.history_["time"][1:] or model.history_["time"])
             timings[backend].append(float(np.median(times)))
