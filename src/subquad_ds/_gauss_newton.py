@@ -49,7 +49,7 @@ Three solvers:
     diag(J J^T)_i = sum_l ||D_l[i]||^2 ||H_{l-1}[i]||^2 (O(nnz) to build).
 
 Which one pays (measured single-threaded at m = 4096, 1% and 5% active,
-L = 3, n = 64..8192; notes/sketch_results.md, bench/sketch_gn_crossover.py):
+L = 3, n = 64..8192; bench/RESULTS.md, section "Sketches", bench/sketch_gn_crossover.py):
 the exact Gram wins up to n ~ 2000 at 1% active and ~10000 at 5%, because
 sparse supports make D D^T cost n^2 k^2 / m, not n^2 m; the Jacobi CG wins
 beyond when J J^T is as well conditioned as with random sparse factors
@@ -89,7 +89,7 @@ _METHODS = ("auto", "exact", "sketched", "jacobi")
 # conditioning) always up to AUTO_EXACT_MIN_N samples; beyond, whichever of
 # exact and Jacobi CG a cost model predicts faster.  The model's constants
 # were fitted to single-threaded measurements on the project machine
-# (notes/sketch_results.md: m = 4096, 1% and 5% active, L = 3, n up to 8192;
+# (bench/RESULTS.md, section "Sketches": m = 4096, 1% and 5% active, L = 3, n up to 8192;
 # it predicts those times within ~25%):
 #   exact  = T_FLOP n^3/3 (Cholesky) + T_PAIR sum_M sum_r nnz(M[:, r])^2 / 2
 #            (sparse Gram products) + T_N2 L n^2 (dense passes)

@@ -350,8 +350,8 @@ class SparseMLP:
         from the sparse factors and Cholesky, ``O(n^2)`` memory.
         "sketched": TensorSketch preconditioner and matrix-free CG, no
         ``n x n`` matrix.  "jacobi": matrix-free CG with the exact diagonal
-        as preconditioner.  "auto": exact up to 15000 samples, else
-        sketched.
+        as preconditioner.  "auto": exact up to 1024 samples, beyond that
+        the faster of exact and "jacobi" by a fitted cost model.
     threshold : {"relative", "fixed"}, default="relative"
         ``"relative"``: per-sample threshold ``t_i = tau s ||h_{l-1,i}||``.
         ``"fixed"``: the paper's ``t = tau s``.  The relative rule is the
