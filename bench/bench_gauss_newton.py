@@ -22,7 +22,7 @@ torch-sgd / torch-adam
     ReLU, Linear(m, 1))``: plain ReLU, PyTorch's default init and biases, a
     trainable output layer, float32, full-batch steps on ``MSELoss``.
     Learning rates are the best of a grid for each optimiser (``--sweep``;
-    lowest MSE after a fixed number of steps, see notes/gn_results.md):
+    lowest MSE after a fixed number of steps, see bench/RESULTS.md):
     SGD 0.1 from {0.03, 0.1, 0.3, 1} (0.3 oscillates, 1 diverges) at both
     widths; Adam from {3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2}: 1e-3 at
     m = 2048 (fewest steps to every target), 3e-3 at m = 4096.
