@@ -363,6 +363,7 @@ def _check_sessions(data, m):
     np.testing.assert_allclose(A.matvec(probe), WT.T @ probe, rtol=1e-4,
                                atol=1e-4 * float(np.abs(WT.T @ probe).max()))
     assert np.array_equal(base, data["original"]), "the frozen base was written"
+    return n_diff, int(total)
 
 
 FT_IMPLS = ["subquad_ds LowRank frozen (default max_rank)",
@@ -375,11 +376,11 @@ FT_IMPLS = ["subquad_ds LowRank frozen (default max_rank)",
 def test_frozen_base(benchmark, machine_info, frozen, impl, m):
     data = frozen[m]
     base, acts, b = data["base"], data["acts"], data["b"]
-    copy_times = []
+    copy_times, agreement = [], None
     elem = np.dtype(DTYPE).itemsize
     if impl.startswith("subquad"):
         if "default" in impl:
-            _check_sessions(data, m)
+            agreement = _check_sessions(data, m)
             max_rank = default_max_rank(m, m)
         else:
             max_rank = SESSION_STEPS * BATCH
@@ -409,5 +410,8 @@ def test_frozen_base(benchmark, machine_info, frozen, impl, m):
         benchmark.extra_info["n_flushes_per_session"] = result.n_flushes
     benchmark.extra_info["allocated_bytes"] = alloc
     benchmark.extra_info["mapped_base_bytes"] = base.nbytes
+    if agreement is not None:
+        benchmark.extra_info["active_pairs_differing_from_eager"] = agreement[0]
+        benchmark.extra_info["active_pairs_per_session"] = agreement[1]
     if copy_times:
         benchmark.extra_info["copy_seconds"] = float(np.median(copy_times))
