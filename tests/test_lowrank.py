@@ -676,3 +676,20 @@ def test_sparse_equals_dense_product(shape, k, seed):
     vals = rng.standard_normal(k)
     xd = sparse_to_dense(idx, vals, n)
     assert_allclose(A.matvec((idx, vals)), A.matvec(xd), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", ["F", "C"])
+@pytest.mark.parametrize("nnz", range(10))
+def test_sparse_products_every_column_remainder(dtype, order, nnz, rng):
+    """The column kernel adds four columns per pass: cover every remainder,
+    blocks of outputs beyond one block, duplicates and restricted rows."""
+    m, n = 4096 + 37, 50
+    W0 = np.asarray(rng.standard_normal((m, n)), dtype=dtype, order=order)
+    A = LowRankUpdatedMatrix(W0, copy=False)
+    idx = rng.integers(0, n, nnz)  # duplicates add up
+    vals = rng.standard_normal(nnz)
+    rows = rng.integers(0, m, 300)
+    ref = W0.astype(np.float64) @ sparse_to_dense(idx, vals, n)
+    rtol = rtol_for(dtype)
+    assert_allclose(A.matvec((idx, vals)), ref, rtol=rtol, atol=rtol * 10)
+    assert_allclose(A.matvec((idx, vals), rows=rows), ref[rows], rtol=rtol, atol=rtol * 10)

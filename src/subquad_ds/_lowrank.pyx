@@ -34,8 +34,8 @@ enough to pay for a thread team; each output entry is owned by one thread,
 so results do not depend on the thread count.  When the entries a kernel
 needs are strided in the store (a row of a column-major matrix), the loop
 order is chosen so that the innermost loop walks a contiguous column:
-``spmv`` with ``trans=False`` adds ``nnz`` contiguous columns block by block
-(the block of ``y`` stays in L1); with ``trans=True`` each output entry is a
+``spmv`` with ``trans=False`` adds ``nnz`` contiguous columns, four at a time,
+block by block (the block of ``y`` stays in L1/L2); with ``trans=True`` each output entry is a
 gathered dot product along one contiguous column.
 
 Validation (shapes, dtypes, index ranges, finiteness) is done once in
@@ -47,9 +47,11 @@ from cython.parallel cimport prange
 
 from scipy.linalg.cython_blas cimport dgemm, dgemv, sgemm, sgemv
 
-# Output rows handled per task by the column-axpy form of spmv: 512 float64
-# (4 KiB) stay in L1 while nnz columns stream through.
-cdef Py_ssize_t ROW_BLOCK = 512
+# Output rows handled per task by the column-axpy form of spmv (16-32 KiB of
+# y, in L1/L2), four columns streaming at a time.  Long column segments keep
+# the hardware prefetchers streaming: at m = 16384 with 400 nonzeros, blocks of
+# 512 rows ran at 15 GB/s, 4096 at 25 GB/s (one thread, this machine).
+cdef Py_ssize_t ROW_BLOCK = 4096
 
 
 cdef inline int _imax1(Py_ssize_t v) noexcept nogil:
@@ -128,9 +130,13 @@ cdef void _gather_mv(const floating[::1, :] S, bint trans,
     ``row(i) = rows[i]`` and ``col(t) = idx[t]``; a NULL ``rows`` or ``idx``
     means the identity (all output rows, a dense input vector).
     """
-    cdef Py_ssize_t i, t, b, i0, i1, n_blocks
+    cdef Py_ssize_t i, t, b, i0, i1, n_blocks, r
     cdef const floating* col
-    cdef floating v, acc
+    cdef const floating *c0
+    cdef const floating *c1
+    cdef const floating *c2
+    cdef const floating *c3
+    cdef floating v0, v1, v2, v3, acc
     if trans:
         # Row row(i) of op(S) is the contiguous column row(i) of S: one
         # (gathered) dot product per output entry.
@@ -156,15 +162,33 @@ cdef void _gather_mv(const floating[::1, :] S, bint trans,
             if not accumulate:
                 for i in range(i0, i1):
                     y[i] = 0
-            for t in range(n_in):
-                v = vals[t]
-                col = &S[0, idx[t] if idx != NULL else t]
+            # Four columns per pass: four concurrent memory streams and a
+            # quarter of the read-modify-writes of y.
+            for t in range(0, n_in - 3, 4):
+                c0 = &S[0, idx[t] if idx != NULL else t]
+                c1 = &S[0, idx[t + 1] if idx != NULL else t + 1]
+                c2 = &S[0, idx[t + 2] if idx != NULL else t + 2]
+                c3 = &S[0, idx[t + 3] if idx != NULL else t + 3]
+                v0 = vals[t]
+                v1 = vals[t + 1]
+                v2 = vals[t + 2]
+                v3 = vals[t + 3]
                 if rows == NULL:
                     for i in range(i0, i1):
-                        y[i] = y[i] + v * col[i]
+                        y[i] = y[i] + (v0 * c0[i] + v1 * c1[i]) + (v2 * c2[i] + v3 * c3[i])
                 else:
                     for i in range(i0, i1):
-                        y[i] = y[i] + v * col[rows[i]]
+                        r = rows[i]
+                        y[i] = y[i] + (v0 * c0[r] + v1 * c1[r]) + (v2 * c2[r] + v3 * c3[r])
+            for t in range(n_in - n_in % 4, n_in):
+                v0 = vals[t]
+                c0 = &S[0, idx[t] if idx != NULL else t]
+                if rows == NULL:
+                    for i in range(i0, i1):
+                        y[i] = y[i] + v0 * c0[i]
+                else:
+                    for i in range(i0, i1):
+                        y[i] = y[i] + v0 * c0[rows[i]]
 
 
 def spmv(const floating[::1, :] S, bint trans, const Py_ssize_t[::1] idx,
