@@ -1089,24 +1089,17 @@ cdef void _search_one(const CoreView* v, const floating* X, QueryBuf* qb) noexce
                 _node_bounds(v, node0 + c, qb, &lo_l, &hi_l)
             if v.node_alive[node0 + r] > 0:
                 _node_bounds(v, node0 + r, qb, &lo_r, &hi_r)
-            if hi_l >= hi_r:
-                if v.node_alive[node0 + r] > 0:
-                    qb.stack[top] = r
-                    stack_hi[top] = hi_r
-                    top += 1
-                if v.node_alive[node0 + c] > 0:
-                    qb.stack[top] = c
-                    stack_hi[top] = hi_l
-                    top += 1
-            else:
-                if v.node_alive[node0 + c] > 0:
-                    qb.stack[top] = c
-                    stack_hi[top] = hi_l
-                    top += 1
-                if v.node_alive[node0 + r] > 0:
-                    qb.stack[top] = r
-                    stack_hi[top] = hi_r
-                    top += 1
+            if hi_l >= hi_r:   # order the pair so that the more promising child goes last
+                c, r = r, c
+                hi_l, hi_r = hi_r, hi_l
+            if v.node_alive[node0 + c] > 0:
+                qb.stack[top] = c
+                stack_hi[top] = hi_l
+                top += 1
+            if v.node_alive[node0 + r] > 0:
+                qb.stack[top] = r
+                stack_hi[top] = hi_r
+                top += 1
         if pend_end > pend_start:
             _search_range(v, X, qb, pend_start, pend_end)
         pend_start = pend_end = 0
