@@ -42,7 +42,10 @@ def resolve_float_dtype(X, dtype=None):
     float32 if ``X`` is already a float32 ndarray, else float64.
     """
     if dtype is not None:
-        dt = np.dtype(dtype)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64; got {dtype!r}") from None
         if dt not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32 or float64; got {dt}")
         return dt
@@ -100,6 +103,12 @@ def as_float_array(X, name, *, dtype, ndim=None, shape=None, allow_empty=True,
     """
     if isinstance(X, np.ndarray):
         arr = X
+    elif is_sparse(X):
+        # np.asarray would wrap it in a 0-d object array ("dtype object").
+        raise TypeError(
+            f"{name} must be a dense array; got a scipy.sparse {type(X).__name__} "
+            "(convert it with .toarray())"
+        )
     else:
         try:
             arr = np.asarray(X)
@@ -206,6 +215,8 @@ def check_random_state(seed, name="random_state"):
     if seed is None or isinstance(seed, (numbers.Integral, np.random.SeedSequence)):
         if isinstance(seed, (bool, np.bool_)):
             raise TypeError(f"{name} must be None, an int, a SeedSequence or a Generator; got {seed!r}")
+        if isinstance(seed, numbers.Integral) and seed < 0:
+            raise ValueError(f"{name} must be a non-negative int; got {seed!r}")
         return np.random.default_rng(seed)
     if isinstance(seed, np.random.Generator):
         return seed

