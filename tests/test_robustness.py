@@ -153,3 +153,11 @@ def test_bad_input_raises_naming_the_argument(label, call, exc, match):
     with pytest.raises(exc, match=match):
         call()
 
+
+def test_load_default_task_rejects_non_float_dtype():
+    with pytest.raises(TypeError, match=r"dtype must be float32 or float64; got int32"):
+        load_default_task(dtype=np.int32)
+    with pytest.raises(TypeError, match=r"dtype must be float32 or float64; got 'foo'"):
+        load_default_task(dtype="foo")
+    X, y = load_default_task(n_samples=4, dtype="float32")
+    assert X.dtype == y.dtype == np.float32
