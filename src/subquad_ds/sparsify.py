@@ -38,6 +38,7 @@ from scipy import sparse, special
 from . import _sparse_mlp
 from ._validation import (
     as_float_array,
+    check_float,
     check_int,
     check_n_threads,
     check_scalar_or_vector,
@@ -101,10 +102,15 @@ def init_scale(width, tau):
     s : float
     """
     width = check_int(width, "width", minimum=1)
-    tau = float(tau)
-    if not math.isfinite(tau):
-        raise ValueError(f"tau must be finite; got {tau}")
-    return 1.0 / math.sqrt(width * _second_moment(tau))
+    tau = check_float(tau, "tau")
+    c = _second_moment(tau) if abs(tau) < 1e150 else math.nan  # tau**2 overflows
+    s = 1.0 / math.sqrt(width * c) if c > 0 else math.nan  # c underflows to 0 near tau = 38
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(
+            f"tau = {tau} is out of range: the second moment c(tau) = {c:.3g} "
+            f"gives no positive finite scale"
+        )
+    return s
 
 
 def resolve_sparsity(width, sparsity="sqrt-log"):
