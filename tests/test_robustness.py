@@ -216,3 +216,16 @@ def test_load_default_task_rejects_non_float_dtype():
         load_default_task(dtype="foo")
     X, y = load_default_task(n_samples=4, dtype="float32")
     assert X.dtype == y.dtype == np.float32
+
+
+# -- HalfspaceIndex: membership and state after rejected calls --------------
+
+
+@pytest.mark.parametrize("key, expected", [
+    (3, True), (np.int64(3), True), (np.uint8(3), True), (-1, False), (20, False),
+    (2 ** 63, False), (2 ** 70, False), (-(2 ** 70), False), ("3", False), (3.0, False),
+    (True, False), (None, False),
+])
+def test_index_contains_any_key(key, expected):
+    assert (key in _index()) is expected
+

@@ -25,6 +25,7 @@ __all__ = ["HalfspaceIndex"]
 
 _STATE_VERSION = 1
 _MODE_COUNT, _MODE_IDS, _MODE_SCORES = 0, 1, 2
+_INTP_MIN, _INTP_MAX = int(np.iinfo(np.intp).min), int(np.iinfo(np.intp).max)
 
 
 class HalfspaceIndex:
@@ -178,7 +179,10 @@ class HalfspaceIndex:
     def __contains__(self, id_):
         if isinstance(id_, (bool, np.bool_)) or not isinstance(id_, numbers.Integral):
             return False
-        return bool(self._core.has_ids(np.array([int(id_)], dtype=np.intp))[0])
+        id_ = int(id_)
+        if not _INTP_MIN <= id_ <= _INTP_MAX:  # would overflow np.intp
+            return False
+        return bool(self._core.has_ids(np.array([id_], dtype=np.intp))[0])
 
     def __repr__(self):
         return (f"<HalfspaceIndex(n={len(self)}, d={self.n_features}, "
