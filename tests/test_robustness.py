@@ -229,3 +229,149 @@ def test_load_default_task_rejects_non_float_dtype():
 def test_index_contains_any_key(key, expected):
     assert (key in _index()) is expected
 
+
+# -- state is unchanged after a rejected call --------------------------------
+
+
+def _index_state(index):
+    ids = index.ids
+    w = np.linspace(-1.0, 1.0, index.n_features)
+    return {
+        "ids": ids, "points": index.get(ids), "next_id": index._core.next_id,
+        "len": len(index), "query": np.sort(index.query(w, 0.1)),
+        "search": index.search(w, 5),
+    }
+
+
+def _lowrank_state(M):
+    x = np.linspace(-1.0, 1.0, M.shape[1])
+    return {
+        "dense": M.toarray(), "pending_rank": M.pending_rank, "n_flushes": M.n_flushes,
+        "matvec": M.matvec(x), "shape": M.shape, "dtype": M.dtype,
+    }
+
+
+def _mlp_state(model):
+    state = {k: v for k, v in vars(model).items() if k not in ("_net", "_gn_state", "history_")}
+    state["history_"] = {k: list(v) for k, v in model.history_.items()}
+    state["coefs_"] = [W.copy() for W in model.coefs_]
+    state["predict"] = model.predict(X_TASK)
+    return state
+
+
+def _fitted_mlp():
+    return _mlp().fit(X_TASK, Y_TASK)
+
+
+def _assert_same(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            _assert_same(u, v)
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    else:
+        assert a == b or (a != a and b != b)
+
+
+def _set_and_fit(**params):
+    def call(model):
+        model.set_params(**params)
+        model.fit(X_TASK, Y_TASK)
+    return call
+
+
+STATEFUL_CASES = [
+    # (label, factory, state, rejected call, exception, regex)
+    ("index.add NaN", _index, _index_state, lambda s: s.add(np.full((2, 4), np.nan)), ValueError, "X must be finite"),
+    ("index.add beyond float32", lambda: HalfspaceIndex(X20.astype(np.float32)), _index_state,
+     lambda s: s.add(np.full((1, 4), 1e300)), ValueError, "X must be finite"),
+    ("index.add ids duplicate", _index, _index_state, lambda s: s.add(X20[:2], [50, 50]), ValueError, "ids contains duplicates"),
+    ("index.add ids present", _index, _index_state, lambda s: s.add(X20[:2], [50, 3]), ValueError, r"ids\[1\] = 3 is already"),
+    ("index.add ids negative", _index, _index_state, lambda s: s.add(X20[:1], [-1]), ValueError, "ids must be non-negative"),
+    ("index.add ids wrong length", _index, _index_state, lambda s: s.add(X20[:2], [50]), ValueError, "ids has 1 entries"),
+    ("index.add ids float", _index, _index_state, lambda s: s.add(X20[:1], [50.0]), TypeError, "ids must be integers"),
+    ("index.add ids bool", _index, _index_state, lambda s: s.add(X20[:1], [True]), TypeError, "ids must be integers"),
+    ("index.add ids 2-D", _index, _index_state, lambda s: s.add(X20[:1], [[50]]), ValueError, "ids must be 1-D"),
+    ("index.add X 1-D", _index, _index_state, lambda s: s.add(X20[0]), ValueError, "X must be 2-D"),
+    ("index.add X wrong width", _index, _index_state, lambda s: s.add(np.ones((1, 3))), ValueError, "X has 3 features"),
+    ("index.remove unknown", _index, _index_state, lambda s: s.remove([1, 99]), KeyError, r"ids\[1\] = 99 is not"),
+    ("index.remove negative", _index, _index_state, lambda s: s.remove(-1), KeyError, r"ids\[0\] = -1 is not"),
+    ("index.remove 2**62", _index, _index_state, lambda s: s.remove(2 ** 62), KeyError, "is not in the index"),
+    ("index.remove uint64 max", _index, _index_state, lambda s: s.remove(np.uint64(2 ** 64 - 1)),
+     ValueError, "ids has values beyond"),
+    ("index.remove duplicate", _index, _index_state, lambda s: s.remove([1, 1]), ValueError, "ids contains duplicates"),
+    ("index.remove str", _index, _index_state, lambda s: s.remove("a"), TypeError, "ids must be integers"),
+    ("index.remove None", _index, _index_state, lambda s: s.remove(None), TypeError, "ids must be integers"),
+    ("index.update NaN", _index, _index_state, lambda s: s.update([1], np.full((1, 4), np.nan)), ValueError, "X must be finite"),
+    ("index.update unknown", _index, _index_state, lambda s: s.update([1, 77], X20[:2]), KeyError, r"ids\[1\] = 77"),
+    ("index.update wrong length", _index, _index_state, lambda s: s.update([1], X20[:2]), ValueError, "X has 2 rows"),
+    ("index.update duplicate", _index, _index_state, lambda s: s.update([1, 1], X20[:2]), ValueError, "ids contains duplicates"),
+    ("index.query n_threads=0", _index, _index_state, lambda s: s.query(np.ones((2, 4)), 0.0, n_threads=0),
+     ValueError, "n_threads = 0"),
+    ("index.query b NaN", _index, _index_state, lambda s: s.query(np.ones(4), np.nan), ValueError, "b must be finite"),
+    ("index.query W sparse NaN", _index, _index_state, lambda s: s.query(sp.csr_array(np.full((2, 4), np.nan)), 0.0),
+     ValueError, "W.data must be finite"),
+    ("index.search k=-1", _index, _index_state, lambda s: s.search(np.ones(4), -1), ValueError, "k must be >= 0"),
+    ("lowrank.update NaN", _lowrank, _lowrank_state, lambda s: s.update(np.full(5, np.nan), np.ones(3)),
+     ValueError, "U must be finite"),
+    ("lowrank.update V NaN after pending", lambda: (lambda M: (M.update(np.ones(5), np.ones(3)), M)[1])(_lowrank()),
+     _lowrank_state, lambda s: s.update(np.ones(5), np.full(3, np.inf)), ValueError, "V must be finite"),
+    ("lowrank.update ranks differ", _lowrank, _lowrank_state, lambda s: s.update(np.ones((5, 2)), np.ones((3, 1))),
+     ValueError, "U and V must have the same number of columns"),
+    ("lowrank.update 1-D and 2-D", _lowrank, _lowrank_state, lambda s: s.update(np.ones(5), np.ones((3, 1))),
+     ValueError, "U and V must both be 1-D"),
+    ("lowrank.update float32 overflow", lambda: LowRankUpdatedMatrix(W53.astype(np.float32)), _lowrank_state,
+     lambda s: s.update(np.full(5, 1e300), np.ones(3)), ValueError, "U must be finite"),
+    ("lowrank.matvec rows out of range", _lowrank, _lowrank_state, lambda s: s.matvec(np.ones(3), rows=[5]),
+     ValueError, r"rows must be in \[0, 5\)"),
+    ("SparseMLP.fit verbose='x'", _fitted_mlp, _mlp_state, _set_and_fit(verbose="x"),
+     TypeError, "verbose must be an integer"),
+    ("SparseMLP.fit verbose=-1", _fitted_mlp, _mlp_state, _set_and_fit(verbose=-1),
+     ValueError, "verbose must be >= 0"),
+    ("SparseMLP.fit task=array", _fitted_mlp, _mlp_state, _set_and_fit(task=np.array(["a", "b"])),
+     ValueError, "task must be one of"),
+    ("SparseMLP.fit backend=list", _fitted_mlp, _mlp_state, _set_and_fit(backend=["sparse"]),
+     ValueError, "backend must be one of"),
+    ("SparseMLP.fit random_state='a'", _fitted_mlp, _mlp_state, _set_and_fit(random_state="a"),
+     TypeError, "random_state must be None"),
+    ("SparseMLP.fit n_threads=0", _fitted_mlp, _mlp_state, _set_and_fit(n_threads=0),
+     ValueError, "n_threads = 0"),
+    ("SparseMLP.fit dtype=int32", _fitted_mlp, _mlp_state, _set_and_fit(dtype=np.int32),
+     TypeError, "dtype must be float32 or float64"),
+    ("SparseMLP.fit y beyond float32", _fitted_mlp, _mlp_state, lambda s: s.fit(X_TASK, Y_TASK * 1e300),
+     ValueError, "y must be finite"),
+    ("SparseMLP.fit y NaN", _fitted_mlp, _mlp_state, lambda s: s.fit(X_TASK, Y_TASK * np.nan),
+     ValueError, "y must be finite"),
+    ("SparseMLP.fit X wrong rows", _fitted_mlp, _mlp_state, lambda s: s.fit(X_TASK[:3], Y_TASK),
+     ValueError, r"y must have shape \(3\)"),
+    ("SparseMLP.fit X sparse", _fitted_mlp, _mlp_state, lambda s: s.fit(sp.csr_array(X_TASK), Y_TASK),
+     TypeError, "X must be a dense array"),
+    ("SparseMLP.predict wrong width", _fitted_mlp, _mlp_state, lambda s: s.predict(X_TASK[:, :3]),
+     ValueError, "X has 3 features"),
+    ("SparseMLP.score y str", _fitted_mlp, _mlp_state, lambda s: s.score(X_TASK, np.array(["a"] * 16)),
+     TypeError, "y must hold real numbers"),
+    ("SparseMLP.score y NaN", _fitted_mlp, _mlp_state, lambda s: s.score(X_TASK, Y_TASK * np.nan),
+     ValueError, "y must be finite"),
+]
+
+
+@pytest.mark.parametrize("label, factory, state, call, exc, match", STATEFUL_CASES,
+                         ids=[c[0] for c in STATEFUL_CASES])
+def test_rejected_call_leaves_state_unchanged(label, factory, state, call, exc, match):
+    obj = factory()
+    before = state(obj)
+    if isinstance(obj, SparseMLP):
+        params = obj.get_params()
+    with pytest.raises(exc, match=match):
+        call(obj)
+    if isinstance(obj, SparseMLP):
+        obj.set_params(**params)
+    if isinstance(obj, HalfspaceIndex):
+        obj._core.check_invariants()
+    _assert_same(state(obj), before)

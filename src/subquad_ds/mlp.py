@@ -520,7 +520,7 @@ class SparseMLP:
                                      ("backend", self.backend, _BACKENDS),
                                      ("optimizer", self.optimizer, _OPTIMIZERS),
                                      ("threshold", self.threshold, _THRESHOLDS)):
-            if value not in allowed:
+            if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
         if self.learning_rate is not None:
             lr = self.learning_rate
@@ -535,6 +535,8 @@ class SparseMLP:
         if self.optimizer == "gauss-newton":
             self._check_gauss_newton_params()
         check_int(self.batch_size, "batch_size", minimum=1, allow_none=True)
+        if not isinstance(self.verbose, (bool, np.bool_)):
+            check_int(self.verbose, "verbose", minimum=0)
         if self.callback is not None and not callable(self.callback):
             raise TypeError(f"callback must be callable or None; got {self.callback!r}")
         tau, p, k = resolve_sparsity(self.width, self.sparsity)
@@ -697,6 +699,7 @@ class SparseMLP:
         n = X.shape[0]
         if self.task == "regression":
             y = as_float_array(y, "y", dtype=np.float64, shape=(n,))
+            as_float_array(y, "y", dtype=dtype)  # the loss is computed in dtype: no overflow
             n_outputs = 1
         else:
             y_arr = np.asarray(y)
@@ -837,7 +840,10 @@ class SparseMLP:
     def score(self, X, y):
         """R^2 (regression) or accuracy (classification), as in scikit-learn."""
         pred = self.predict(X)
-        y = np.asarray(y)
+        if self.task == "regression":
+            y = as_float_array(y, "y", dtype=np.float64)
+        else:
+            y = np.asarray(y)
         if y.shape != pred.shape:
             raise ValueError(f"y must have shape {pred.shape}; got shape {y.shape}")
         if self.task == "classification":
