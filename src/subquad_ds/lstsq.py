@@ -32,6 +32,7 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from ._validation import (
     as_float_array,
+    as_float_csr,
     check_float,
     check_int,
     check_random_state,
@@ -245,11 +246,7 @@ def sketched_lstsq(A, b, *, sketch_size=None, tol=1e-10, max_iter=None,
     if kind == "dense":
         A = as_float_array(A, "A", dtype=np.float64, ndim=2)
     elif kind == "sparse":
-        if A.ndim != 2:
-            raise ValueError(f"A must be 2-D; got shape {A.shape}")
-        A = sp.csr_array(A, dtype=np.float64)
-        if A.nnz and not np.isfinite(A.data).all():
-            raise ValueError("A must be finite; found NaN or inf")
+        A = as_float_csr(A, "A", dtype=np.float64)
     else:
         A = aslinearoperator(A)
     m, n = A.shape
