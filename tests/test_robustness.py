@@ -404,3 +404,32 @@ def test_rejected_call_leaves_state_unchanged(label, factory, state, call, exc, 
     if isinstance(obj, HalfspaceIndex):
         obj._core.check_invariants()
     _assert_same(state(obj), before)
+
+
+# -- CLI: every option the library rejects is a usage error -------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--width", "1"], "width must be >= 2; got 1"),
+    (["train", "--threads", "0"], "n_threads = 0 is invalid"),
+    (["train", "--width", "64", "--sparsity", "100000"], "sparsity must be <= 63"),
+    (["train", "--n-samples", "100000"], "n_samples must be <= 512"),
+    (["train", "--batch-size", "4"], "batch_size is only used by optimizer='sgd'"),
+    (["train", "--learning-rate", "nan"], "learning_rate must be a positive finite float"),
+    (["train", "--optimizer", "gauss-newton", "--learning-rate", "0.1"], "learning_rate is not used"),
+    (["train", "--task", "classification", "--optimizer", "gauss-newton"], "supports task='regression' only"),
+    (["train", "--seed", "-1"], "--seed must be a non-negative int"),
+    (["train", "--width", "64", "--sparsity", "64", "--threshold", "fixed"], "sparsity must be <= 63"),
+    (["bench", "--widths", "64,1"], "width must be >= 2; got 1"),
+    (["bench", "--widths", "64", "--threads", "0"], "n_threads = 0 is invalid"),
+])
+def test_cli_rejects_bad_options_before_any_work(argv, message, capsys, tmp_path):
+    from subquad_ds.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--iters", "1"] + (["--out", str(tmp_path)] if argv[0] == "train" else []))
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert captured.out == ""  # nothing ran
+    assert list(tmp_path.iterdir()) == []
