@@ -433,3 +433,174 @@ def test_cli_rejects_bad_options_before_any_work(argv, message, capsys, tmp_path
     assert message in captured.err
     assert captured.out == ""  # nothing ran
     assert list(tmp_path.iterdir()) == []
+
+
+# -- accepted odd inputs give the oracle's answer and are never written ------
+
+_IRNG = np.random.default_rng(99)
+# Small integers: exactly representable in every variant below (int, float16).
+XI = _IRNG.integers(-3, 4, size=(12, 4)).astype(np.float64)
+WI = _IRNG.integers(-3, 4, size=(5, 3)).astype(np.float64)
+ZI = _IRNG.integers(-3, 4, size=(6, 8)).astype(np.float64)
+AI = _IRNG.integers(-3, 4, size=(40, 3)).astype(np.float64) + 4 * np.eye(40, 3)
+BI = _IRNG.integers(-3, 4, size=40).astype(np.float64)
+
+
+def _variants(a):
+    """(name, array-like) with the same values as ``a`` in odd layouts and dtypes."""
+    wide = np.zeros(a.shape[:-1] + (2 * a.shape[-1],))
+    wide[..., ::2] = a
+    ro = a.copy()
+    ro.flags.writeable = False
+    ro_strided = wide.copy()[..., ::2]
+    ro_strided.flags.writeable = False
+    out = [
+        ("strided", wide[..., ::2]),
+        ("negative-stride", a[::-1].copy()[::-1]),
+        ("read-only", ro),
+        ("read-only strided", ro_strided),
+        ("list", a.tolist()),
+        ("int64", a.astype(np.int64)),
+        ("int32", a.astype(np.int32)),
+        ("float16", a.astype(np.float16)),
+    ]
+    if a.ndim == 2:
+        out.append(("F-order", np.asfortranarray(a)))
+    if a.ndim == 2 and a.shape[0] > 1:
+        out.append(("row-strided", np.repeat(a, 2, axis=0)[::2]))
+    return out
+
+
+def _dense(result):
+    if sp.issparse(result):
+        return result.toarray()
+    if isinstance(result, tuple):
+        return tuple(_dense(r) for r in result)
+    return result
+
+
+def _index_query(X):
+    index = HalfspaceIndex(X, leaf_size=2)
+    return np.sort(index.query(np.array([1.0, -1.0, 0.5, 2.0]), 0.5))
+
+
+def _index_add_update(X):
+    index = HalfspaceIndex(XI[:3], leaf_size=2)
+    index.add(X, ids=np.arange(10, 22))
+    index.update(np.arange(10, 16), X[6:] if isinstance(X, np.ndarray) else np.asarray(X)[6:])
+    return index.get(index.ids)
+
+
+def _index_queries(W):
+    index = HalfspaceIndex(XI, leaf_size=2)
+    indptr, ids = index.query(W, 0.5)
+    sorted_ids = np.concatenate([np.sort(ids[a:b]) for a, b in zip(indptr[:-1], indptr[1:])])
+    return indptr, sorted_ids, index.query_count(W, 0.5), index.search(W, 3)
+
+
+def _lowrank_ops(W0):
+    M = LowRankUpdatedMatrix(W0)
+    return M.toarray(), M.matvec([1.0, -2.0, 0.5]), M.rmatvec(np.arange(5.0))
+
+
+def _lowrank_update(U):
+    M = LowRankUpdatedMatrix(WI)
+    M.update(U, np.ones((3, U.shape[1] if isinstance(U, np.ndarray) else len(U[0]))))
+    return M.toarray()
+
+
+def _lowrank_matmat(X):
+    M = LowRankUpdatedMatrix(WI)
+    M.update(np.ones(5), np.arange(3.0))
+    return M.matmat(X), M @ X
+
+
+def _mlp_predict(X):
+    return _fitted_mlp_i.predict(X)
+
+
+_fitted_mlp_i = SparseMLP(width=16, depth=1, max_iter=2, random_state=0, dtype=np.float64).fit(
+    XI[:, :4], XI[:, 0])
+
+
+ACCEPTED_CASES = [
+    # (label, function of one array, canonical float64 C-contiguous input)
+    ("HalfspaceIndex(X).query", _index_query, XI),
+    ("HalfspaceIndex.add/update X", _index_add_update, XI),
+    ("HalfspaceIndex.query/search W batch", _index_queries, XI[:5]),
+    ("HalfspaceIndex.query W single", lambda w: np.sort(HalfspaceIndex(XI).query(w, 0.0)), XI[0]),
+    ("LowRankUpdatedMatrix(W0)", _lowrank_ops, WI),
+    ("LowRankUpdatedMatrix.update U", _lowrank_update, XI[:5, :2]),
+    ("LowRankUpdatedMatrix.matmat X", _lowrank_matmat, ZI[:3, :4]),
+    ("LowRankUpdatedMatrix.matvec x", lambda x: LowRankUpdatedMatrix(WI).matvec(x), ZI[0, :3]),
+    ("shifted_relu Z", lambda Z: shifted_relu(Z, 0.5), ZI),
+    ("shifted_relu b", lambda b: shifted_relu(ZI, b), ZI[:, 0]),
+    ("shifted_relu relative", lambda r: shifted_relu(ZI, 0.5, relative=r), np.abs(ZI[:, 1])),
+    ("shifted_relu_topk Z", lambda Z: shifted_relu_topk(Z, 3), ZI),
+    ("CountSketch.transform", lambda X: CountSketch(8, 4, random_state=0).transform(X), ZI),
+    ("GaussianSketch.transform", lambda X: GaussianSketch(8, 4, random_state=0).transform(X), ZI),
+    ("SRHT.transform", lambda X: SRHT(8, 4, random_state=0).transform(X), ZI),
+    ("TensorSketch.transform U", lambda U: TensorSketch((8, 3), 16, random_state=0).transform(U, ZI[:, :3]), ZI),
+    ("sketched_lstsq A", lambda A: sketched_lstsq(A, BI, random_state=0), AI),
+    ("sketched_lstsq b", lambda b: sketched_lstsq(AI, b, random_state=0), BI),
+    ("SparseMLP.fit X", lambda X: SparseMLP(width=16, depth=1, max_iter=2, random_state=0,
+                                            dtype=np.float64).fit(X, XI[:, 0]).predict(XI), XI),
+    ("SparseMLP.fit y", lambda y: SparseMLP(width=16, depth=1, max_iter=2, random_state=0,
+                                            dtype=np.float64).fit(XI, y).predict(XI), XI[:, 0]),
+    ("SparseMLP.predict X", _mlp_predict, XI),
+]
+
+_ACCEPTED_PARAMS = [
+    pytest.param(func, canonical, name, variant, id=f"{label}-{name}")
+    for label, func, canonical in ACCEPTED_CASES
+    for name, variant in _variants(canonical)
+]
+
+
+@pytest.mark.parametrize("func, canonical, name, variant", _ACCEPTED_PARAMS)
+def test_odd_input_gives_oracle_answer_and_is_not_written(func, canonical, name, variant):
+    expected = _dense(func(canonical.copy()))
+    before = np.array(variant, copy=True)
+    writeable = getattr(variant, "flags", None) and variant.flags.writeable
+    got = _dense(func(variant))
+    _assert_same(got, expected)
+    np.testing.assert_array_equal(np.asarray(variant), before)
+    if isinstance(variant, np.ndarray):
+        assert variant.flags.writeable == writeable
+
+
+def _id_variants(ids):
+    wide = np.zeros(2 * ids.shape[0], dtype=np.int64)
+    wide[::2] = ids
+    ro = wide[::2]
+    ro.flags.writeable = False
+    return [("strided", wide[::2]), ("read-only strided", ro), ("list", ids.tolist()),
+            ("int32", ids.astype(np.int32)), ("uint8", ids.astype(np.uint8)),
+            ("negative-stride", ids[::-1].copy()[::-1])]
+
+
+ID_CASES = [
+    ("LowRankUpdatedMatrix.matvec rows", lambda r: LowRankUpdatedMatrix(WI).matvec(np.ones(3), rows=r)),
+    ("HalfspaceIndex.get", lambda i: HalfspaceIndex(XI).get(i)),
+    ("HalfspaceIndex.remove", lambda i: (lambda h: (h.remove(i), h.ids)[1])(HalfspaceIndex(XI))),
+    ("HalfspaceIndex.update", lambda i: (lambda h: (h.update(i, XI[:3] + 1), h.get(h.ids))[1])(HalfspaceIndex(XI))),
+    ("HalfspaceIndex.add ids", lambda i: (lambda h: (h.add(XI[:3], i), h.get(h.ids))[1])(HalfspaceIndex(XI[:2]))),
+]
+
+
+@pytest.mark.parametrize("func, name, variant", [
+    pytest.param(func, name, variant, id=f"{label}-{name}")
+    for label, func in ID_CASES for name, variant in _id_variants(np.array([4, 2, 3]))
+])
+def test_odd_ids_give_oracle_answer_and_are_not_written(func, name, variant):
+    expected = _dense(func(np.array([4, 2, 3], dtype=np.intp)))
+    before = np.array(variant, copy=True)
+    _assert_same(_dense(func(variant)), expected)
+    np.testing.assert_array_equal(np.asarray(variant), before)
+
+
+@pytest.mark.parametrize("scalar", [3, np.int64(3), np.int32(3), np.uint16(3), np.array(3)])
+def test_scalar_ids(scalar):
+    index = HalfspaceIndex(XI)
+    np.testing.assert_array_equal(index.get(scalar), XI[3:4])
+    assert index.remove(scalar) == 1 and 3 not in index
