@@ -180,6 +180,14 @@ def _bad_cases():
         ("sketched_lstsq random_state str", lambda: sketched_lstsq(A30, B30, random_state="a"),
          TypeError, r"random_state must be None"),
         ("sketched_lstsq keyword typo", lambda: sketched_lstsq(A30, B30, sketchsize=8), TypeError, r"sketchsize"),
+        # -- bool options are bools, not truthy values -----------------------
+        ("index.query return_scores='no'", lambda: _index().query(np.ones(4), 0.0, return_scores="no"),
+         TypeError, r"return_scores must be a bool; got 'no'"),
+        ("index.query return_scores=1", lambda: _index().query(np.ones((2, 4)), 0.0, return_scores=1),
+         TypeError, r"return_scores must be a bool; got 1"),
+        ("sketched_lstsq return_info='no'", lambda: sketched_lstsq(A30, B30, return_info="no"),
+         TypeError, r"return_info must be a bool"),
+        ("lowrank copy=1", lambda: LowRankUpdatedMatrix(W53, copy=1), TypeError, r"copy must be a bool; got 1"),
     ]
     for name, cls in _SKETCHES:
         cases += [

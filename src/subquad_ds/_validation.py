@@ -25,6 +25,7 @@ from ._openmp_helpers import max_threads, openmp_enabled
 __all__ = [
     "as_float_array",
     "as_index_array",
+    "check_bool",
     "check_int",
     "check_n_threads",
     "check_random_state",
@@ -157,6 +158,16 @@ def as_index_array(ids, name, *, ndim=1):
     if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.intp).max:
         raise ValueError(f"{name} has values beyond the np.intp range")
     return np.ascontiguousarray(arr, dtype=np.intp)
+
+
+def check_bool(value, name):
+    """Return ``value`` as a Python bool; anything but a bool is a TypeError.
+
+    Truthiness is not enough: ``return_scores="no"`` must not mean True.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool; got {value!r}")
+    return bool(value)
 
 
 def check_int(value, name, *, minimum=None, maximum=None, allow_none=False):

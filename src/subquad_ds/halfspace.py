@@ -15,6 +15,7 @@ from ._halfspace import _HalfspaceCore
 from ._validation import (
     as_float_array,
     as_index_array,
+    check_bool,
     check_int,
     check_n_threads,
     check_scalar_or_vector,
@@ -392,6 +393,7 @@ scipy sparse matrix/array of shape (n_queries, n_features)
         Ties (``<p, w> == b``) are reported.  Queries run in parallel with
         the GIL released; thread-safe with other readers.
         """
+        return_scores = check_bool(return_scores, "return_scores")
         mode = _MODE_SCORES if return_scores else _MODE_IDS
         single, data, indptr, indices, n_queries = self._queries(W)
         b = self._thresholds(b, n_queries, single)

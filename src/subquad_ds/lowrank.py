@@ -7,7 +7,13 @@ import numpy as np
 
 from . import _lowrank
 from ._openmp_helpers import max_threads
-from ._validation import as_float_array, as_index_array, check_int, resolve_float_dtype
+from ._validation import (
+    as_float_array,
+    as_index_array,
+    check_bool,
+    check_int,
+    resolve_float_dtype,
+)
 
 __all__ = ["LowRankUpdatedMatrix", "default_max_rank"]
 
@@ -239,8 +245,7 @@ class LowRankUpdatedMatrix:
     __array_ufunc__ = None
 
     def __init__(self, W0, *, max_rank=None, copy=True):
-        if not isinstance(copy, (bool, np.bool_)):
-            raise TypeError(f"copy must be a bool; got {copy!r}")
+        copy = check_bool(copy, "copy")
         dtype = resolve_float_dtype(W0)
         fits = (
             isinstance(W0, np.ndarray)

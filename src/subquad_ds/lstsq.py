@@ -33,6 +33,7 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator
 from ._validation import (
     as_float_array,
     as_float_csr,
+    check_bool,
     check_float,
     check_int,
     check_random_state,
@@ -265,6 +266,7 @@ def sketched_lstsq(A, b, *, sketch_size=None, tol=1e-10, max_iter=None,
     max_iter = 100 if max_iter is None else max_iter
     tol = check_float(tol, "tol", minimum=0.0, below=1.0)
     rng = check_random_state(random_state)
+    return_info = check_bool(return_info, "return_info")
 
     if kind == "operator":
         def matvec(x):
