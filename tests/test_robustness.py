@@ -337,6 +337,11 @@ STATEFUL_CASES = [
     ("index.add ids 2-D", _index, _index_state, lambda s: s.add(X20[:1], [[50]]), ValueError, "ids must be 1-D"),
     ("index.add X 1-D", _index, _index_state, lambda s: s.add(X20[0]), ValueError, "X must be 2-D"),
     ("index.add X wrong width", _index, _index_state, lambda s: s.add(np.ones((1, 3))), ValueError, "X has 3 features"),
+    ("index.add ids = intp max", _index, _index_state,
+     lambda s: s.add(X20[:1], [np.iinfo(np.intp).max]), ValueError, "ids must be < 9223372036854775807"),
+    ("index.add default ids exhausted",
+     lambda: (lambda h: (h.add(X20[:1], [np.iinfo(np.intp).max - 1]), h)[1])(_index()), _index_state,
+     lambda s: s.add(X20[:1]), ValueError, "no default ids are left after 9223372036854775806"),
     ("index.remove unknown", _index, _index_state, lambda s: s.remove([1, 99]), KeyError, r"ids\[1\] = 99 is not"),
     ("index.remove negative", _index, _index_state, lambda s: s.remove(-1), KeyError, r"ids\[0\] = -1 is not"),
     ("index.remove 2**62", _index, _index_state, lambda s: s.remove(2 ** 62), KeyError, "is not in the index"),
@@ -612,3 +617,12 @@ def test_scalar_ids(scalar):
     index = HalfspaceIndex(XI)
     np.testing.assert_array_equal(index.get(scalar), XI[3:4])
     assert index.remove(scalar) == 1 and 3 not in index
+
+
+def test_index_largest_id_and_default_ids_near_it():
+    index = _index()
+    top = np.iinfo(np.intp).max - 1
+    np.testing.assert_array_equal(index.add(X20[:1], [top - 1]), [top - 1])
+    np.testing.assert_array_equal(index.add(X20[1:2]), [top])  # the last default id
+    assert index._core.next_id == top + 1 and len(index) == 22
+    assert (index.ids >= 0).all() and index.ids.shape == (22,)

@@ -271,8 +271,8 @@ class HalfspaceIndex:
         X : array-like of shape (n_new, n_features)
             The points, cast to the index dtype.
         ids : array-like of int of shape (n_new,), optional
-            Non-negative ids not in the index, all distinct.  By default
-            ``max(every id ever used) + 1`` onwards.
+            Ids in ``[0, iinfo(intp).max)`` not in the index, all distinct.
+            By default ``max(every id ever used) + 1`` onwards.
 
         Returns
         -------
@@ -286,6 +286,8 @@ class HalfspaceIndex:
         X = self._points(X)
         if ids is None:
             start = self._core.next_id
+            if start + X.shape[0] > _INTP_MAX:  # next_id must stay representable
+                raise ValueError(f"no default ids are left after {start - 1}; pass ids")
             ids = np.arange(start, start + X.shape[0], dtype=np.intp)
         else:
             ids = as_index_array(ids, "ids")
@@ -293,6 +295,8 @@ class HalfspaceIndex:
                 raise ValueError(f"ids has {ids.shape[0]} entries; X has {X.shape[0]} rows")
             if ids.size and ids.min() < 0:
                 raise ValueError("ids must be non-negative")
+            if ids.size and ids.max() >= _INTP_MAX:  # next_id = max + 1 would overflow
+                raise ValueError(f"ids must be < {_INTP_MAX}; got {ids.max()}")
             self._distinct(ids, "ids")
             pos = self._core.first_present(ids)
             if pos >= 0:
