@@ -188,6 +188,22 @@ def _bad_cases():
         ("sketched_lstsq return_info='no'", lambda: sketched_lstsq(A30, B30, return_info="no"),
          TypeError, r"return_info must be a bool"),
         ("lowrank copy=1", lambda: LowRankUpdatedMatrix(W53, copy=1), TypeError, r"copy must be a bool; got 1"),
+        # -- TensorSketch ---------------------------------------------------
+        ("TensorSketch input_dims int", lambda: TensorSketch(5, 4), TypeError, r"input_dims must be a pair"),
+        ("TensorSketch input_dims triple", lambda: TensorSketch((2, 3, 4), 4), ValueError, r"input_dims must be a pair"),
+        ("TensorSketch input_dims float", lambda: TensorSketch((2.0, 3), 4), TypeError, r"input_dims\[0\] must be an integer"),
+        ("TensorSketch n_threads=0", lambda: TensorSketch((2, 3), 4, n_threads=0), ValueError, r"n_threads = 0"),
+        ("TensorSketch U wrong width", lambda: TensorSketch((2, 3), 4).transform(np.ones((2, 3)), np.ones((2, 3))),
+         ValueError, r"U has 3 features"),
+        ("TensorSketch rows differ", lambda: TensorSketch((2, 3), 4).transform(np.ones((2, 2)), np.ones((3, 3))),
+         ValueError, r"U and V must have the same number of rows; got 2 and 3"),
+        ("TensorSketch 1-D and 2-D", lambda: TensorSketch((2, 3), 4).transform(np.ones(2), np.ones((1, 3))),
+         ValueError, r"U and V must both be 1-D or both 2-D; got shapes \(2,\) and \(1, 3\)"),
+        ("TensorSketch 2-D sparse and 1-D", lambda: TensorSketch((2, 3), 4).transform(
+            sp.csr_array(np.ones((1, 2))), np.ones(3)),
+         ValueError, r"got shapes \(1, 2\) and \(3,\)"),
+        ("TensorSketch V NaN", lambda: TensorSketch((2, 3), 4).transform(np.ones((2, 2)), np.full((2, 3), np.nan)),
+         ValueError, r"V must be finite"),
     ]
     for name, cls in _SKETCHES:
         cases += [
