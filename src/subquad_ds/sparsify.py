@@ -205,7 +205,10 @@ def shifted_relu(Z, b, *, relative=None, n_threads=None):
         norms = as_float_array(relative, "relative", dtype=dtype, shape=(n,))
         if (norms < 0).any():
             raise ValueError("relative must hold non-negative norms")
-        t = t * norms
+        with np.errstate(over="ignore"):  # reported just below
+            t = t * norms
+        if not np.isfinite(t).all():
+            raise ValueError(f"b * relative must be finite; it overflows {dtype.name}")
     nt = check_n_threads(n_threads)
     # The kernel's relative rule with unit b gives a per-sample threshold.
     indptr, indices, data, _ = _sparse_mlp.extract_active(
