@@ -399,6 +399,9 @@ STATEFUL_CASES = [
      ValueError, "task must be one of"),
     ("SparseMLP.fit backend=list", _fitted_mlp, _mlp_state, _set_and_fit(backend=["sparse"]),
      ValueError, "backend must be one of"),
+    ("SparseMLP.fit gn_solver=array", _fitted_mlp, _mlp_state,
+     _set_and_fit(optimizer="gauss-newton", gn_solver=np.array(["auto", "exact"])),
+     ValueError, "gn_solver must be one of"),
     ("SparseMLP.fit random_state='a'", _fitted_mlp, _mlp_state, _set_and_fit(random_state="a"),
      TypeError, "random_state must be None"),
     ("SparseMLP.fit n_threads=0", _fitted_mlp, _mlp_state, _set_and_fit(n_threads=0),
@@ -645,3 +648,17 @@ def test_index_largest_id_and_default_ids_near_it():
     np.testing.assert_array_equal(index.add(X20[1:2]), [top])  # the last default id
     assert index._core.next_id == top + 1 and len(index) == 22
     assert (index.ids >= 0).all() and index.ids.shape == (22,)
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "sgd", "gauss-newton"])
+@pytest.mark.parametrize("n_features", [1, 2])
+def test_mlp_with_one_feature_matches_the_dense_backend(optimizer, n_features):
+    # One input feature used to fail in the sparse backend with
+    # "ndarray is not C-contiguous" (a stride-0 index pattern).
+    X = np.ascontiguousarray(X_TASK[:, :n_features])
+    kw = dict(width=32, depth=2, max_iter=3, random_state=0, dtype=np.float64, optimizer=optimizer)
+    if optimizer == "sgd":
+        kw["batch_size"] = 8
+    sparse = SparseMLP(backend="sparse", **kw).fit(X, Y_TASK)
+    dense = SparseMLP(backend="dense", **kw).fit(X, Y_TASK)
+    np.testing.assert_allclose(sparse.predict(X), dense.predict(X), rtol=1e-6, atol=1e-9)

@@ -71,7 +71,9 @@ def _full_pattern(X):
     """A dense batch as a CSR triple with every entry stored."""
     n, d = X.shape
     indptr = np.arange(0, (n + 1) * d, d, dtype=np.intp)
-    indices = np.broadcast_to(np.arange(d, dtype=np.int32), (n, d)).reshape(-1)
+    # np.tile, not a broadcast reshape: with d = 1 the reshape is a stride-0
+    # view, which the kernels' contiguous memoryviews reject.
+    indices = np.tile(np.arange(d, dtype=np.int32), n)
     return indptr, indices, X.reshape(-1)
 
 
@@ -783,7 +785,7 @@ class SparseMLP:
             raise TypeError(f"damping must be a positive float; got {mu!r}")
         if not (math.isfinite(mu) and mu > 0):
             raise ValueError(f"damping must be a positive finite float; got {mu!r}")
-        if self.gn_solver not in GN_SOLVERS:
+        if not isinstance(self.gn_solver, str) or self.gn_solver not in GN_SOLVERS:
             raise ValueError(f"gn_solver must be one of {GN_SOLVERS}; got {self.gn_solver!r}")
 
     def _step(self, X, y):
