@@ -207,6 +207,17 @@ def _bad_cases():
          ValueError, r"got shapes \(1, 2\) and \(3,\)"),
         ("TensorSketch V NaN", lambda: TensorSketch((2, 3), 4).transform(np.ones((2, 2)), np.full((2, 3), np.nan)),
          ValueError, r"V must be finite"),
+        # -- ints beyond C's range -------------------------------------------
+        ("index.search k=2**63", lambda: _index().search(np.ones(4), 2 ** 63), ValueError, r"k must be <= "),
+        ("index leaf_size=2**70", lambda: HalfspaceIndex(X20, leaf_size=2 ** 70), ValueError, r"leaf_size must be <= "),
+        ("CountSketch input_dim=2**64", lambda: CountSketch(2 ** 64, 3), ValueError, r"input_dim must be <= "),
+        ("shifted_relu n_threads=2**40", lambda: shifted_relu(Z68, 0.0, n_threads=2 ** 40),
+         ValueError, r"n_threads must be <= 2147483647"),
+        ("index n_threads=-2**40", lambda: HalfspaceIndex(X20, n_threads=-2 ** 40),
+         ValueError, r"n_threads must be >= -2147483647"),
+        ("index.query n_threads=2**31", lambda: _index().query(np.ones((2, 4)), 0.0, n_threads=2 ** 31),
+         ValueError, r"n_threads must be <= 2147483647"),
+        ("lowrank max_rank=2**64", lambda: LowRankUpdatedMatrix(W53, max_rank=2 ** 64), ValueError, r"max_rank must be <= 3"),
     ]
     for name, cls in _SKETCHES:
         cases += [

@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INTP_MIN, _INTP_MAX = int(np.iinfo(np.intp).min), int(np.iinfo(np.intp).max)
+_CINT_MAX = int(np.iinfo(np.intc).max)
 
 
 def resolve_float_dtype(X, dtype=None):
@@ -177,9 +179,13 @@ def check_int(value, name, *, minimum=None, maximum=None, allow_none=False):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer; got {value!r}")
     value = operator.index(value)
-    if minimum is not None and value < minimum:
+    # Every int here reaches C as an np.intp (Py_ssize_t): beyond it is
+    # an OverflowError deep inside, so the intp range bounds every check.
+    minimum = _INTP_MIN if minimum is None else max(minimum, _INTP_MIN)
+    maximum = _INTP_MAX if maximum is None else min(maximum, _INTP_MAX)
+    if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    if maximum is not None and value > maximum:
+    if value > maximum:
         raise ValueError(f"{name} must be <= {maximum}; got {value}")
     return value
 
@@ -206,7 +212,8 @@ def check_n_threads(n_threads):
     """
     if n_threads is None:
         n_threads = -1
-    n_threads = check_int(n_threads, "n_threads")
+    # OpenMP's num_threads is a C int.
+    n_threads = check_int(n_threads, "n_threads", minimum=-_CINT_MAX, maximum=_CINT_MAX)
     if n_threads == 0:
         raise ValueError("n_threads = 0 is invalid")
     if not openmp_enabled():
