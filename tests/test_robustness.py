@@ -673,3 +673,17 @@ def test_mlp_with_one_feature_matches_the_dense_backend(optimizer, n_features):
     sparse = SparseMLP(backend="sparse", **kw).fit(X, Y_TASK)
     dense = SparseMLP(backend="dense", **kw).fit(X, Y_TASK)
     np.testing.assert_allclose(sparse.predict(X), dense.predict(X), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("content", ["npy", "npz without meta", "text"])
+def test_mlp_load_of_a_foreign_file_names_the_path(content, tmp_path):
+    path = tmp_path / "model.npz"
+    if content == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.ones(3))
+    elif content == "npz without meta":
+        np.savez(path, a=np.ones(3))
+    else:
+        path.write_text("hello")
+    with pytest.raises(ValueError, match=r"model\.npz is not a saved SparseMLP"):
+        SparseMLP.load(path)

@@ -888,7 +888,15 @@ class SparseMLP:
     @classmethod
     def load(cls, path, *, backend=None, n_threads=None):
         """Read a model written by :meth:`save` (optionally switching backend)."""
-        with np.load(path, allow_pickle=False) as data:
+        try:
+            data = np.load(path, allow_pickle=False)
+        except ValueError as exc:  # not an .npy/.npz file (numpy tried pickle)
+            raise ValueError(f"{path} is not a saved SparseMLP ({exc})") from None
+        if not isinstance(data, np.lib.npyio.NpzFile) or "meta" not in data.files:
+            if hasattr(data, "close"):
+                data.close()
+            raise ValueError(f"{path} is not a saved SparseMLP")
+        with data:
             meta = json.loads(str(data["meta"]))
             if meta.get("format") != "subquad_ds.SparseMLP":
                 raise ValueError(f"{path} is not a saved SparseMLP")
