@@ -687,3 +687,15 @@ def test_mlp_load_of_a_foreign_file_names_the_path(content, tmp_path):
         path.write_text("hello")
     with pytest.raises(ValueError, match=r"model\.npz is not a saved SparseMLP"):
         SparseMLP.load(path)
+
+
+def test_cli_out_must_be_a_directory(tmp_path, capsys):
+    from subquad_ds.cli import main
+
+    target = tmp_path / "file"
+    target.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--width", "64", "--iters", "1", "--n-samples", "4", "--out", str(target)])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert "--out must be a directory" in captured.err and captured.out == ""

@@ -128,6 +128,9 @@ def _check_args(args):
     check_random_state(args.seed, "--seed")  # fit() checks it only after the first runs
     load_default_task(getattr(args, "task", "regression"), n_samples=args.n_samples)
     if args.func is cmd_train:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out must be a directory; {out} is a file")
         configs = [_model_kwargs(args)]
     else:
         configs = [_bench_kwargs(args, width) for width in args.widths]
