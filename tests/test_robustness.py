@@ -699,3 +699,13 @@ def test_cli_out_must_be_a_directory(tmp_path, capsys):
     assert exc.value.code == 2
     captured = capsys.readouterr()
     assert "--out must be a directory" in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize("order", ["C", "F", "A"])
+@pytest.mark.parametrize("value", [2.0, np.float32(2.0), np.array(2.0), 3])
+def test_as_float_array_keeps_0d_scalars_0d(value, order):
+    # np.ascontiguousarray returned shape (1,) for a 0-d input.
+    from subquad_ds._validation import as_float_array
+
+    out = as_float_array(value, "x", dtype=np.float64, order=order)
+    assert out.shape == () and out == 2.0 or out == 3.0

@@ -134,10 +134,9 @@ def as_float_array(X, name, *, dtype, ndim=None, shape=None, allow_empty=True,
     if order == "A":
         order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
     with np.errstate(over="ignore"):  # overflow to inf is reported just below
-        if order == "F":
-            out = np.asfortranarray(arr, dtype=dtype)
-        else:
-            out = np.ascontiguousarray(arr, dtype=dtype)
+        # np.asarray with an order, not np.ascontiguousarray: that one turns
+        # a 0-d input into shape (1,).
+        out = np.asarray(arr, dtype=dtype, order="F" if order == "F" else "C")
     if finite and out.size and not np.isfinite(out).all():
         # Check after the cast: a float64 value beyond float32 range becomes inf.
         raise ValueError(f"{name} must be finite; found NaN or inf")
