@@ -599,10 +599,16 @@ class LowRankUpdatedMatrix:
         """
         return self._matmat(X, True)
 
+    def _operand_ndim(self, x):
+        """ndim of an @ operand; a ragged list or a string is a TypeError here."""
+        if isinstance(x, np.ndarray):
+            return x.ndim
+        return as_float_array(x, "operand of @", dtype=self._dtype, finite=False).ndim
+
     def __matmul__(self, x):
         if isinstance(x, tuple):
             return self.matvec(x)
-        nd = np.ndim(x)
+        nd = self._operand_ndim(x)
         if nd == 1:
             return self.matvec(x)
         if nd == 2:
@@ -610,7 +616,7 @@ class LowRankUpdatedMatrix:
         raise ValueError(f"operand of @ must be 1-D or 2-D; got {nd}-D")
 
     def __rmatmul__(self, x):
-        nd = np.ndim(x)
+        nd = self._operand_ndim(x)
         if nd == 1:
             return self.rmatvec(x)
         if nd == 2:
