@@ -363,6 +363,17 @@ def _set_and_fit(**params):
     return call
 
 
+def _set_and_fit_on(X, y, **params):
+    def call(model):
+        model.set_params(**params)
+        model.fit(X, y)
+    return call
+
+
+def _raise_in_callback(iteration, loss):
+    raise RuntimeError("stop from the callback")
+
+
 STATEFUL_CASES = [
     # (label, factory, state, rejected call, exception, regex)
     ("index.add NaN", _index, _index_state, lambda s: s.add(np.full((2, 4), np.nan)), ValueError, "X must be finite"),
@@ -437,6 +448,13 @@ STATEFUL_CASES = [
      ValueError, r"y must have shape \(3\)"),
     ("SparseMLP.fit X sparse", _fitted_mlp, _mlp_state, lambda s: s.fit(sp.csr_array(X_TASK), Y_TASK),
      TypeError, "X must be a dense array"),
+    # Failures found only once training starts: the fitted model is restored.
+    ("SparseMLP.fit zero tangent kernel", _fitted_mlp, _mlp_state,
+     lambda s: s.fit(np.zeros((8, 3)), Y_TASK[:8]), ValueError, "cannot derive a learning rate"),
+    ("SparseMLP.fit zero Jacobian (Gauss-Newton)", _fitted_mlp, _mlp_state,
+     _set_and_fit_on(np.zeros((8, 3)), Y_TASK[:8], optimizer="gauss-newton"), ValueError, "the Jacobian is zero"),
+    ("SparseMLP.fit raising callback", _fitted_mlp, _mlp_state,
+     _set_and_fit(callback=_raise_in_callback), RuntimeError, "stop from the callback"),
     ("SparseMLP.predict wrong width", _fitted_mlp, _mlp_state, lambda s: s.predict(X_TASK[:, :3]),
      ValueError, "X has 3 features"),
     ("SparseMLP.score y str", _fitted_mlp, _mlp_state, lambda s: s.score(X_TASK, np.array(["a"] * 16)),

@@ -716,57 +716,66 @@ class SparseMLP:
             n_outputs = len(classes)
         batch = n if self.optimizer != "sgd" else min(self.batch_size or 32, n)
         rng = check_random_state(self.random_state)
-        self._dtype, self._n_threads = dtype, n_threads
-        self.tau_, self.active_fraction_, self.active_count_ = tau, p, k
-        self.scale_ = init_scale(self.width, tau)
-        self.n_features_in_ = X.shape[1]
-        if self.task == "classification":
-            self.classes_ = classes
-        self._init_params(X.shape[1], n_outputs, rng)
-        self._build_net()
-        self._gn_state = None
-        if self.optimizer == "gauss-newton":
-            # Unit steps: the damping sets the step length (learning_rate is None).
-            self.learning_rate_ = 1.0
-            self._gn_state = GaussNewtonState(self, X, y, damping=self.damping,
-                                              solver=self.gn_solver, rng=rng)
-        elif self.learning_rate is not None:
-            self.learning_rate_ = float(self.learning_rate)
-        else:
-            self.learning_rate_ = self._default_learning_rate(X, rng)
-            if batch < n:
-                # Mini-batch gradient noise: smaller steps (tuned on the default task).
-                self.learning_rate_ *= 0.5 * math.sqrt(batch / min(n, _LR_SAMPLES))
-        self.history_ = {"loss": [], "time": [], "active_fraction": []}
-        if self.optimizer == "gauss-newton":
-            self.history_["damping"] = []
-        every = 0
-        if self.verbose:
-            every = max(1, self.max_iter // 10) if self.verbose is True or self.verbose == 1 \
-                else int(self.verbose)
-        order, pos = np.arange(n), n
-        self.n_iter_ = 0
-        for it in range(self.max_iter):
-            t0 = time.perf_counter()
-            if batch == n:
-                Xb, yb = X, y
+        # Some inputs fail only once training starts (a zero tangent kernel or
+        # Jacobian, a diverging loss, a raising callback): a fitted model is
+        # then put back as it was.
+        saved = dict(self.__dict__)
+        try:
+            self._dtype, self._n_threads = dtype, n_threads
+            self.tau_, self.active_fraction_, self.active_count_ = tau, p, k
+            self.scale_ = init_scale(self.width, tau)
+            self.n_features_in_ = X.shape[1]
+            if self.task == "classification":
+                self.classes_ = classes
+            self._init_params(X.shape[1], n_outputs, rng)
+            self._build_net()
+            self._gn_state = None
+            if self.optimizer == "gauss-newton":
+                # Unit steps: the damping sets the step length (learning_rate is None).
+                self.learning_rate_ = 1.0
+                self._gn_state = GaussNewtonState(self, X, y, damping=self.damping,
+                                                  solver=self.gn_solver, rng=rng)
+            elif self.learning_rate is not None:
+                self.learning_rate_ = float(self.learning_rate)
             else:
-                if pos + batch > n:
-                    order, pos = rng.permutation(n), 0
-                idx = np.sort(order[pos:pos + batch])
-                pos += batch
-                Xb, yb = X[idx], y[idx]
-            loss = self._step(Xb, yb)
-            elapsed = time.perf_counter() - t0
-            self.history_["loss"].append(loss)
-            self.history_["time"].append(elapsed)
-            self.history_["active_fraction"].append(self._last_active)
-            self.n_iter_ = it + 1
-            if every and (it % every == 0 or it == self.max_iter - 1):
-                print(f"SparseMLP iter {it:5d}  loss {loss:.6g}  {elapsed * 1e3:8.2f} ms")
-            if self.callback is not None and self.callback(it, loss):
-                break
-        self._gn_state = None
+                self.learning_rate_ = self._default_learning_rate(X, rng)
+                if batch < n:
+                    # Mini-batch gradient noise: smaller steps (tuned on the default task).
+                    self.learning_rate_ *= 0.5 * math.sqrt(batch / min(n, _LR_SAMPLES))
+            self.history_ = {"loss": [], "time": [], "active_fraction": []}
+            if self.optimizer == "gauss-newton":
+                self.history_["damping"] = []
+            every = 0
+            if self.verbose:
+                every = max(1, self.max_iter // 10) if self.verbose is True or self.verbose == 1 \
+                    else int(self.verbose)
+            order, pos = np.arange(n), n
+            self.n_iter_ = 0
+            for it in range(self.max_iter):
+                t0 = time.perf_counter()
+                if batch == n:
+                    Xb, yb = X, y
+                else:
+                    if pos + batch > n:
+                        order, pos = rng.permutation(n), 0
+                    idx = np.sort(order[pos:pos + batch])
+                    pos += batch
+                    Xb, yb = X[idx], y[idx]
+                loss = self._step(Xb, yb)
+                elapsed = time.perf_counter() - t0
+                self.history_["loss"].append(loss)
+                self.history_["time"].append(elapsed)
+                self.history_["active_fraction"].append(self._last_active)
+                self.n_iter_ = it + 1
+                if every and (it % every == 0 or it == self.max_iter - 1):
+                    print(f"SparseMLP iter {it:5d}  loss {loss:.6g}  {elapsed * 1e3:8.2f} ms")
+                if self.callback is not None and self.callback(it, loss):
+                    break
+            self._gn_state = None
+        except Exception:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
         return self
 
     def _check_gauss_newton_params(self):
