@@ -737,3 +737,47 @@ def test_as_float_array_keeps_0d_scalars_0d(value, order):
 
     out = as_float_array(value, "x", dtype=np.float64, order=order)
     assert out.shape == () and float(out) in (2.0, 3.0)
+
+
+def _read_only_csr(M, index_dtype):
+    M = sp.csr_array(M)
+    data, indices, indptr = M.data.copy(), M.indices.astype(index_dtype), M.indptr.astype(index_dtype)
+    for a in (data, indices, indptr):
+        a.flags.writeable = False
+    return sp.csr_array((data, indices, indptr), shape=M.shape)
+
+
+_D58 = np.where(np.random.default_rng(5).random((5, 8)) < 0.5, ZI[:5], 0.0)
+_UNSORTED = sp.csr_array((np.array([1.0, 2.0, 3.0]), np.array([3, 1, 3]), np.array([0, 3])), shape=(1, 8))
+_INDEX8 = HalfspaceIndex(np.random.default_rng(6).standard_normal((30, 8)), leaf_size=4)
+
+SPARSE_CASES = [
+    ("CountSketch", lambda S: CountSketch(8, 4, random_state=0).transform(S)),
+    ("GaussianSketch", lambda S: GaussianSketch(8, 4, random_state=0).transform(S)),
+    ("SRHT", lambda S: SRHT(8, 4, random_state=0).transform(S)),
+    ("TensorSketch", lambda S: TensorSketch((8, 8), 16, random_state=0).transform(S, S)),
+    ("HalfspaceIndex.query", lambda S: _INDEX8.query(S, 0.1)),
+    ("HalfspaceIndex.query_count", lambda S: _INDEX8.query_count(S, 0.1)),
+    ("HalfspaceIndex.search", lambda S: _INDEX8.search(S, 3)),
+]
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("label, func", SPARSE_CASES, ids=[c[0] for c in SPARSE_CASES])
+def test_read_only_and_non_canonical_csr_match_dense(label, func, index_dtype):
+    def canon(result):
+        if isinstance(result, tuple) and len(result) == 2 and label == "HalfspaceIndex.query":
+            indptr, ids = result
+            return indptr, np.concatenate([np.sort(ids[a:b]) for a, b in zip(indptr[:-1], indptr[1:])])
+        return result
+
+    S = _read_only_csr(_D58, index_dtype)
+    got = canon(func(S))
+    expected = canon(func(_D58))
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
+    # duplicate and unsorted column indices are summed, as scipy does
+    got = canon(func(_UNSORTED))
+    expected = canon(func(_UNSORTED.toarray()))
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        np.testing.assert_allclose(g, e, rtol=1e-12, atol=1e-12)
