@@ -228,6 +228,16 @@ def _bad_cases():
          TypeError, r"operand of @ must be a dense array"),
         ("lowrank @ 0-d", lambda: _lowrank() @ 2.0, ValueError, r"operand of @ must be 1-D or 2-D; got 0-D"),
         ("lowrank @ list wrong length", lambda: _lowrank() @ [1.0, 2.0], ValueError, r"x must have shape \(3,\)"),
+        # -- Python ints beyond the float range -------------------------------
+        ("index.query b=10**400", lambda: _index().query(np.ones(4), 10 ** 400), ValueError, r"b must be finite"),
+        ("index.query b=-10**400", lambda: _index().query(np.ones(4), -(10 ** 400)), ValueError, r"b must be finite"),
+        ("threshold_for_sparsity 10**400", lambda: threshold_for_sparsity(10 ** 400), ValueError, r"p must be in \(0, 1\)"),
+        ("init_scale tau=10**400", lambda: init_scale(10, 10 ** 400), ValueError, r"tau must be finite"),
+        ("sketched_lstsq tol=10**400", lambda: sketched_lstsq(A30, B30, tol=10 ** 400), ValueError, r"tol must be finite"),
+        ("SparseMLP learning_rate=10**400", lambda: _mlp(learning_rate=10 ** 400).fit(X_TASK, Y_TASK),
+         ValueError, r"learning_rate must be a positive finite float"),
+        ("SparseMLP damping=10**400", lambda: _mlp(optimizer="gauss-newton", damping=10 ** 400).fit(X_TASK, Y_TASK),
+         ValueError, r"damping must be a positive finite float"),
     ]
     for name, cls in _SKETCHES:
         cases += [

@@ -15,6 +15,7 @@ Non-contiguous and read-only inputs are accepted: they are copied to a
 contiguous array when needed and never written to.
 """
 
+import math
 import numbers
 import operator
 
@@ -291,11 +292,22 @@ def as_float_csr(X, name, *, dtype, shape=None, finite=True):
     return X
 
 
+def to_float(value):
+    """``float(value)``, but an int beyond the float range is +-inf, not OverflowError.
+
+    Callers then report it with their usual "must be finite" message.
+    """
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_float(value, name, *, minimum=None, below=None):
     """Return ``value`` as a finite Python float in [minimum, below)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r}")
-    value = float(value)
+    value = to_float(value)
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value}")
     if minimum is not None and value < minimum:

@@ -20,6 +20,7 @@ from ._validation import (
     check_n_threads,
     check_scalar_or_vector,
     resolve_float_dtype,
+    to_float,
 )
 
 __all__ = ["HalfspaceIndex"]
@@ -251,7 +252,7 @@ class HalfspaceIndex:
         if single:
             if type(b) is float or (isinstance(b, numbers.Real)
                                     and not isinstance(b, (bool, np.bool_))):
-                b = float(b)
+                b = to_float(b)
                 if not math.isfinite(b):
                     raise ValueError("b must be finite; found NaN or inf")
                 return (b,)

@@ -33,6 +33,7 @@ from ._validation import (
     check_n_threads,
     check_random_state,
     resolve_float_dtype,
+    to_float,
 )
 from .sparsify import RULE_FIXED, RULE_RELATIVE, RULE_TOPK, init_scale, resolve_sparsity
 
@@ -528,7 +529,7 @@ class SparseMLP:
             lr = self.learning_rate
             if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, numbers.Real):
                 raise TypeError(f"learning_rate must be a positive float or None; got {lr!r}")
-            if not (math.isfinite(lr) and lr > 0):
+            if not (math.isfinite(to_float(lr)) and lr > 0):
                 raise ValueError(f"learning_rate must be a positive finite float; got {lr!r}")
         if self.optimizer != "sgd" and self.batch_size is not None:
             raise ValueError(
@@ -792,7 +793,7 @@ class SparseMLP:
         mu = self.damping
         if isinstance(mu, (bool, np.bool_)) or not isinstance(mu, numbers.Real):
             raise TypeError(f"damping must be a positive float; got {mu!r}")
-        if not (math.isfinite(mu) and mu > 0):
+        if not (math.isfinite(to_float(mu)) and mu > 0):
             raise ValueError(f"damping must be a positive finite float; got {mu!r}")
         if not isinstance(self.gn_solver, str) or self.gn_solver not in GN_SOLVERS:
             raise ValueError(f"gn_solver must be one of {GN_SOLVERS}; got {self.gn_solver!r}")

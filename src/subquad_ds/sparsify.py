@@ -43,6 +43,7 @@ from ._validation import (
     check_n_threads,
     check_scalar_or_vector,
     resolve_float_dtype,
+    to_float,
 )
 
 __all__ = [
@@ -70,7 +71,7 @@ def threshold_for_sparsity(p):
     """
     if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
         raise TypeError(f"p must be a float in (0, 1); got {p!r}")
-    p = float(p)
+    p = to_float(p)
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must be in (0, 1); got {p}")
     return float(-special.ndtri(p))
