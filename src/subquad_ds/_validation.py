@@ -15,6 +15,7 @@ Non-contiguous and read-only inputs are accepted: they are copied to a
 contiguous array when needed and never written to.
 """
 
+import math
 import numbers
 import operator
 
@@ -25,6 +26,7 @@ from ._openmp_helpers import max_threads, openmp_enabled
 __all__ = [
     "as_float_array",
     "as_index_array",
+    "check_bool",
     "check_int",
     "check_n_threads",
     "check_random_state",
@@ -33,6 +35,8 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INTP_MIN, _INTP_MAX = int(np.iinfo(np.intp).min), int(np.iinfo(np.intp).max)
+_CINT_MAX = int(np.iinfo(np.intc).max)
 
 
 def resolve_float_dtype(X, dtype=None):
@@ -42,7 +46,10 @@ def resolve_float_dtype(X, dtype=None):
     float32 if ``X`` is already a float32 ndarray, else float64.
     """
     if dtype is not None:
-        dt = np.dtype(dtype)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64; got {dtype!r}") from None
         if dt not in _FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32 or float64; got {dt}")
         return dt
@@ -100,6 +107,12 @@ def as_float_array(X, name, *, dtype, ndim=None, shape=None, allow_empty=True,
     """
     if isinstance(X, np.ndarray):
         arr = X
+    elif is_sparse(X):
+        # np.asarray would wrap it in a 0-d object array ("dtype object").
+        raise TypeError(
+            f"{name} must be a dense array; got a scipy.sparse {type(X).__name__} "
+            "(convert it with .toarray())"
+        )
     else:
         try:
             arr = np.asarray(X)
@@ -122,10 +135,9 @@ def as_float_array(X, name, *, dtype, ndim=None, shape=None, allow_empty=True,
     if order == "A":
         order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
     with np.errstate(over="ignore"):  # overflow to inf is reported just below
-        if order == "F":
-            out = np.asfortranarray(arr, dtype=dtype)
-        else:
-            out = np.ascontiguousarray(arr, dtype=dtype)
+        # np.asarray with an order, not np.ascontiguousarray: that one turns
+        # a 0-d input into shape (1,).
+        out = np.asarray(arr, dtype=dtype, order="F" if order == "F" else "C")
     if finite and out.size and not np.isfinite(out).all():
         # Check after the cast: a float64 value beyond float32 range becomes inf.
         raise ValueError(f"{name} must be finite; found NaN or inf")
@@ -150,6 +162,16 @@ def as_index_array(ids, name, *, ndim=1):
     return np.ascontiguousarray(arr, dtype=np.intp)
 
 
+def check_bool(value, name):
+    """Return ``value`` as a Python bool; anything but a bool is a TypeError.
+
+    Truthiness is not enough: ``return_scores="no"`` must not mean True.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool; got {value!r}")
+    return bool(value)
+
+
 def check_int(value, name, *, minimum=None, maximum=None, allow_none=False):
     """Return ``value`` as a Python int after checking type and range."""
     if value is None and allow_none:
@@ -157,9 +179,13 @@ def check_int(value, name, *, minimum=None, maximum=None, allow_none=False):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer; got {value!r}")
     value = operator.index(value)
-    if minimum is not None and value < minimum:
+    # Every int here reaches C as an np.intp (Py_ssize_t): beyond it is
+    # an OverflowError deep inside, so the intp range bounds every check.
+    minimum = _INTP_MIN if minimum is None else max(minimum, _INTP_MIN)
+    maximum = _INTP_MAX if maximum is None else min(maximum, _INTP_MAX)
+    if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
-    if maximum is not None and value > maximum:
+    if value > maximum:
         raise ValueError(f"{name} must be <= {maximum}; got {value}")
     return value
 
@@ -186,7 +212,8 @@ def check_n_threads(n_threads):
     """
     if n_threads is None:
         n_threads = -1
-    n_threads = check_int(n_threads, "n_threads")
+    # OpenMP's num_threads is a C int.
+    n_threads = check_int(n_threads, "n_threads", minimum=-_CINT_MAX, maximum=_CINT_MAX)
     if n_threads == 0:
         raise ValueError("n_threads = 0 is invalid")
     if not openmp_enabled():
@@ -206,6 +233,8 @@ def check_random_state(seed, name="random_state"):
     if seed is None or isinstance(seed, (numbers.Integral, np.random.SeedSequence)):
         if isinstance(seed, (bool, np.bool_)):
             raise TypeError(f"{name} must be None, an int, a SeedSequence or a Generator; got {seed!r}")
+        if isinstance(seed, numbers.Integral) and seed < 0:
+            raise ValueError(f"{name} must be a non-negative int; got {seed!r}")
         return np.random.default_rng(seed)
     if isinstance(seed, np.random.Generator):
         return seed
@@ -263,11 +292,22 @@ def as_float_csr(X, name, *, dtype, shape=None, finite=True):
     return X
 
 
+def to_float(value):
+    """``float(value)``, but an int beyond the float range is +-inf, not OverflowError.
+
+    Callers then report it with their usual "must be finite" message.
+    """
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def check_float(value, name, *, minimum=None, below=None):
     """Return ``value`` as a finite Python float in [minimum, below)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number; got {value!r}")
-    value = float(value)
+    value = to_float(value)
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value}")
     if minimum is not None and value < minimum:

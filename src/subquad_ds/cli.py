@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._validation import check_n_threads
+from ._validation import check_n_threads, check_random_state
 
 __all__ = ["main"]
 
@@ -122,6 +122,37 @@ def blas_thread_limit(n_threads):
         return contextlib.nullcontext(), ("numpy's default BLAS threads (threadpoolctl is not "
                                           "installed: pip install 'subquad_ds[cli]')")
     return threadpool_limits(limits=n, user_api="blas"), f"{n} BLAS thread(s)"
+
+
+def _bench_kwargs(args, width):
+    return dict(
+        width=width, depth=args.depth, max_iter=args.iters, sparsity=args.sparsity,
+        threshold=args.threshold, dtype=np.dtype(args.dtype).type, random_state=args.seed,
+        n_threads=args.threads,
+    )
+
+
+def _check_args(args):
+    """Run the library's own validation on every configuration before any work.
+
+    An option combination the model rejects (``--width 1``, ``--threads 0``,
+    ``--batch-size`` without sgd, ``--n-samples`` beyond the data set, ...)
+    is then a usage error, not a traceback after earlier runs finished.
+    """
+    from .datasets import load_default_task
+    from .mlp import SparseMLP
+
+    check_random_state(args.seed, "--seed")  # fit() checks it only after the first runs
+    load_default_task(getattr(args, "task", "regression"), n_samples=args.n_samples)
+    if args.func is cmd_train:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out must be a directory; {out} is a file")
+        configs = [_model_kwargs(args)]
+    else:
+        configs = [_bench_kwargs(args, width) for width in args.widths]
+    for kwargs in configs:
+        SparseMLP(**kwargs)._check_params()
 
 
 def _fit_one(backend, X, y, args, stream):
@@ -253,10 +284,7 @@ def cmd_bench(args):
     for width in args.widths:
         row = []
         for backend in backends:
-            model = SparseMLP(width=width, depth=args.depth, backend=backend, max_iter=args.iters,
-                              sparsity=args.sparsity, threshold=args.threshold,
-                              dtype=np.dtype(args.dtype).type, random_state=args.seed,
-                              n_threads=args.threads)
+            model = SparseMLP(backend=backend, **_bench_kwargs(args, width))
             with blas_thread_limit(args.threads)[0]:
                 model.fit(X, y)
             # The first iteration pays one-off page faults and cache warm-up.
@@ -319,5 +347,10 @@ def build_parser():
 
 def main(argv=None):
     """Entry point of the ``subquad-ds`` console script and ``python -m subquad_ds``."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _check_args(args)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))  # exits with status 2 and the usage line
     return args.func(args)

@@ -10,7 +10,7 @@ from importlib import resources
 
 import numpy as np
 
-from ._validation import check_int
+from ._validation import check_int, resolve_float_dtype
 
 __all__ = ["load_default_task"]
 
@@ -39,6 +39,7 @@ def load_default_task(task="regression", *, n_samples=None, dtype=np.float64):
     """
     if task not in _TASKS:
         raise ValueError(f"task must be one of {_TASKS}; got {task!r}")
+    dtype = resolve_float_dtype(None, dtype)
     ref = resources.files("subquad_ds") / "data" / "default_task.npz"
     with resources.as_file(ref) as path, np.load(path) as data:
         X, y, labels = data["X"], data["y"], data["labels"]

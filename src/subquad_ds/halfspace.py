@@ -15,16 +15,19 @@ from ._halfspace import _HalfspaceCore
 from ._validation import (
     as_float_array,
     as_index_array,
+    check_bool,
     check_int,
     check_n_threads,
     check_scalar_or_vector,
     resolve_float_dtype,
+    to_float,
 )
 
 __all__ = ["HalfspaceIndex"]
 
 _STATE_VERSION = 1
 _MODE_COUNT, _MODE_IDS, _MODE_SCORES = 0, 1, 2
+_INTP_MIN, _INTP_MAX = int(np.iinfo(np.intp).min), int(np.iinfo(np.intp).max)
 
 
 class HalfspaceIndex:
@@ -178,7 +181,10 @@ class HalfspaceIndex:
     def __contains__(self, id_):
         if isinstance(id_, (bool, np.bool_)) or not isinstance(id_, numbers.Integral):
             return False
-        return bool(self._core.has_ids(np.array([int(id_)], dtype=np.intp))[0])
+        id_ = int(id_)
+        if not _INTP_MIN <= id_ <= _INTP_MAX:  # would overflow np.intp
+            return False
+        return bool(self._core.has_ids(np.array([id_], dtype=np.intp))[0])
 
     def __repr__(self):
         return (f"<HalfspaceIndex(n={len(self)}, d={self.n_features}, "
@@ -246,7 +252,7 @@ class HalfspaceIndex:
         if single:
             if type(b) is float or (isinstance(b, numbers.Real)
                                     and not isinstance(b, (bool, np.bool_))):
-                b = float(b)
+                b = to_float(b)
                 if not math.isfinite(b):
                     raise ValueError("b must be finite; found NaN or inf")
                 return (b,)
@@ -266,8 +272,8 @@ class HalfspaceIndex:
         X : array-like of shape (n_new, n_features)
             The points, cast to the index dtype.
         ids : array-like of int of shape (n_new,), optional
-            Non-negative ids not in the index, all distinct.  By default
-            ``max(every id ever used) + 1`` onwards.
+            Ids in ``[0, iinfo(intp).max)`` not in the index, all distinct.
+            By default ``max(every id ever used) + 1`` onwards.
 
         Returns
         -------
@@ -281,6 +287,8 @@ class HalfspaceIndex:
         X = self._points(X)
         if ids is None:
             start = self._core.next_id
+            if start + X.shape[0] > _INTP_MAX:  # next_id must stay representable
+                raise ValueError(f"no default ids are left after {start - 1}; pass ids")
             ids = np.arange(start, start + X.shape[0], dtype=np.intp)
         else:
             ids = as_index_array(ids, "ids")
@@ -288,6 +296,8 @@ class HalfspaceIndex:
                 raise ValueError(f"ids has {ids.shape[0]} entries; X has {X.shape[0]} rows")
             if ids.size and ids.min() < 0:
                 raise ValueError("ids must be non-negative")
+            if ids.size and ids.max() >= _INTP_MAX:  # next_id = max + 1 would overflow
+                raise ValueError(f"ids must be < {_INTP_MAX}; got {ids.max()}")
             self._distinct(ids, "ids")
             pos = self._core.first_present(ids)
             if pos >= 0:
@@ -388,6 +398,7 @@ scipy sparse matrix/array of shape (n_queries, n_features)
         Ties (``<p, w> == b``) are reported.  Queries run in parallel with
         the GIL released; thread-safe with other readers.
         """
+        return_scores = check_bool(return_scores, "return_scores")
         mode = _MODE_SCORES if return_scores else _MODE_IDS
         single, data, indptr, indices, n_queries = self._queries(W)
         b = self._thresholds(b, n_queries, single)

@@ -7,7 +7,13 @@ import numpy as np
 
 from . import _lowrank
 from ._openmp_helpers import max_threads
-from ._validation import as_float_array, as_index_array, check_int, resolve_float_dtype
+from ._validation import (
+    as_float_array,
+    as_index_array,
+    check_bool,
+    check_int,
+    resolve_float_dtype,
+)
 
 __all__ = ["LowRankUpdatedMatrix", "default_max_rank"]
 
@@ -239,8 +245,7 @@ class LowRankUpdatedMatrix:
     __array_ufunc__ = None
 
     def __init__(self, W0, *, max_rank=None, copy=True):
-        if not isinstance(copy, (bool, np.bool_)):
-            raise TypeError(f"copy must be a bool; got {copy!r}")
+        copy = check_bool(copy, "copy")
         dtype = resolve_float_dtype(W0)
         fits = (
             isinstance(W0, np.ndarray)
@@ -594,10 +599,16 @@ class LowRankUpdatedMatrix:
         """
         return self._matmat(X, True)
 
+    def _operand_ndim(self, x):
+        """ndim of an @ operand; a ragged list or a string is a TypeError here."""
+        if isinstance(x, np.ndarray):
+            return x.ndim
+        return as_float_array(x, "operand of @", dtype=self._dtype, finite=False).ndim
+
     def __matmul__(self, x):
         if isinstance(x, tuple):
             return self.matvec(x)
-        nd = np.ndim(x)
+        nd = self._operand_ndim(x)
         if nd == 1:
             return self.matvec(x)
         if nd == 2:
@@ -605,7 +616,7 @@ class LowRankUpdatedMatrix:
         raise ValueError(f"operand of @ must be 1-D or 2-D; got {nd}-D")
 
     def __rmatmul__(self, x):
-        nd = np.ndim(x)
+        nd = self._operand_ndim(x)
         if nd == 1:
             return self.rmatvec(x)
         if nd == 2:

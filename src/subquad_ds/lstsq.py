@@ -32,6 +32,8 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from ._validation import (
     as_float_array,
+    as_float_csr,
+    check_bool,
     check_float,
     check_int,
     check_random_state,
@@ -245,11 +247,7 @@ def sketched_lstsq(A, b, *, sketch_size=None, tol=1e-10, max_iter=None,
     if kind == "dense":
         A = as_float_array(A, "A", dtype=np.float64, ndim=2)
     elif kind == "sparse":
-        if A.ndim != 2:
-            raise ValueError(f"A must be 2-D; got shape {A.shape}")
-        A = sp.csr_array(A, dtype=np.float64)
-        if A.nnz and not np.isfinite(A.data).all():
-            raise ValueError("A must be finite; found NaN or inf")
+        A = as_float_csr(A, "A", dtype=np.float64)
     else:
         A = aslinearoperator(A)
     m, n = A.shape
@@ -268,6 +266,7 @@ def sketched_lstsq(A, b, *, sketch_size=None, tol=1e-10, max_iter=None,
     max_iter = 100 if max_iter is None else max_iter
     tol = check_float(tol, "tol", minimum=0.0, below=1.0)
     rng = check_random_state(random_state)
+    return_info = check_bool(return_info, "return_info")
 
     if kind == "operator":
         def matvec(x):

@@ -33,6 +33,7 @@ from ._validation import (
     check_n_threads,
     check_random_state,
     resolve_float_dtype,
+    to_float,
 )
 from .sparsify import RULE_FIXED, RULE_RELATIVE, RULE_TOPK, init_scale, resolve_sparsity
 
@@ -71,7 +72,9 @@ def _full_pattern(X):
     """A dense batch as a CSR triple with every entry stored."""
     n, d = X.shape
     indptr = np.arange(0, (n + 1) * d, d, dtype=np.intp)
-    indices = np.broadcast_to(np.arange(d, dtype=np.int32), (n, d)).reshape(-1)
+    # np.tile, not a broadcast reshape: with d = 1 the reshape is a stride-0
+    # view, which the kernels' contiguous memoryviews reject.
+    indices = np.tile(np.arange(d, dtype=np.int32), n)
     return indptr, indices, X.reshape(-1)
 
 
@@ -520,13 +523,13 @@ class SparseMLP:
                                      ("backend", self.backend, _BACKENDS),
                                      ("optimizer", self.optimizer, _OPTIMIZERS),
                                      ("threshold", self.threshold, _THRESHOLDS)):
-            if value not in allowed:
+            if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
         if self.learning_rate is not None:
             lr = self.learning_rate
             if isinstance(lr, (bool, np.bool_)) or not isinstance(lr, numbers.Real):
                 raise TypeError(f"learning_rate must be a positive float or None; got {lr!r}")
-            if not (math.isfinite(lr) and lr > 0):
+            if not (math.isfinite(to_float(lr)) and lr > 0):
                 raise ValueError(f"learning_rate must be a positive finite float; got {lr!r}")
         if self.optimizer != "sgd" and self.batch_size is not None:
             raise ValueError(
@@ -535,6 +538,8 @@ class SparseMLP:
         if self.optimizer == "gauss-newton":
             self._check_gauss_newton_params()
         check_int(self.batch_size, "batch_size", minimum=1, allow_none=True)
+        if not isinstance(self.verbose, (bool, np.bool_)):
+            check_int(self.verbose, "verbose", minimum=0)
         if self.callback is not None and not callable(self.callback):
             raise TypeError(f"callback must be callable or None; got {self.callback!r}")
         tau, p, k = resolve_sparsity(self.width, self.sparsity)
@@ -697,6 +702,7 @@ class SparseMLP:
         n = X.shape[0]
         if self.task == "regression":
             y = as_float_array(y, "y", dtype=np.float64, shape=(n,))
+            as_float_array(y, "y", dtype=dtype)  # the loss is computed in dtype: no overflow
             n_outputs = 1
         else:
             y_arr = np.asarray(y)
@@ -711,57 +717,66 @@ class SparseMLP:
             n_outputs = len(classes)
         batch = n if self.optimizer != "sgd" else min(self.batch_size or 32, n)
         rng = check_random_state(self.random_state)
-        self._dtype, self._n_threads = dtype, n_threads
-        self.tau_, self.active_fraction_, self.active_count_ = tau, p, k
-        self.scale_ = init_scale(self.width, tau)
-        self.n_features_in_ = X.shape[1]
-        if self.task == "classification":
-            self.classes_ = classes
-        self._init_params(X.shape[1], n_outputs, rng)
-        self._build_net()
-        self._gn_state = None
-        if self.optimizer == "gauss-newton":
-            # Unit steps: the damping sets the step length (learning_rate is None).
-            self.learning_rate_ = 1.0
-            self._gn_state = GaussNewtonState(self, X, y, damping=self.damping,
-                                              solver=self.gn_solver, rng=rng)
-        elif self.learning_rate is not None:
-            self.learning_rate_ = float(self.learning_rate)
-        else:
-            self.learning_rate_ = self._default_learning_rate(X, rng)
-            if batch < n:
-                # Mini-batch gradient noise: smaller steps (tuned on the default task).
-                self.learning_rate_ *= 0.5 * math.sqrt(batch / min(n, _LR_SAMPLES))
-        self.history_ = {"loss": [], "time": [], "active_fraction": []}
-        if self.optimizer == "gauss-newton":
-            self.history_["damping"] = []
-        every = 0
-        if self.verbose:
-            every = max(1, self.max_iter // 10) if self.verbose is True or self.verbose == 1 \
-                else int(self.verbose)
-        order, pos = np.arange(n), n
-        self.n_iter_ = 0
-        for it in range(self.max_iter):
-            t0 = time.perf_counter()
-            if batch == n:
-                Xb, yb = X, y
+        # Some inputs fail only once training starts (a zero tangent kernel or
+        # Jacobian, a diverging loss, a raising callback): a fitted model is
+        # then put back as it was.
+        saved = dict(self.__dict__)
+        try:
+            self._dtype, self._n_threads = dtype, n_threads
+            self.tau_, self.active_fraction_, self.active_count_ = tau, p, k
+            self.scale_ = init_scale(self.width, tau)
+            self.n_features_in_ = X.shape[1]
+            if self.task == "classification":
+                self.classes_ = classes
+            self._init_params(X.shape[1], n_outputs, rng)
+            self._build_net()
+            self._gn_state = None
+            if self.optimizer == "gauss-newton":
+                # Unit steps: the damping sets the step length (learning_rate is None).
+                self.learning_rate_ = 1.0
+                self._gn_state = GaussNewtonState(self, X, y, damping=self.damping,
+                                                  solver=self.gn_solver, rng=rng)
+            elif self.learning_rate is not None:
+                self.learning_rate_ = float(self.learning_rate)
             else:
-                if pos + batch > n:
-                    order, pos = rng.permutation(n), 0
-                idx = np.sort(order[pos:pos + batch])
-                pos += batch
-                Xb, yb = X[idx], y[idx]
-            loss = self._step(Xb, yb)
-            elapsed = time.perf_counter() - t0
-            self.history_["loss"].append(loss)
-            self.history_["time"].append(elapsed)
-            self.history_["active_fraction"].append(self._last_active)
-            self.n_iter_ = it + 1
-            if every and (it % every == 0 or it == self.max_iter - 1):
-                print(f"SparseMLP iter {it:5d}  loss {loss:.6g}  {elapsed * 1e3:8.2f} ms")
-            if self.callback is not None and self.callback(it, loss):
-                break
-        self._gn_state = None
+                self.learning_rate_ = self._default_learning_rate(X, rng)
+                if batch < n:
+                    # Mini-batch gradient noise: smaller steps (tuned on the default task).
+                    self.learning_rate_ *= 0.5 * math.sqrt(batch / min(n, _LR_SAMPLES))
+            self.history_ = {"loss": [], "time": [], "active_fraction": []}
+            if self.optimizer == "gauss-newton":
+                self.history_["damping"] = []
+            every = 0
+            if self.verbose:
+                every = max(1, self.max_iter // 10) if self.verbose is True or self.verbose == 1 \
+                    else int(self.verbose)
+            order, pos = np.arange(n), n
+            self.n_iter_ = 0
+            for it in range(self.max_iter):
+                t0 = time.perf_counter()
+                if batch == n:
+                    Xb, yb = X, y
+                else:
+                    if pos + batch > n:
+                        order, pos = rng.permutation(n), 0
+                    idx = np.sort(order[pos:pos + batch])
+                    pos += batch
+                    Xb, yb = X[idx], y[idx]
+                loss = self._step(Xb, yb)
+                elapsed = time.perf_counter() - t0
+                self.history_["loss"].append(loss)
+                self.history_["time"].append(elapsed)
+                self.history_["active_fraction"].append(self._last_active)
+                self.n_iter_ = it + 1
+                if every and (it % every == 0 or it == self.max_iter - 1):
+                    print(f"SparseMLP iter {it:5d}  loss {loss:.6g}  {elapsed * 1e3:8.2f} ms")
+                if self.callback is not None and self.callback(it, loss):
+                    break
+            self._gn_state = None
+        except Exception:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            raise
         return self
 
     def _check_gauss_newton_params(self):
@@ -778,9 +793,9 @@ class SparseMLP:
         mu = self.damping
         if isinstance(mu, (bool, np.bool_)) or not isinstance(mu, numbers.Real):
             raise TypeError(f"damping must be a positive float; got {mu!r}")
-        if not (math.isfinite(mu) and mu > 0):
+        if not (math.isfinite(to_float(mu)) and mu > 0):
             raise ValueError(f"damping must be a positive finite float; got {mu!r}")
-        if self.gn_solver not in GN_SOLVERS:
+        if not isinstance(self.gn_solver, str) or self.gn_solver not in GN_SOLVERS:
             raise ValueError(f"gn_solver must be one of {GN_SOLVERS}; got {self.gn_solver!r}")
 
     def _step(self, X, y):
@@ -837,7 +852,10 @@ class SparseMLP:
     def score(self, X, y):
         """R^2 (regression) or accuracy (classification), as in scikit-learn."""
         pred = self.predict(X)
-        y = np.asarray(y)
+        if self.task == "regression":
+            y = as_float_array(y, "y", dtype=np.float64)
+        else:
+            y = np.asarray(y)
         if y.shape != pred.shape:
             raise ValueError(f"y must have shape {pred.shape}; got shape {y.shape}")
         if self.task == "classification":
@@ -880,7 +898,15 @@ class SparseMLP:
     @classmethod
     def load(cls, path, *, backend=None, n_threads=None):
         """Read a model written by :meth:`save` (optionally switching backend)."""
-        with np.load(path, allow_pickle=False) as data:
+        try:
+            data = np.load(path, allow_pickle=False)
+        except ValueError as exc:  # not an .npy/.npz file (numpy tried pickle)
+            raise ValueError(f"{path} is not a saved SparseMLP ({exc})") from None
+        if not isinstance(data, np.lib.npyio.NpzFile) or "meta" not in data.files:
+            if hasattr(data, "close"):
+                data.close()
+            raise ValueError(f"{path} is not a saved SparseMLP")
+        with data:
             meta = json.loads(str(data["meta"]))
             if meta.get("format") != "subquad_ds.SparseMLP":
                 raise ValueError(f"{path} is not a saved SparseMLP")

@@ -302,8 +302,11 @@ class TensorSketch:
         U, single_u = _check_rows(U, "U", d1, dtype)
         V, single_v = _check_rows(V, "V", d2, dtype)
         if single_u != single_v:
+            # shapes as given: a 1-D row was reshaped to (1, d)
+            shape_u = (d1,) if single_u else U.shape
+            shape_v = (d2,) if single_v else V.shape
             raise ValueError(
-                f"U and V must both be 1-D or both 2-D; got shapes {U.shape} and {V.shape}"
+                f"U and V must both be 1-D or both 2-D; got shapes {shape_u} and {shape_v}"
             )
         if U.shape[0] != V.shape[0]:
             raise ValueError(

@@ -38,10 +38,12 @@ from scipy import sparse, special
 from . import _sparse_mlp
 from ._validation import (
     as_float_array,
+    check_float,
     check_int,
     check_n_threads,
     check_scalar_or_vector,
     resolve_float_dtype,
+    to_float,
 )
 
 __all__ = [
@@ -69,7 +71,7 @@ def threshold_for_sparsity(p):
     """
     if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
         raise TypeError(f"p must be a float in (0, 1); got {p!r}")
-    p = float(p)
+    p = to_float(p)
     if not 0.0 < p < 1.0:
         raise ValueError(f"p must be in (0, 1); got {p}")
     return float(-special.ndtri(p))
@@ -101,10 +103,15 @@ def init_scale(width, tau):
     s : float
     """
     width = check_int(width, "width", minimum=1)
-    tau = float(tau)
-    if not math.isfinite(tau):
-        raise ValueError(f"tau must be finite; got {tau}")
-    return 1.0 / math.sqrt(width * _second_moment(tau))
+    tau = check_float(tau, "tau")
+    c = _second_moment(tau) if abs(tau) < 1e150 else math.nan  # tau**2 overflows
+    s = 1.0 / math.sqrt(width * c) if c > 0 else math.nan  # c underflows to 0 near tau = 38
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(
+            f"tau = {tau} is out of range: the second moment c(tau) = {c:.3g} "
+            f"gives no positive finite scale"
+        )
+    return s
 
 
 def resolve_sparsity(width, sparsity="sqrt-log"):
@@ -199,7 +206,10 @@ def shifted_relu(Z, b, *, relative=None, n_threads=None):
         norms = as_float_array(relative, "relative", dtype=dtype, shape=(n,))
         if (norms < 0).any():
             raise ValueError("relative must hold non-negative norms")
-        t = t * norms
+        with np.errstate(over="ignore"):  # reported just below
+            t = t * norms
+        if not np.isfinite(t).all():
+            raise ValueError(f"b * relative must be finite; it overflows {dtype.name}")
     nt = check_n_threads(n_threads)
     # The kernel's relative rule with unit b gives a per-sample threshold.
     indptr, indices, data, _ = _sparse_mlp.extract_active(
