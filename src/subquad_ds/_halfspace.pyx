@@ -819,18 +819,18 @@ cdef inline bint _worse(double s1, intp_t i1, double s2, intp_t i2) noexcept nog
 
 cdef void _heap_push(QueryBuf* qb, double s, intp_t i) noexcept nogil:
     """Offer (s, i) to the bounded heap."""
-    cdef intp_t pos, child
+    cdef intp_t pos, parent
     cdef double* hs = qb.hscore
     cdef intp_t* hi = qb.hid
     if qb.hsize < qb.k:
         pos = qb.hsize
         qb.hsize += 1
-        while pos > 0:
-            child = (pos - 1) // 2   # parent
-            if _worse(s, i, hs[child], hi[child]):
-                hs[pos] = hs[child]
-                hi[pos] = hi[child]
-                pos = child
+        while pos > 0:             # sift up
+            parent = (pos - 1) // 2
+            if _worse(s, i, hs[parent], hi[parent]):
+                hs[pos] = hs[parent]
+                hi[pos] = hi[parent]
+                pos = parent
             else:
                 break
         hs[pos] = s
