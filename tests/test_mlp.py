@@ -196,6 +196,25 @@ def test_sgd_reduces_the_loss_and_is_reproducible():
     assert np.mean(a.history_["loss"][-10:]) < 0.5 * np.mean(a.history_["loss"][:5])
 
 
+def test_sgd_classification_default_step_fits_the_default_task():
+    # The default SGD step for classification is the full-batch one; the
+    # regression-style mini-batch reduction left it at ~48-89% accuracy.
+    X, labels = load_default_task("classification")
+    gd = SparseMLP(width=512, task="classification", max_iter=1, random_state=0).fit(X, labels)
+    sgd = SparseMLP(width=512, task="classification", optimizer="sgd", batch_size=32,
+                    max_iter=300, random_state=0).fit(X, labels)
+    assert sgd.learning_rate_ == gd.learning_rate_
+    assert sgd.score(X, labels) >= 0.97
+
+
+def test_sgd_regression_default_step_is_reduced_for_the_batch_noise():
+    X, y = load_default_task(n_samples=256)
+    gd = SparseMLP(width=256, max_iter=1, random_state=0).fit(X, y)
+    sgd = SparseMLP(width=256, optimizer="sgd", batch_size=16, max_iter=1,
+                    random_state=0).fit(X, y)
+    np.testing.assert_allclose(sgd.learning_rate_, gd.learning_rate_ * 0.5 * np.sqrt(16 / 256))
+
+
 def test_float32_matches_float64_at_start(task32):
     X, y = task32
     l32 = _fit(X, y, dtype=np.float32, max_iter=3).history_["loss"]

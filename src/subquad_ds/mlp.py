@@ -334,8 +334,12 @@ class SparseMLP:
         moves during training at practical widths, and steps close to
         ``1 / lambda_max`` oscillate.  For classification the kernel
         includes the head and bias terms, and the softmax curvature at
-        initialisation is ``1 / n_classes``.  For "sgd" it is multiplied by
-        ``0.5 sqrt(batch_size / n')`` against the mini-batch noise.
+        initialisation is ``1 / n_classes``.  For "sgd" regression it is
+        multiplied by ``0.5 sqrt(batch_size / n')`` against the mini-batch
+        noise; SGD classification keeps the full-batch step (the softmax
+        curvature only falls during training; on the default task the
+        reduced step reached 48-89% training accuracy in 300 steps, the full
+        one 99-100%, widths 256-4096, batches 8 and 32).
     batch_size : int, optional
         Mini-batch size for "sgd" (default ``min(32, n_samples)``); must be
         None for "gd" and "gauss-newton".
@@ -740,8 +744,11 @@ class SparseMLP:
                 self.learning_rate_ = float(self.learning_rate)
             else:
                 self.learning_rate_ = self._default_learning_rate(X, rng)
-                if batch < n:
-                    # Mini-batch gradient noise: smaller steps (tuned on the default task).
+                if batch < n and self.task == "regression":
+                    # Mini-batch gradient noise: smaller steps (tuned on the
+                    # default task).  Classification keeps the full step: the
+                    # softmax curvature is largest at initialisation and only
+                    # falls as the predictions sharpen.
                     self.learning_rate_ *= 0.5 * math.sqrt(batch / min(n, _LR_SAMPLES))
             self.history_ = {"loss": [], "time": [], "active_fraction": []}
             if self.optimizer == "gauss-newton":
