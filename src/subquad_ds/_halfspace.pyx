@@ -214,17 +214,39 @@ cdef extern from *:
     #define SQD_X86 0
     #endif
 
+    /* Both query codes at once: out[i] = <u_i, qw>, out2[i] = <u_i, qw2>
+       (the two levels of the query's quantisation share every code load). */
     static void sqd_block_dots_generic(const uint8_t* codes, Py_ssize_t nblk,
-                                       Py_ssize_t dpad, const int8_t* qw, int32_t* out) {
+                                       Py_ssize_t dpad, const int8_t* qw, const int8_t* qw2,
+                                       int32_t* out, int32_t* out2) {
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* blk = codes + k * 16 * dpad;
-            int32_t acc[16] = {0};
+            int32_t acc[16] = {0}, acc2[16] = {0};
             for (Py_ssize_t g = 0; g < dpad / 4; ++g)
                 for (int r = 0; r < 16; ++r)
-                    for (int t = 0; t < 4; ++t)
-                        acc[r] += (int32_t)blk[g * 64 + r * 4 + t] * (int32_t)qw[4 * g + t];
-            for (int r = 0; r < 16; ++r) out[k * 16 + r] = acc[r];
+                    for (int t = 0; t < 4; ++t) {
+                        int32_t u = (int32_t)blk[g * 64 + r * 4 + t];
+                        acc[r] += u * (int32_t)qw[4 * g + t];
+                        acc2[r] += u * (int32_t)qw2[4 * g + t];
+                    }
+            for (int r = 0; r < 16; ++r) {
+                out[k * 16 + r] = acc[r];
+                out2[k * 16 + r] = acc2[r];
+            }
         }
+    }
+
+    /* Row dots of one slot's level-2 code (dpad contiguous u8) with both
+       query codes. */
+    static void sqd_row_dots_generic(const uint8_t* row, Py_ssize_t dpad, const int8_t* qw,
+                                     const int8_t* qw2, int32_t* e1, int32_t* e2) {
+        int32_t a = 0, b = 0;
+        for (Py_ssize_t j = 0; j < dpad; ++j) {
+            a += (int32_t)row[j] * (int32_t)qw[j];
+            b += (int32_t)row[j] * (int32_t)qw2[j];
+        }
+        *e1 = a;
+        *e2 = b;
     }
 
     #if SQD_X86
@@ -232,52 +254,112 @@ cdef extern from *:
        2 * 255 * 63 < 2^15: qmax is 63 on this path), widened by vpmaddwd. */
     __attribute__((target("avx2")))
     static void sqd_block_dots_avx2(const uint8_t* codes, Py_ssize_t nblk,
-                                    Py_ssize_t dpad, const int8_t* qw, int32_t* out) {
+                                    Py_ssize_t dpad, const int8_t* qw, const int8_t* qw2,
+                                    int32_t* out, int32_t* out2) {
         const __m256i ones = _mm256_set1_epi16(1);
         const Py_ssize_t ng = dpad / 4;
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* blk = codes + k * 16 * dpad;
-            __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
             for (Py_ssize_t g = 0; g < ng; ++g) {
-                int32_t q4;
+                int32_t q4, r4;
                 std::memcpy(&q4, qw + 4 * g, 4);
-                __m256i q = _mm256_set1_epi32(q4);
+                std::memcpy(&r4, qw2 + 4 * g, 4);
+                __m256i q = _mm256_set1_epi32(q4), r = _mm256_set1_epi32(r4);
                 __m256i v0 = _mm256_loadu_si256((const __m256i*)(blk + g * 64));
                 __m256i v1 = _mm256_loadu_si256((const __m256i*)(blk + g * 64 + 32));
                 a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(v0, q), ones));
                 a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(v1, q), ones));
+                b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(_mm256_maddubs_epi16(v0, r), ones));
+                b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(_mm256_maddubs_epi16(v1, r), ones));
             }
             _mm256_storeu_si256((__m256i*)(out + k * 16), a0);
             _mm256_storeu_si256((__m256i*)(out + k * 16 + 8), a1);
+            _mm256_storeu_si256((__m256i*)(out2 + k * 16), b0);
+            _mm256_storeu_si256((__m256i*)(out2 + k * 16 + 8), b1);
         }
     }
 
-    /* AVX-512 VNNI: one vpdpbusd per 16 slots x 4 features. */
+    __attribute__((target("avx2")))
+    static void sqd_row_dots_avx2(const uint8_t* row, Py_ssize_t dpad, const int8_t* qw,
+                                  const int8_t* qw2, int32_t* e1, int32_t* e2) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        __m256i a = _mm256_setzero_si256(), b = a;
+        Py_ssize_t j = 0;
+        for (; j + 32 <= dpad; j += 32) {
+            __m256i v = _mm256_loadu_si256((const __m256i*)(row + j));
+            __m256i q = _mm256_loadu_si256((const __m256i*)(qw + j));
+            __m256i r = _mm256_loadu_si256((const __m256i*)(qw2 + j));
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(v, q), ones));
+            b = _mm256_add_epi32(b, _mm256_madd_epi16(_mm256_maddubs_epi16(v, r), ones));
+        }
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+        s = _mm_hadd_epi32(s, t);          /* a01 a23 b01 b23 */
+        s = _mm_hadd_epi32(s, s);          /* a b a b */
+        int32_t x = _mm_cvtsi128_si32(s), y = _mm_extract_epi32(s, 1);
+        for (; j < dpad; ++j) {
+            x += (int32_t)row[j] * (int32_t)qw[j];
+            y += (int32_t)row[j] * (int32_t)qw2[j];
+        }
+        *e1 = x;
+        *e2 = y;
+    }
+
+    /* AVX-512 VNNI: one vpdpbusd per 16 slots x 4 features and query code. */
     __attribute__((target("avx512f,avx512bw,avx512vnni")))
     static void sqd_block_dots_vnni(const uint8_t* codes, Py_ssize_t nblk,
-                                    Py_ssize_t dpad, const int8_t* qw, int32_t* out) {
+                                    Py_ssize_t dpad, const int8_t* qw, const int8_t* qw2,
+                                    int32_t* out, int32_t* out2) {
         const Py_ssize_t ng = dpad / 4;
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* blk = codes + k * 16 * dpad;
-            __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
             Py_ssize_t g = 0;
             for (; g + 2 <= ng; g += 2) {
-                int32_t q0, q1;
+                int32_t q0, q1, r0, r1;
                 std::memcpy(&q0, qw + 4 * g, 4);
                 std::memcpy(&q1, qw + 4 * g + 4, 4);
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(blk + g * 64),
-                                         _mm512_set1_epi32(q0));
-                a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(blk + g * 64 + 64),
-                                         _mm512_set1_epi32(q1));
+                std::memcpy(&r0, qw2 + 4 * g, 4);
+                std::memcpy(&r1, qw2 + 4 * g + 4, 4);
+                __m512i v0 = _mm512_loadu_si512(blk + g * 64);
+                __m512i v1 = _mm512_loadu_si512(blk + g * 64 + 64);
+                a0 = _mm512_dpbusd_epi32(a0, v0, _mm512_set1_epi32(q0));
+                a1 = _mm512_dpbusd_epi32(a1, v1, _mm512_set1_epi32(q1));
+                b0 = _mm512_dpbusd_epi32(b0, v0, _mm512_set1_epi32(r0));
+                b1 = _mm512_dpbusd_epi32(b1, v1, _mm512_set1_epi32(r1));
             }
             if (g < ng) {
-                int32_t q0;
+                int32_t q0, r0;
                 std::memcpy(&q0, qw + 4 * g, 4);
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(blk + g * 64),
-                                         _mm512_set1_epi32(q0));
+                std::memcpy(&r0, qw2 + 4 * g, 4);
+                __m512i v0 = _mm512_loadu_si512(blk + g * 64);
+                a0 = _mm512_dpbusd_epi32(a0, v0, _mm512_set1_epi32(q0));
+                b0 = _mm512_dpbusd_epi32(b0, v0, _mm512_set1_epi32(r0));
             }
             _mm512_storeu_si512(out + k * 16, _mm512_add_epi32(a0, a1));
+            _mm512_storeu_si512(out2 + k * 16, _mm512_add_epi32(b0, b1));
         }
+    }
+
+    __attribute__((target("avx512f,avx512bw,avx512vnni")))
+    static void sqd_row_dots_vnni(const uint8_t* row, Py_ssize_t dpad, const int8_t* qw,
+                                  const int8_t* qw2, int32_t* e1, int32_t* e2) {
+        __m512i a = _mm512_setzero_si512(), b = a;
+        Py_ssize_t j = 0;
+        for (; j + 64 <= dpad; j += 64) {
+            __m512i v = _mm512_loadu_si512(row + j);
+            a = _mm512_dpbusd_epi32(a, v, _mm512_loadu_si512(qw + j));
+            b = _mm512_dpbusd_epi32(b, v, _mm512_loadu_si512(qw2 + j));
+        }
+        if (j < dpad) {
+            __mmask64 m = ((__mmask64)1 << (dpad - j)) - 1;   /* dpad - j < 64 */
+            __m512i v = _mm512_maskz_loadu_epi8(m, row + j);
+            a = _mm512_dpbusd_epi32(a, v, _mm512_maskz_loadu_epi8(m, qw + j));
+            b = _mm512_dpbusd_epi32(b, v, _mm512_maskz_loadu_epi8(m, qw2 + j));
+        }
+        *e1 = _mm512_reduce_add_epi32(a);
+        *e2 = _mm512_reduce_add_epi32(b);
     }
     #endif
 
@@ -304,43 +386,68 @@ cdef extern from *:
     static int sqd_qmax(void) { return sqd_isa() == 1 ? 63 : 127; }
 
     static void sqd_block_dots(const uint8_t* codes, Py_ssize_t nblk, Py_ssize_t dpad,
-                               const int8_t* qw, int32_t* out) {
+                               const int8_t* qw, const int8_t* qw2, int32_t* out,
+                               int32_t* out2) {
     #if SQD_X86
         int isa = sqd_isa();
-        if (isa == 2) { sqd_block_dots_vnni(codes, nblk, dpad, qw, out); return; }
-        if (isa == 1) { sqd_block_dots_avx2(codes, nblk, dpad, qw, out); return; }
+        if (isa == 2) { sqd_block_dots_vnni(codes, nblk, dpad, qw, qw2, out, out2); return; }
+        if (isa == 1) { sqd_block_dots_avx2(codes, nblk, dpad, qw, qw2, out, out2); return; }
     #endif
-        sqd_block_dots_generic(codes, nblk, dpad, qw, out);
+        sqd_block_dots_generic(codes, nblk, dpad, qw, qw2, out, out2);
     }
 
-    /* Exact integer dots <q_s, qw> for slots [s0, s1), s1 - s0 <= 256,
-       into out[s - s0]. */
+    /* Exact integer dots <q_s, qw> and <q_s, qw2> for slots [s0, s1),
+       s1 - s0 <= 256, into out[s - s0] and out2[s - s0]. */
     static void sqd_range_dots(const uint8_t* codes, Py_ssize_t dpad, Py_ssize_t s0,
-                               Py_ssize_t s1, const int8_t* qw, int32_t sumq128,
-                               int32_t* out) {
-        int32_t buf[17 * 16];
+                               Py_ssize_t s1, const int8_t* qw, const int8_t* qw2,
+                               int32_t sumq128, int32_t sumq2_128, int32_t* out,
+                               int32_t* out2) {
+        int32_t buf[17 * 16], buf2[17 * 16];
         Py_ssize_t b0 = s0 >> 4, b1 = ((s1 - 1) >> 4) + 1;
-        sqd_block_dots(codes + b0 * 16 * dpad, b1 - b0, dpad, qw, buf);
-        const int32_t* src = buf + (s0 - b0 * 16);
-        for (Py_ssize_t i = 0; i < s1 - s0; ++i) out[i] = src[i] - sumq128;
+        sqd_block_dots(codes + b0 * 16 * dpad, b1 - b0, dpad, qw, qw2, buf, buf2);
+        const Py_ssize_t off = s0 - b0 * 16;
+        for (Py_ssize_t i = 0; i < s1 - s0; ++i) {
+            out[i] = buf[off + i] - sumq128;
+            out2[i] = buf2[off + i] - sumq2_128;
+        }
+    }
+
+    /* Exact integer dots of one slot's level-2 code (row layout, u8 = q2 + 128)
+       with both query codes. */
+    static void sqd_row_dots(const uint8_t* row, Py_ssize_t dpad, const int8_t* qw,
+                             const int8_t* qw2, int32_t sumq128, int32_t sumq2_128,
+                             int32_t* e1, int32_t* e2) {
+        int32_t a, b;
+    #if SQD_X86
+        int isa = sqd_isa();
+        if (isa == 2) sqd_row_dots_vnni(row, dpad, qw, qw2, &a, &b);
+        else if (isa == 1) sqd_row_dots_avx2(row, dpad, qw, qw2, &a, &b);
+        else
+    #endif
+        sqd_row_dots_generic(row, dpad, qw, qw2, &a, &b);
+        *e1 = a - sumq128;
+        *e2 = b - sumq2_128;
     }
 
     /* float32 variant of sqd_classify, twice as wide per vector.  Used only
        when the query's constants are safely inside the float32 range (see
        _prepare_query); every rounding (at most a few ulps of 2^-24 relative
-       on each quantity, including the int32 -> float32 conversion) is covered
-       by rel = 1e-6, underflow by tiny, and b is rounded outwards (b_up for
-       accepting, b_dn for rejecting). */
+       on each term of the approximation, including the int32 -> float32
+       conversions of the dots and the rounding of t and t2 to float32) is
+       covered by rel = 1e-6 times the sum of the terms' magnitudes,
+       underflow (even flushed to zero) by tiny, and b is rounded outwards
+       (b_up for accepting, b_dn for rejecting). */
     __attribute__((target_clones("avx512f", "avx2", "default")))
-    static void sqd_classify_f32(const int32_t* dots, Py_ssize_t n, const float* scale,
-                                 const float* ea, const float* ec, float t, float A,
-                                 float C, float b_up, float b_dn, float rel, float tiny,
-                                 unsigned char* flag) {
+    static void sqd_classify_f32(const int32_t* dots, const int32_t* dots2, Py_ssize_t n,
+                                 const float* scale, const float* ea, const float* ec,
+                                 float t, float t2, float A, float C, float b_up, float b_dn,
+                                 float rel, float tiny, unsigned char* flag) {
         const float one_rel = 1.0f + rel;
         for (Py_ssize_t i = 0; i < n; ++i) {
-            float approx = (scale[i] * t) * (float)dots[i];
-            float m = (ea[i] * A + ec[i] * C) * one_rel
-                      + rel * (approx < 0 ? -approx : approx) + tiny;
+            float x1 = t * (float)dots[i], x2 = t2 * (float)dots2[i];
+            float approx = scale[i] * (x1 + x2);
+            float mag = scale[i] * ((x1 < 0 ? -x1 : x1) + (x2 < 0 ? -x2 : x2));
+            float m = (ea[i] * A + ec[i] * C) * one_rel + rel * mag + tiny;
             unsigned char acc = (approx - m >= b_up) ? 2 : 0;
             unsigned char rej = (approx + m < b_dn) ? 1 : 0;
             flag[i] = acc | (unsigned char)(1 - rej - (acc >> 1));
@@ -356,6 +463,15 @@ cdef extern from *:
             const char* r = rows + (s0 + pos[i]) * row_bytes;
             for (Py_ssize_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(r + o);
         }
+    #endif
+    }
+
+    /* Prefetch every cache line touched by [p, p + n), n > 0. */
+    static inline void sqd_prefetch_span(const char* p, Py_ssize_t n) {
+    #if defined(__GNUC__)
+        const uintptr_t end = (uintptr_t)(p + n - 1);
+        for (uintptr_t a = (uintptr_t)p & ~(uintptr_t)63; a <= end; a += 64)
+            __builtin_prefetch((const char*)a);
     #endif
     }
 
@@ -391,17 +507,20 @@ cdef extern from *:
 
     /* Classify n points from their integer dots: flag 2 = surely
        score >= b, 0 = surely score < b, 1 = undecided (verify; also every
-       tombstone, whose ea is NaN).  Branch-free so that it vectorises. */
+       tombstone, whose ea is NaN).  The approximation is
+       scale (t dots + t2 dots2); rel times the magnitudes of its terms
+       covers its rounding.  Branch-free so that it vectorises. */
     SQD_CLONES
-    static void sqd_classify(const int32_t* dots, Py_ssize_t n, const float* scale,
-                             const float* ea, const float* ec, double t, double A,
-                             double C, double b, double rel, double tiny,
-                             unsigned char* flag) {
+    static void sqd_classify(const int32_t* dots, const int32_t* dots2, Py_ssize_t n,
+                             const float* scale, const float* ea, const float* ec, double t,
+                             double t2, double A, double C, double b, double rel,
+                             double tiny, unsigned char* flag) {
         const double one_rel = 1.0 + rel;
         for (Py_ssize_t i = 0; i < n; ++i) {
-            double approx = ((double)scale[i] * t) * (double)dots[i];
-            double m = ((double)ea[i] * A + (double)ec[i] * C) * one_rel
-                       + rel * (approx < 0 ? -approx : approx) + tiny;
+            double x1 = t * (double)dots[i], x2 = t2 * (double)dots2[i];
+            double approx = (double)scale[i] * (x1 + x2);
+            double mag = (double)scale[i] * ((x1 < 0 ? -x1 : x1) + (x2 < 0 ? -x2 : x2));
+            double m = ((double)ea[i] * A + (double)ec[i] * C) * one_rel + rel * mag + tiny;
             unsigned char acc = (approx - m >= b) ? 2 : 0;
             unsigned char rej = (approx + m < b) ? 1 : 0;
             /* accept -> 2, reject -> 0, neither (or NaN) -> 1 */
@@ -618,20 +737,25 @@ cdef extern from *:
     void sqd_prefetch_rows(const char* rows, intp_t row_bytes, intp_t s0,
                            const int32_t* pos, intp_t n) noexcept nogil
     void sqd_prefetch_row(const char* row, intp_t row_bytes) noexcept nogil
+    void sqd_prefetch_span(const char* p, intp_t n) noexcept nogil
     void sqd_split_flags(const unsigned char* flag, intp_t n, int32_t* acc,
                          intp_t* n_acc, int32_t* ver, intp_t* n_ver) noexcept nogil
     int sqd_isa_detected() noexcept nogil
     int sqd_isa_cap
     int sqd_qmax() noexcept nogil
     void sqd_range_dots(const uint8_t* codes, intp_t dpad, intp_t s0, intp_t s1,
-                        const int8_t* qw, int32_t sumq128, int32_t* out) noexcept nogil
-    void sqd_classify_f32(const int32_t* dots, intp_t n, const float* scale,
-                          const float* ea, const float* ec, float t, float A,
-                          float C, float b_up, float b_dn, float rel, float tiny,
-                          unsigned char* flag) noexcept nogil
-    void sqd_classify(const int32_t* dots, intp_t n, const float* scale,
-                      const float* ea, const float* ec, double t, double A,
-                      double C, double b, double rel, double tiny,
+                        const int8_t* qw, const int8_t* qw2, int32_t sumq128,
+                        int32_t sumq2_128, int32_t* out, int32_t* out2) noexcept nogil
+    void sqd_row_dots(const uint8_t* row, intp_t dpad, const int8_t* qw, const int8_t* qw2,
+                      int32_t sumq128, int32_t sumq2_128, int32_t* e1,
+                      int32_t* e2) noexcept nogil
+    void sqd_classify_f32(const int32_t* dots, const int32_t* dots2, intp_t n,
+                          const float* scale, const float* ea, const float* ec, float t,
+                          float t2, float A, float C, float b_up, float b_dn, float rel,
+                          float tiny, unsigned char* flag) noexcept nogil
+    void sqd_classify(const int32_t* dots, const int32_t* dots2, intp_t n,
+                      const float* scale, const float* ea, const float* ec, double t,
+                      double t2, double A, double C, double b, double rel, double tiny,
                       unsigned char* flag) noexcept nogil
     double sqd_xdot(const float* a, const double* b, intp_t d) noexcept nogil
     double sqd_xdot(const double* a, const double* b, intp_t d) noexcept nogil
@@ -668,6 +792,7 @@ cdef struct CoreView:
     const float* scale
     const float* ea
     const float* ec
+    const uint8_t* rows2    # level-2 rows: scale2, ec2 (float32), then dpad u8 codes
     const intp_t* ids
     const intp_t* node_start
     const intp_t* node_end
@@ -681,6 +806,7 @@ cdef struct CoreView:
     intp_t n_segs
     intp_t d
     intp_t dpad
+    intp_t stride2          # bytes per level-2 row: dpad + 8
     double gam
 
 
@@ -688,20 +814,31 @@ cdef struct QueryBuf:
     # Per-thread scratch space for one query.
     double* w          # the query in float64 (d)
     int8_t* qw         # its int8 code, zero padded (dpad)
+    int8_t* qw2        # int8 code of the residual w - t qw, at scale t2 (dpad)
     int32_t sumq128    # 128 * sum(qw): removes the +128 offset of the codes
-    int32_t* dots      # integer dots of one leaf chunk (CHUNK)
+    int32_t sumq2_128  # 128 * sum(qw2)
+    int32_t* dots      # integer dots <q_p, qw> of one leaf chunk (CHUNK)
+    int32_t* dots2     # integer dots <q_p, qw2> of one leaf chunk (CHUNK)
     unsigned char* flag  # screening decisions of one chunk (CHUNK)
     int32_t* pos         # positions of accepted, then undecided points (2 CHUNK)
     intp_t* stack      # DFS stack of node indices (MAX_DEPTH)
     double t           # query scale
+    double t2          # scale of the second level, t / (2 qmax + 2)
     double wnorm       # upper bound on ||w||
     double A           # multiplier of a_p in the screening bound
     double C           # multiplier of c_p in the screening bound
     bint use_f32       # classify in float32 (constants safely in range)
-    float t32, A32, C32   # float32 copies (A32, C32 rounded up)
+    float t32, t2_32, A32, C32   # float32 copies (A32, C32 rounded up)
     # work counters of the last query (cheap; read by query_stats)
     intp_t n_nodes
     intp_t n_screened
+    intp_t n_refined
+    # slots undecided by their level-1 codes, with their two integer dots,
+    # refined one chunk later (CHUNK)
+    intp_t* pend
+    int32_t* pend_d1
+    int32_t* pend_d2
+    intp_t n_pend
     intp_t n_verified
     intp_t n_bulk
     # top-k heap (search)
@@ -727,17 +864,25 @@ cdef inline float _round_down_f32(double x) noexcept nogil:
     return f
 
 
-cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes,
-                        intp_t slot, float* scale, float* ea, float* ec) noexcept nogil:
-    """Code, scale and error constants of one slot (see the design notes).
+cdef float FLT_MIN = 1.1754943508222875e-38   # smallest normal float32
 
-    The codes are written into the blocked layout at ``slot``.
+
+cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes,
+                        intp_t slot, float* scale, float* ea, float* ec,
+                        uint8_t* row2) noexcept nogil:
+    """Codes, scales and error constants of one slot (see the design notes).
+
+    The level-1 codes are written into the blocked layout at ``slot``, the
+    level-2 scale, error bound and codes into the row ``row2`` (8 + dpad bytes).
     """
     cdef intp_t j
-    cdef double maxabs = 0.0, v, s, e, qn2 = 0.0, en2 = 0.0
-    cdef float s32
+    cdef double maxabs = 0.0, v, s, e, qn2 = 0.0, en2 = 0.0, maxe = 0.0, e2n2 = 0.0
+    cdef float s32, s2_32
     cdef int qv
     cdef uint8_t* base = codes + (slot >> 4) * 16 * dpad + (slot & 15) * 4
+    cdef float* scale2 = <float*>row2
+    cdef float* ec2 = <float*>row2 + 1
+    cdef uint8_t* codes2 = row2 + 8
     for j in range(d):
         v = fabs(<double>p[j])
         if v > maxabs:
@@ -746,18 +891,22 @@ cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes
     s32 = <float>s
     for j in range(dpad):
         base[(j >> 2) * 64 + (j & 3)] = 128          # q = 0
+        codes2[j] = 128
+    scale2[0] = 0.0
     if maxabs == 0.0:
         scale[0] = 0.0
         ea[0] = 0.0
         ec[0] = 0.0
+        ec2[0] = 0.0
         return
-    if not (s32 >= 1.1754943508222875e-38 and s32 < 3.0e38) or d > MAX_SCREEN_D:
+    if not (s32 >= FLT_MIN and s32 < 3.0e38) or d > MAX_SCREEN_D:
         # Scale not a normal float32 (tiny or huge float64 data), or d too
         # large for exact int32 dots: no screening, the infinite bound sends
         # the point to exact verification.
         scale[0] = 0.0
         ea[0] = INFINITY
         ec[0] = INFINITY
+        ec2[0] = INFINITY
         return
     for j in range(d):
         qv = <int>nearbyint(<double>p[j] / <double>s32)
@@ -771,33 +920,63 @@ cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes
         e = <double>p[j] - <double>s32 * <double>qv
         qn2 += <double>(qv * qv)
         en2 += e * e
+        if fabs(e) > maxe:
+            maxe = fabs(e)
     scale[0] = s32
     ea[0] = _round_up_f32(<double>s32 * sqrt(qn2) * INFL)
-    ec[0] = _round_up_f32(sqrt(en2) * INFL + d * TINY)
+    # at least the smallest normal float32, so that flushing subnormals to
+    # zero (FTZ/DAZ) can never shrink a bound
+    ec[0] = max(_round_up_f32(sqrt(en2) * INFL + d * TINY), FLT_MIN)
+    # Level 2: the residual e = p - s32 q coded again, e = s2 q2 + e2.
+    s2_32 = <float>(maxe / 127.0)
+    if maxe == 0.0:
+        ec2[0] = FLT_MIN
+        return
+    if not s2_32 >= FLT_MIN:
+        ec2[0] = INFINITY       # the refinement can never decide this point
+        return
+    for j in range(d):
+        qv = <int>base[(j >> 2) * 64 + (j & 3)] - 128
+        e = <double>p[j] - <double>s32 * <double>qv       # as above, bit for bit
+        qv = <int>nearbyint(e / <double>s2_32)
+        if qv > 127:
+            qv = 127
+        elif qv < -127:
+            qv = -127
+        codes2[j] = <uint8_t>(qv + 128)
+        # the computed e and e2 each err by at most u |.|: the 2u ||e||
+        # below covers both (||e|| >= ||e2|| up to rounding)
+        e = e - <double>s2_32 * <double>qv
+        e2n2 += e * e
+    scale2[0] = s2_32
+    ec2[0] = max(_round_up_f32(sqrt(e2n2) * INFL + 4.0 * U64 * sqrt(en2) + d * TINY),
+                 FLT_MIN)
 
 
 cdef void _prepare_query(QueryBuf* qb, intp_t d, intp_t dpad, double gam) noexcept nogil:
-    """Quantise qb.w to int8 and set the bound multipliers A and C."""
+    """Quantise qb.w to two int8 levels and set the bound multipliers A and C."""
     cdef intp_t j
-    cdef double maxabs = 0.0, v, w2 = 0.0, e2 = 0.0, e, t, wnorm, enorm
-    cdef long qv, sumq = 0
+    cdef double maxabs = 0.0, v, w2 = 0.0, e2 = 0.0, e, t, t2, wnorm, enorm
+    cdef long qv, sumq = 0, sumq2 = 0
     cdef int qmax = sqd_qmax()
     for j in range(dpad):
         qb.qw[j] = 0
+        qb.qw2[j] = 0
     for j in range(d):
         v = fabs(qb.w[j])
         w2 += qb.w[j] * qb.w[j]
         if v > maxabs:
             maxabs = v
     t = maxabs / qmax
+    t2 = t / (2 * qmax + 2)      # a power of two: exact
     wnorm = sqrt(w2) * INFL + d * TINY
-    if t == 0.0 or not (t > 1e-300) or d > MAX_SCREEN_D:
+    if t == 0.0 or not (t > 1e-290) or d > MAX_SCREEN_D:
         # zero (or denormal-scale) query: no integer screening information
-        for j in range(d):
-            qb.qw[j] = 0
-        t = 0.0
+        t = t2 = 0.0
         enorm = wnorm
     else:
+        # w = t qw + t2 qw2 + e2, |w - t qw| <= t / 2 so |qw2| <= qmax + 1
+        # before clipping (and clipping only grows e2, which is measured).
         for j in range(d):
             qv = <long>nearbyint(qb.w[j] / t)
             if qv > qmax:
@@ -807,18 +986,31 @@ cdef void _prepare_query(QueryBuf* qb, intp_t d, intp_t dpad, double gam) noexce
             qb.qw[j] = <int8_t>qv
             sumq += qv
             e = qb.w[j] - t * <double>qv
+            qv = <long>nearbyint(e / t2)
+            if qv > qmax:
+                qv = qmax
+            elif qv < -qmax:
+                qv = -qmax
+            qb.qw2[j] = <int8_t>qv
+            sumq2 += qv
+            e = e - t2 * <double>qv
             e2 += e * e
-        enorm = sqrt(e2) * INFL + 4.0 * U64 * wnorm + d * TINY
+        # Each of the four roundings in computing e2_j errs by at most
+        # u (|w_j| + t): 8 u (||w|| + t sqrt(d)) bounds the error of the norm.
+        enorm = sqrt(e2) * INFL + 8.0 * U64 * (wnorm + t * sqrt(<double>d)) + d * TINY
     qb.t = t
+    qb.t2 = t2
     qb.sumq128 = <int32_t>(128 * sumq)
+    qb.sumq2_128 = <int32_t>(128 * sumq2)
     qb.wnorm = wnorm
     qb.A = enorm + gam * wnorm
     qb.C = wnorm * INFL + gam * wnorm
     # float32 classification is safe when every per-query constant is a
     # normal float32 far from overflow (per-point products then stay finite
     # or become inf/NaN, which means "verify").
-    qb.use_f32 = (1e-30 < t < 1e30 and 1e-30 < qb.A < 1e30 and qb.C < 1e30)
+    qb.use_f32 = (1e-30 < t2 and t < 1e30 and 1e-30 < qb.A < 1e30 and qb.C < 1e30)
     qb.t32 = <float>t
+    qb.t2_32 = <float>t2
     qb.A32 = _round_up_f32(qb.A)
     qb.C32 = _round_up_f32(qb.C)
 
@@ -897,34 +1089,115 @@ cdef inline bint _heap_prunes(const QueryBuf* qb, double upper) noexcept nogil:
 
 cdef inline void _chunk_dots(const CoreView* v, QueryBuf* qb, intp_t s0,
                              intp_t s1) noexcept nogil:
-    """Exact integer dots of slots [s0, s1) (at most CHUNK) into qb.dots."""
+    """Exact integer dots of slots [s0, s1) (at most CHUNK) with both query
+    codes into qb.dots and qb.dots2."""
     if qb.t == 0.0:
         memset(qb.dots, 0, (s1 - s0) * sizeof(int32_t))
+        memset(qb.dots2, 0, (s1 - s0) * sizeof(int32_t))
     else:
-        sqd_range_dots(v.codes, v.dpad, s0, s1, qb.qw, qb.sumq128, qb.dots)
+        sqd_range_dots(v.codes, v.dpad, s0, s1, qb.qw, qb.qw2, qb.sumq128, qb.sumq2_128,
+                       qb.dots, qb.dots2)
 
 
 cdef inline void _classify_chunk(const CoreView* v, QueryBuf* qb, intp_t s, intp_t n,
-                                 const int32_t* dots, double b) noexcept nogil:
-    """Screening flags of slots [s, s + n) from their integer dots, into qb.flag."""
+                                 intp_t off, double b) noexcept nogil:
+    """Screening flags of slots [s, s + n) from their integer dots (at
+    qb.dots + off and qb.dots2 + off), into qb.flag."""
     if qb.use_f32 and fabs(b) < 1e30:
-        sqd_classify_f32(dots, n, v.scale + s, v.ea + s, v.ec + s, qb.t32, qb.A32,
-                         qb.C32, _round_up_f32(b), _round_down_f32(b), 1e-6, 1e-37,
-                         qb.flag)
+        sqd_classify_f32(qb.dots + off, qb.dots2 + off, n, v.scale + s, v.ea + s, v.ec + s,
+                         qb.t32, qb.t2_32, qb.A32, qb.C32, _round_up_f32(b),
+                         _round_down_f32(b), 1e-6, 1e-37, qb.flag)
     else:
-        sqd_classify(dots, n, v.scale + s, v.ea + s, v.ec + s, qb.t, qb.A, qb.C, b,
-                     REL, TINY, qb.flag)
+        sqd_classify(qb.dots + off, qb.dots2 + off, n, v.scale + s, v.ea + s, v.ec + s,
+                     qb.t, qb.t2, qb.A, qb.C, b, REL, TINY, qb.flag)
+
+
+cdef inline int _refine(const CoreView* v, const QueryBuf* qb, intp_t s, int32_t d1,
+                        int32_t d2, double b) noexcept nogil:
+    """Second screening of live slot s (undecided by its level-1 code) with
+    its level-2 code: 2 = surely score >= b, 0 = surely below, 1 = verify."""
+    cdef int32_t e1, e2
+    cdef double x1, x2, y1, y2, approx, mag, m
+    cdef const uint8_t* row = v.rows2 + s * v.stride2
+    cdef double scale2 = (<const float*>row)[0], ec2 = (<const float*>row)[1]
+    sqd_row_dots(row + 8, v.dpad, qb.qw, qb.qw2, qb.sumq128, qb.sumq2_128, &e1, &e2)
+    x1 = qb.t * <double>d1
+    x2 = qb.t2 * <double>d2
+    y1 = qb.t * <double>e1
+    y2 = qb.t2 * <double>e2
+    approx = <double>v.scale[s] * (x1 + x2) + scale2 * (y1 + y2)
+    mag = <double>v.scale[s] * (fabs(x1) + fabs(x2)) + scale2 * (fabs(y1) + fabs(y2))
+    # a2_p = s2_p ||q2_p|| <= ||e_p|| + ||e2_p|| <= ec + ec2; a tombstone's
+    # NaN ea makes m NaN: undecided
+    m = (((<double>v.ea[s] + <double>v.ec[s] + ec2) * qb.A + ec2 * qb.C) * (1.0 + REL)
+         + REL * mag + TINY)
+    if approx - m >= b:
+        return 2
+    if approx + m < b:
+        return 0
+    return 1
+
+
+cdef intp_t _refine_pending(const CoreView* v, const floating* X, QueryBuf* qb, double b,
+                            int mode, vector[intp_t]* out_ids,
+                            vector[double]* out_sc) noexcept nogil:
+    """Decide the pending slots (undecided by their level-1 codes, level-2
+    rows prefetched): refine them, verify exactly what is left.  Reports
+    slots (converted to ids by _query_one)."""
+    cdef intp_t i, s, n_left = 0, cnt = 0, n = qb.n_pend, d = v.d
+    cdef int f
+    cdef double score
+    cdef intp_t* pend = qb.pend
+    if qb.t != 0.0:
+        qb.n_refined += n
+        for i in range(n):
+            s = pend[i]
+            f = _refine(v, qb, s, qb.pend_d1[i], qb.pend_d2[i], b)
+            if f == 2:
+                if mode == MODE_SCORES:
+                    out_sc.push_back(sqd_xdot(X + s * d, qb.w, d))
+                if mode != MODE_COUNT:
+                    out_ids.push_back(s)
+                cnt += 1
+            pend[n_left] = s
+            n_left += (f == 1)
+    else:
+        n_left = n
+    # still undecided (and tombstones): verify exactly, rows prefetched
+    # PREFETCH_AHEAD ahead
+    for i in range(min(n_left, PREFETCH_AHEAD)):
+        sqd_prefetch_row(<const char*>(X + pend[i] * d), d * sizeof(floating))
+    for i in range(n_left):
+        if i + PREFETCH_AHEAD < n_left:
+            sqd_prefetch_row(<const char*>(X + pend[i + PREFETCH_AHEAD] * d),
+                             d * sizeof(floating))
+        s = pend[i]
+        if v.ids[s] < 0:
+            continue
+        qb.n_verified += 1
+        score = sqd_xdot(X + s * d, qb.w, d)
+        if score >= b:
+            if mode == MODE_SCORES:
+                out_sc.push_back(score)
+            if mode != MODE_COUNT:
+                out_ids.push_back(s)
+            cnt += 1
+    qb.n_pend = 0
+    return cnt
 
 
 cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
                         intp_t start, intp_t end, double b, int mode,
                         vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
-    """Screen slots [start, end) through their codes; verify the band."""
-    cdef intp_t d = v.d, s0, s1, s, cnt = 0, sid, n_acc, n_ver, i
+    """Screen slots [start, end) through their codes; refine the band with
+    the level-2 codes, one chunk later (so that their rows, prefetched when
+    the chunk is screened, have arrived); verify what is left exactly.
+    Reports slots (converted to ids by _query_one)."""
+    cdef intp_t d = v.d, s0, s1, s, cnt = 0, n_acc, n_ver, i
     cdef size_t old
     cdef intp_t* dst
-    cdef double score
     cdef unsigned char* flag = qb.flag
+    cdef int32_t* ver = qb.pos + CHUNK
     s0 = start
     while s0 < end:
         s1 = s0 + CHUNK
@@ -932,57 +1205,48 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
             s1 = end
         _chunk_dots(v, qb, s0, s1)
         qb.n_screened += s1 - s0
-        _classify_chunk(v, qb, s0, s1 - s0, qb.dots, b)
-        sqd_split_flags(flag, s1 - s0, qb.pos, &n_acc, qb.pos + CHUNK, &n_ver)
+        _classify_chunk(v, qb, s0, s1 - s0, 0, b)
+        sqd_split_flags(flag, s1 - s0, qb.pos, &n_acc, ver, &n_ver)
         # accepted: surely in the half-space (never a tombstone: NaN ea)
         if mode != MODE_COUNT and n_acc > 0:
             old = out_ids.size()
             out_ids.resize(old + n_acc)
             dst = out_ids.data() + old
             for i in range(n_acc):
-                dst[i] = v.ids[s0 + qb.pos[i]]
+                dst[i] = s0 + qb.pos[i]
             if mode == MODE_SCORES:
                 sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s0, qb.pos, n_acc)
                 for i in range(n_acc):
                     out_sc.push_back(sqd_xdot(X + (s0 + qb.pos[i]) * d, qb.w, d))
         cnt += n_acc
-        # undecided: verify exactly (rows prefetched PREFETCH_AHEAD ahead)
-        for i in range(min(n_ver, PREFETCH_AHEAD)):
-            sqd_prefetch_row(<const char*>(X + (s0 + qb.pos[CHUNK + i]) * d),
-                             d * sizeof(floating))
+        # the previous chunk's undecided, then this chunk's become pending
+        if qb.n_pend > 0:
+            cnt += _refine_pending(v, X, qb, b, mode, out_ids, out_sc)
         for i in range(n_ver):
-            if i + PREFETCH_AHEAD < n_ver:
-                sqd_prefetch_row(
-                    <const char*>(X + (s0 + qb.pos[CHUNK + i + PREFETCH_AHEAD]) * d),
-                    d * sizeof(floating))
-            s = s0 + qb.pos[CHUNK + i]
-            sid = v.ids[s]
-            if sid < 0:
-                continue
-            qb.n_verified += 1
-            score = sqd_xdot(X + s * d, qb.w, d)
-            if score >= b:
-                if mode == MODE_SCORES:
-                    out_sc.push_back(score)
-                if mode != MODE_COUNT:
-                    out_ids.push_back(sid)
-                cnt += 1
+            s = s0 + ver[i]
+            qb.pend[i] = s
+            qb.pend_d1[i] = qb.dots[ver[i]]
+            qb.pend_d2[i] = qb.dots2[ver[i]]
+            sqd_prefetch_span(<const char*>(v.rows2 + s * v.stride2), v.stride2)
+        qb.n_pend = n_ver
         s0 = s1
+    if qb.n_pend > 0:
+        cnt += _refine_pending(v, X, qb, b, mode, out_ids, out_sc)
     return cnt
 
 
 cdef intp_t _report_range(const CoreView* v, const floating* X, QueryBuf* qb,
                           intp_t start, intp_t end, int mode,
                           vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
-    """Report every live slot of [start, end) (its node is inside the half-space)."""
-    cdef intp_t s, sid, cnt = 0
+    """Report every live slot of [start, end) (its node is inside the
+    half-space), as slots (converted to ids by _query_one)."""
+    cdef intp_t s, cnt = 0
     for s in range(start, end):
-        sid = v.ids[s]
-        if sid < 0:
+        if v.ids[s] < 0:
             continue
         if mode == MODE_SCORES:
             out_sc.push_back(sqd_xdot(X + s * v.d, qb.w, v.d))
-        out_ids.push_back(sid)
+        out_ids.push_back(s)
         cnt += 1
     return cnt
 
@@ -991,11 +1255,14 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
                        int mode, vector[intp_t]* out_ids,
                        vector[double]* out_sc) noexcept nogil:
     """Report (or count) the points with score >= b; qb.w must be set."""
-    cdef intp_t seg, node0, n_nodes, node, top, cnt = 0
+    cdef intp_t seg, node0, n_nodes, node, top, cnt = 0, i, n_out
     cdef intp_t pend_start = 0, pend_end = 0     # pending run of leaves to screen
+    cdef intp_t first = out_ids.size()
+    cdef intp_t* res
     cdef double lo, hi
     _prepare_query(qb, v.d, v.dpad, v.gam)
-    qb.n_nodes = qb.n_screened = qb.n_verified = qb.n_bulk = 0
+    qb.n_nodes = qb.n_screened = qb.n_refined = qb.n_verified = qb.n_bulk = 0
+    qb.n_pend = 0
     for seg in range(v.n_segs):
         node0 = v.seg_node0[seg]
         n_nodes = v.seg_n_nodes[seg]
@@ -1034,6 +1301,13 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
         if pend_end > pend_start:
             cnt += _scan_range(v, X, qb, pend_start, pend_end, b, mode, out_ids, out_sc)
         pend_start = pend_end = 0
+    # the kernels report slots: one pass in slot order (mostly increasing,
+    # which the hardware prefetcher follows) turns them into ids
+    if mode != MODE_COUNT:
+        res = out_ids.data()
+        n_out = out_ids.size()
+        for i in range(first, n_out):
+            res[i] = v.ids[res[i]]
     return cnt
 
 
@@ -1056,7 +1330,7 @@ cdef void _search_range(const CoreView* v, const floating* X, QueryBuf* qb,
             s += 1
         if s < s1:
             # only points whose upper bound reaches the k-th score can enter
-            _classify_chunk(v, qb, s, s1 - s, qb.dots + (s - s0), qb.hscore[0])
+            _classify_chunk(v, qb, s, s1 - s, s - s0, qb.hscore[0])
             sqd_split_flags(qb.flag, s1 - s, qb.pos, &n_acc, qb.pos + CHUNK, &n_ver)
             for i in range(n_ver):
                 qb.pos[n_acc + i] = qb.pos[CHUNK + i]
@@ -1138,7 +1412,13 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
         return NULL
     qb.w = <double*>malloc((d + 1) * sizeof(double))
     qb.qw = <int8_t*>malloc((d + 4) * sizeof(int8_t))
+    qb.qw2 = <int8_t*>malloc((d + 4) * sizeof(int8_t))
     qb.dots = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.dots2 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.pend = <intp_t*>malloc(CHUNK * sizeof(intp_t))
+    qb.pend_d1 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.pend_d2 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.n_pend = 0
     qb.flag = <unsigned char*>malloc(CHUNK + 8)
     qb.pos = <int32_t*>malloc(2 * CHUNK * sizeof(int32_t))
     # the stack holds MAX_DEPTH node indices, then MAX_DEPTH doubles (search)
@@ -1147,7 +1427,9 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     qb.hid = <intp_t*>malloc((k + 1) * sizeof(intp_t))
     qb.k = k
     qb.hsize = 0
-    if (qb.w == NULL or qb.qw == NULL or qb.dots == NULL or qb.flag == NULL
+    if (qb.w == NULL or qb.qw == NULL or qb.qw2 == NULL or qb.dots == NULL
+            or qb.dots2 == NULL or qb.flag == NULL
+            or qb.pend == NULL or qb.pend_d1 == NULL or qb.pend_d2 == NULL
             or qb.pos == NULL
             or qb.stack == NULL
             or qb.hscore == NULL or qb.hid == NULL):
@@ -1161,7 +1443,12 @@ cdef void _free_qbuf(QueryBuf* qb) noexcept nogil:
         return
     free(qb.w)
     free(qb.qw)
+    free(qb.qw2)
     free(qb.dots)
+    free(qb.dots2)
+    free(qb.pend)
+    free(qb.pend_d1)
+    free(qb.pend_d2)
     free(qb.flag)
     free(qb.pos)
     free(qb.stack)
@@ -1335,6 +1622,7 @@ cdef class _HalfspaceCore:
     cdef object _scale
     cdef object _ea
     cdef object _ec
+    cdef object _rows2
     cdef object _ids
     # node arrays (capacity nodes)
     cdef object _node_start
@@ -1369,6 +1657,7 @@ cdef class _HalfspaceCore:
         self._scale = np.empty(0, dtype=np.float32)
         self._ea = np.empty(0, dtype=np.float32)
         self._ec = np.empty(0, dtype=np.float32)
+        self._rows2 = np.empty((0, self.dpad + 8), dtype=np.uint8)
         self._ids = np.empty(0, dtype=np.intp)
         self._node_start = np.empty(0, dtype=np.intp)
         self._node_end = np.empty(0, dtype=np.intp)
@@ -1387,6 +1676,7 @@ cdef class _HalfspaceCore:
         v.scale = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._scale)
         v.ea = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._ea)
         v.ec = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._ec)
+        v.rows2 = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>self._rows2)
         v.ids = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._ids)
         v.node_start = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_start)
         v.node_end = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_end)
@@ -1400,6 +1690,7 @@ cdef class _HalfspaceCore:
         v.n_segs = <intp_t>self.seg_start.size()
         v.d = self.d
         v.dpad = self.dpad
+        v.stride2 = self.dpad + 8
         v.gam = self.gam
         return v
 
@@ -1423,11 +1714,13 @@ cdef class _HalfspaceCore:
             self._scale = self._fresh_slots(self._scale, (new_cap,), used)
             self._ea = self._fresh_slots(self._ea, (new_cap,), used)
             self._ec = self._fresh_slots(self._ec, (new_cap,), used)
+            self._rows2 = self._fresh_slots(self._rows2, (new_cap, self.dpad + 8), used)
             self._ids = self._fresh_slots(self._ids, (new_cap,), used)
             return
         for a, shape in ((self._X, (new_cap, self.d)), (self._codes, (new_cap * self.dpad,)),
                          (self._scale, (new_cap,)), (self._ea, (new_cap,)),
-                         (self._ec, (new_cap,)), (self._ids, (new_cap,))):
+                         (self._ec, (new_cap,)), (self._rows2, (new_cap, self.dpad + 8)),
+                         (self._ids, (new_cap,))):
             a.resize(shape, refcheck=False)
             # an array that started small was never advised (realloc keeps
             # the advice of one that was, for the part it adds)
@@ -1523,10 +1816,12 @@ cdef class _HalfspaceCore:
             for s in range(start, end):
                 if self.is32:
                     _encode_point(<const float*>v.X + s * d, d, dpad, <uint8_t*>v.codes, s,
-                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s)
+                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s,
+                                  <uint8_t*>v.rows2 + s * v.stride2)
                 else:
                     _encode_point(<const double*>v.X + s * d, d, dpad, <uint8_t*>v.codes, s,
-                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s)
+                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s,
+                                  <uint8_t*>v.rows2 + s * v.stride2)
                 if v.ids[s] < 0:
                     (<float*>v.ea)[s] = NAN    # tombstones always go to "verify"
 
@@ -1781,11 +2076,11 @@ cdef class _HalfspaceCore:
             if self.is32:
                 _encode_point(<const float*>v.X + slot * d, d, self.dpad, <uint8_t*>v.codes,
                               slot, <float*>v.scale + slot, <float*>v.ea + slot,
-                              <float*>v.ec + slot)
+                              <float*>v.ec + slot, <uint8_t*>v.rows2 + slot * v.stride2)
             else:
                 _encode_point(<const double*>v.X + slot * d, d, self.dpad, <uint8_t*>v.codes,
                               slot, <float*>v.scale + slot, <float*>v.ea + slot,
-                              <float*>v.ec + slot)
+                              <float*>v.ec + slot, <uint8_t*>v.rows2 + slot * v.stride2)
         nc = self._node_center
         nr = self._node_radius
         ne = self._node_end
@@ -1950,7 +2245,8 @@ cdef class _HalfspaceCore:
 
     def query_stats(self, w, double b):
         """Work done by one query: nodes bounded, points screened through their
-        codes, points verified exactly, points reported by whole subtrees."""
+        codes, points refined through their level-2 codes, points verified
+        exactly, points reported by whole subtrees."""
         cdef CoreView v = self._view()
         cdef QueryBuf* qb = _alloc_qbuf(self.d, 0)
         cdef vector[intp_t] ids
@@ -1966,7 +2262,7 @@ cdef class _HalfspaceCore:
         else:
             cnt = _query_one(&v, <const double*>v.X, qb, b, MODE_COUNT, &ids, &sc)
         out = {"count": cnt, "nodes": qb.n_nodes, "screened": qb.n_screened,
-               "verified": qb.n_verified, "bulk": qb.n_bulk}
+               "refined": qb.n_refined, "verified": qb.n_verified, "bulk": qb.n_bulk}
         _free_qbuf(qb)
         return out
 
