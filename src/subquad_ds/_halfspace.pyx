@@ -505,6 +505,76 @@ cdef extern from *:
         *n_ver = v;
     }
 
+    #if SQD_X86
+    /* sqd_classify_f32 and sqd_split_flags fused, 16 points per step (same
+       arithmetic; the positions are compressed in registers, since the
+       memory form of vpcompressd is slow on some CPUs).  acc and ver need
+       16 entries of slack. */
+    __attribute__((target("avx512f,popcnt")))
+    static void sqd_screen_f32_avx512(const int32_t* dots, const int32_t* dots2,
+                                      Py_ssize_t n, const float* scale, const float* ea,
+                                      const float* ec, float t, float t2, float A, float C,
+                                      float b_up, float b_dn, float rel, float tiny,
+                                      int32_t* acc, Py_ssize_t* n_acc, int32_t* ver,
+                                      Py_ssize_t* n_ver) {
+        const __m512 vt = _mm512_set1_ps(t), vt2 = _mm512_set1_ps(t2);
+        const __m512 vA = _mm512_set1_ps(A), vC = _mm512_set1_ps(C);
+        const __m512 vone_rel = _mm512_set1_ps(1.0f + rel), vrel = _mm512_set1_ps(rel);
+        const __m512 vtiny = _mm512_set1_ps(tiny);
+        const __m512 vb_up = _mm512_set1_ps(b_up), vb_dn = _mm512_set1_ps(b_dn);
+        __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i step = _mm512_set1_epi32(16);
+        Py_ssize_t na = 0, nv = 0;
+        for (Py_ssize_t i = 0; i < n; i += 16) {
+            __mmask16 k = (n - i >= 16) ? (__mmask16)0xFFFF
+                                        : (__mmask16)((1u << (n - i)) - 1);
+            __m512 d1 = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, dots + i));
+            __m512 d2 = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, dots2 + i));
+            __m512 sc = _mm512_maskz_loadu_ps(k, scale + i);
+            __m512 a = _mm512_maskz_loadu_ps(k, ea + i);
+            __m512 c = _mm512_maskz_loadu_ps(k, ec + i);
+            __m512 x1 = _mm512_mul_ps(vt, d1), x2 = _mm512_mul_ps(vt2, d2);
+            __m512 approx = _mm512_mul_ps(sc, _mm512_add_ps(x1, x2));
+            __m512 mag = _mm512_mul_ps(sc, _mm512_add_ps(_mm512_abs_ps(x1), _mm512_abs_ps(x2)));
+            __m512 m = _mm512_add_ps(
+                _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(a, vA),
+                                                          _mm512_mul_ps(c, vC)), vone_rel),
+                              _mm512_mul_ps(vrel, mag)), vtiny);
+            __mmask16 macc = _mm512_mask_cmp_ps_mask(k, _mm512_sub_ps(approx, m), vb_up,
+                                                     _CMP_GE_OQ);
+            __mmask16 mrej = _mm512_cmp_ps_mask(_mm512_add_ps(approx, m), vb_dn, _CMP_LT_OQ);
+            __mmask16 mver = (__mmask16)(k & ~macc & ~mrej);
+            _mm512_storeu_si512(acc + na, _mm512_maskz_compress_epi32(macc, idx));
+            _mm512_storeu_si512(ver + nv, _mm512_maskz_compress_epi32(mver, idx));
+            na += __builtin_popcount((unsigned)macc);
+            nv += __builtin_popcount((unsigned)mver);
+            idx = _mm512_add_epi32(idx, step);
+        }
+        *n_acc = na;
+        *n_ver = nv;
+    }
+    #endif
+
+    /* Screening decisions of n points in float32 (see sqd_classify_f32), as
+       positions of the accepted (acc) and undecided (ver) points; flag is
+       scratch (n + 8 bytes); acc and ver need 16 entries of slack. */
+    static void sqd_screen_f32(const int32_t* dots, const int32_t* dots2, Py_ssize_t n,
+                               const float* scale, const float* ea, const float* ec,
+                               float t, float t2, float A, float C, float b_up, float b_dn,
+                               float rel, float tiny, unsigned char* flag, int32_t* acc,
+                               Py_ssize_t* n_acc, int32_t* ver, Py_ssize_t* n_ver) {
+    #if SQD_X86
+        if (sqd_isa() == 2) {
+            sqd_screen_f32_avx512(dots, dots2, n, scale, ea, ec, t, t2, A, C, b_up, b_dn,
+                                  rel, tiny, acc, n_acc, ver, n_ver);
+            return;
+        }
+    #endif
+        sqd_classify_f32(dots, dots2, n, scale, ea, ec, t, t2, A, C, b_up, b_dn, rel, tiny,
+                         flag);
+        sqd_split_flags(flag, n, acc, n_acc, ver, n_ver);
+    }
+
     /* Classify n points from their integer dots: flag 2 = surely
        score >= b, 0 = surely score < b, 1 = undecided (verify; also every
        tombstone, whose ea is NaN).  The approximation is
@@ -753,6 +823,11 @@ cdef extern from *:
                           const float* scale, const float* ea, const float* ec, float t,
                           float t2, float A, float C, float b_up, float b_dn, float rel,
                           float tiny, unsigned char* flag) noexcept nogil
+    void sqd_screen_f32(const int32_t* dots, const int32_t* dots2, intp_t n,
+                        const float* scale, const float* ea, const float* ec, float t,
+                        float t2, float A, float C, float b_up, float b_dn, float rel,
+                        float tiny, unsigned char* flag, int32_t* acc, intp_t* n_acc,
+                        int32_t* ver, intp_t* n_ver) noexcept nogil
     void sqd_classify(const int32_t* dots, const int32_t* dots2, intp_t n,
                       const float* scale, const float* ea, const float* ec, double t,
                       double t2, double A, double C, double b, double rel, double tiny,
@@ -773,6 +848,7 @@ cdef double REL = 1e-9                      # relative widening of bound arithme
 cdef double TINY = 1e-290                   # absolute widening (underflow)
 cdef double INFL = 1.0 + 1e-10              # rounding-up factor for stored norms
 cdef intp_t CHUNK = 256                     # leaf scan chunk (dots buffer size)
+cdef intp_t VER_OFF = CHUNK + 16            # undecided positions in QueryBuf.pos
 cdef intp_t MAX_SCREEN_D = 16384            # integer dots are exact up to this d
 cdef intp_t MAX_DEPTH = 128
 cdef intp_t PREFETCH_AHEAD = 6              # rows in flight while verifying
@@ -820,7 +896,7 @@ cdef struct QueryBuf:
     int32_t* dots      # integer dots <q_p, qw> of one leaf chunk (CHUNK)
     int32_t* dots2     # integer dots <q_p, qw2> of one leaf chunk (CHUNK)
     unsigned char* flag  # screening decisions of one chunk (CHUNK)
-    int32_t* pos         # positions of accepted, then undecided points (2 CHUNK)
+    int32_t* pos         # positions of accepted (at 0), undecided (at VER_OFF) points
     intp_t* stack      # DFS stack of node indices (MAX_DEPTH)
     double t           # query scale
     double t2          # scale of the second level, t / (2 qmax + 2)
@@ -1100,16 +1176,20 @@ cdef inline void _chunk_dots(const CoreView* v, QueryBuf* qb, intp_t s0,
 
 
 cdef inline void _classify_chunk(const CoreView* v, QueryBuf* qb, intp_t s, intp_t n,
-                                 intp_t off, double b) noexcept nogil:
-    """Screening flags of slots [s, s + n) from their integer dots (at
-    qb.dots + off and qb.dots2 + off), into qb.flag."""
+                                 intp_t off, double b, intp_t* n_acc,
+                                 intp_t* n_ver) noexcept nogil:
+    """Screen slots [s, s + n) from their integer dots (at qb.dots + off and
+    qb.dots2 + off): positions (relative to s) of the surely accepted into
+    qb.pos, of the undecided into qb.pos + VER_OFF."""
     if qb.use_f32 and fabs(b) < 1e30:
-        sqd_classify_f32(qb.dots + off, qb.dots2 + off, n, v.scale + s, v.ea + s, v.ec + s,
-                         qb.t32, qb.t2_32, qb.A32, qb.C32, _round_up_f32(b),
-                         _round_down_f32(b), 1e-6, 1e-37, qb.flag)
+        sqd_screen_f32(qb.dots + off, qb.dots2 + off, n, v.scale + s, v.ea + s, v.ec + s,
+                       qb.t32, qb.t2_32, qb.A32, qb.C32, _round_up_f32(b),
+                       _round_down_f32(b), 1e-6, 1e-37, qb.flag, qb.pos, n_acc,
+                       qb.pos + VER_OFF, n_ver)
     else:
         sqd_classify(qb.dots + off, qb.dots2 + off, n, v.scale + s, v.ea + s, v.ec + s,
                      qb.t, qb.t2, qb.A, qb.C, b, REL, TINY, qb.flag)
+        sqd_split_flags(qb.flag, n, qb.pos, n_acc, qb.pos + VER_OFF, n_ver)
 
 
 cdef inline int _refine(const CoreView* v, const QueryBuf* qb, intp_t s, int32_t d1,
@@ -1196,8 +1276,7 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
     cdef intp_t d = v.d, s0, s1, s, cnt = 0, n_acc, n_ver, i
     cdef size_t old
     cdef intp_t* dst
-    cdef unsigned char* flag = qb.flag
-    cdef int32_t* ver = qb.pos + CHUNK
+    cdef int32_t* ver = qb.pos + VER_OFF
     s0 = start
     while s0 < end:
         s1 = s0 + CHUNK
@@ -1205,8 +1284,7 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
             s1 = end
         _chunk_dots(v, qb, s0, s1)
         qb.n_screened += s1 - s0
-        _classify_chunk(v, qb, s0, s1 - s0, 0, b)
-        sqd_split_flags(flag, s1 - s0, qb.pos, &n_acc, ver, &n_ver)
+        _classify_chunk(v, qb, s0, s1 - s0, 0, b, &n_acc, &n_ver)
         # accepted: surely in the half-space (never a tombstone: NaN ea)
         if mode != MODE_COUNT and n_acc > 0:
             old = out_ids.size()
@@ -1330,10 +1408,9 @@ cdef void _search_range(const CoreView* v, const floating* X, QueryBuf* qb,
             s += 1
         if s < s1:
             # only points whose upper bound reaches the k-th score can enter
-            _classify_chunk(v, qb, s, s1 - s, s - s0, qb.hscore[0])
-            sqd_split_flags(qb.flag, s1 - s, qb.pos, &n_acc, qb.pos + CHUNK, &n_ver)
+            _classify_chunk(v, qb, s, s1 - s, s - s0, qb.hscore[0], &n_acc, &n_ver)
             for i in range(n_ver):
-                qb.pos[n_acc + i] = qb.pos[CHUNK + i]
+                qb.pos[n_acc + i] = qb.pos[VER_OFF + i]
             sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s, qb.pos,
                               n_acc + n_ver)
             for i in range(n_acc + n_ver):
@@ -1420,7 +1497,7 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     qb.pend_d2 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
     qb.n_pend = 0
     qb.flag = <unsigned char*>malloc(CHUNK + 8)
-    qb.pos = <int32_t*>malloc(2 * CHUNK * sizeof(int32_t))
+    qb.pos = <int32_t*>malloc((VER_OFF + CHUNK + 16) * sizeof(int32_t))
     # the stack holds MAX_DEPTH node indices, then MAX_DEPTH doubles (search)
     qb.stack = <intp_t*>malloc(MAX_DEPTH * (sizeof(intp_t) + sizeof(double)))
     qb.hscore = <double*>malloc((k + 1) * sizeof(double))
