@@ -440,20 +440,16 @@ cdef extern from *:
         sqd_block_dots_generic(codes, nblk, dpad, qw, qw2, out, out2);
     }
 
-    /* Exact integer dots <q_s, qw> and <q_s, qw2> for slots [s0, s1),
-       s1 - s0 <= 256, into out[s - s0] and out2[s - s0]. */
-    static void sqd_range_dots(const uint8_t* codes, Py_ssize_t dpad, Py_ssize_t s0,
-                               Py_ssize_t s1, const int8_t* qw, const int8_t* qw2,
-                               int32_t sumq128, int32_t sumq2_128, int32_t* out,
-                               int32_t* out2) {
-        int32_t buf[17 * 16], buf2[17 * 16];
+    /* Integer dots <u_s, qw> and <u_s, qw2> (u = q + 128: subtract 128 sum(qw)
+       for the exact <q_s, qw>) of the whole blocks covering slots [s0, s1),
+       s1 - s0 <= 256, into out and out2 (up to 272 entries); returns the
+       position of slot s0 in them. */
+    static Py_ssize_t sqd_range_dots(const uint8_t* codes, Py_ssize_t dpad, Py_ssize_t s0,
+                                     Py_ssize_t s1, const int8_t* qw, const int8_t* qw2,
+                                     int32_t* out, int32_t* out2) {
         Py_ssize_t b0 = s0 >> 4, b1 = ((s1 - 1) >> 4) + 1;
-        sqd_block_dots(codes + b0 * 16 * dpad, b1 - b0, dpad, qw, qw2, buf, buf2);
-        const Py_ssize_t off = s0 - b0 * 16;
-        for (Py_ssize_t i = 0; i < s1 - s0; ++i) {
-            out[i] = buf[off + i] - sumq128;
-            out2[i] = buf2[off + i] - sumq2_128;
-        }
+        sqd_block_dots(codes + b0 * 16 * dpad, b1 - b0, dpad, qw, qw2, out, out2);
+        return s0 - b0 * 16;
     }
 
     /* Exact integer dots of one slot's level-2 code (row layout, u8 = q2 + 128)
@@ -482,13 +478,14 @@ cdef extern from *:
        underflow (even flushed to zero) by tiny, and b is rounded outwards
        (b_up for accepting, b_dn for rejecting). */
     __attribute__((target_clones("avx512f", "avx2", "default")))
-    static void sqd_classify_f32(const int32_t* dots, const int32_t* dots2, Py_ssize_t n,
-                                 const float* scale, const float* ea, const float* ec,
-                                 float t, float t2, float A, float C, float b_up, float b_dn,
-                                 float rel, float tiny, unsigned char* flag) {
+    static void sqd_classify_f32(const int32_t* dots, const int32_t* dots2, int32_t sub1,
+                                 int32_t sub2, Py_ssize_t n, const float* scale,
+                                 const float* ea, const float* ec, float t, float t2,
+                                 float A, float C, float b_up, float b_dn, float rel,
+                                 float tiny, unsigned char* flag) {
         const float one_rel = 1.0f + rel;
         for (Py_ssize_t i = 0; i < n; ++i) {
-            float x1 = t * (float)dots[i], x2 = t2 * (float)dots2[i];
+            float x1 = t * (float)(dots[i] - sub1), x2 = t2 * (float)(dots2[i] - sub2);
             float approx = scale[i] * (x1 + x2);
             float mag = scale[i] * ((x1 < 0 ? -x1 : x1) + (x2 < 0 ? -x2 : x2));
             float m = (ea[i] * A + ec[i] * C) * one_rel + rel * mag + tiny;
@@ -556,6 +553,7 @@ cdef extern from *:
        16 entries of slack. */
     __attribute__((target("avx512f,popcnt")))
     static void sqd_screen_f32_avx512(const int32_t* dots, const int32_t* dots2,
+                                      int32_t sub1, int32_t sub2,
                                       Py_ssize_t n, const float* scale, const float* ea,
                                       const float* ec, float t, float t2, float A, float C,
                                       float b_up, float b_dn, float rel, float tiny,
@@ -568,12 +566,15 @@ cdef extern from *:
         const __m512 vb_up = _mm512_set1_ps(b_up), vb_dn = _mm512_set1_ps(b_dn);
         __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         const __m512i step = _mm512_set1_epi32(16);
+        const __m512i vs1 = _mm512_set1_epi32(sub1), vs2 = _mm512_set1_epi32(sub2);
         Py_ssize_t na = 0, nv = 0;
         for (Py_ssize_t i = 0; i < n; i += 16) {
             __mmask16 k = (n - i >= 16) ? (__mmask16)0xFFFF
                                         : (__mmask16)((1u << (n - i)) - 1);
-            __m512 d1 = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, dots + i));
-            __m512 d2 = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, dots2 + i));
+            __m512 d1 = _mm512_cvtepi32_ps(
+                _mm512_sub_epi32(_mm512_maskz_loadu_epi32(k, dots + i), vs1));
+            __m512 d2 = _mm512_cvtepi32_ps(
+                _mm512_sub_epi32(_mm512_maskz_loadu_epi32(k, dots2 + i), vs2));
             __m512 sc = _mm512_maskz_loadu_ps(k, scale + i);
             __m512 a = _mm512_maskz_loadu_ps(k, ea + i);
             __m512 c = _mm512_maskz_loadu_ps(k, ec + i);
@@ -602,20 +603,21 @@ cdef extern from *:
     /* Screening decisions of n points in float32 (see sqd_classify_f32), as
        positions of the accepted (acc) and undecided (ver) points; flag is
        scratch (n + 8 bytes); acc and ver need 16 entries of slack. */
-    static void sqd_screen_f32(const int32_t* dots, const int32_t* dots2, Py_ssize_t n,
+    static void sqd_screen_f32(const int32_t* dots, const int32_t* dots2, int32_t sub1,
+                               int32_t sub2, Py_ssize_t n,
                                const float* scale, const float* ea, const float* ec,
                                float t, float t2, float A, float C, float b_up, float b_dn,
                                float rel, float tiny, unsigned char* flag, int32_t* acc,
                                Py_ssize_t* n_acc, int32_t* ver, Py_ssize_t* n_ver) {
     #if SQD_X86
         if (sqd_isa() == 2) {
-            sqd_screen_f32_avx512(dots, dots2, n, scale, ea, ec, t, t2, A, C, b_up, b_dn,
-                                  rel, tiny, acc, n_acc, ver, n_ver);
+            sqd_screen_f32_avx512(dots, dots2, sub1, sub2, n, scale, ea, ec, t, t2, A, C,
+                                  b_up, b_dn, rel, tiny, acc, n_acc, ver, n_ver);
             return;
         }
     #endif
-        sqd_classify_f32(dots, dots2, n, scale, ea, ec, t, t2, A, C, b_up, b_dn, rel, tiny,
-                         flag);
+        sqd_classify_f32(dots, dots2, sub1, sub2, n, scale, ea, ec, t, t2, A, C, b_up, b_dn,
+                         rel, tiny, flag);
         sqd_split_flags(flag, n, acc, n_acc, ver, n_ver);
     }
 
@@ -625,13 +627,14 @@ cdef extern from *:
        scale (t dots + t2 dots2); rel times the magnitudes of its terms
        covers its rounding.  Branch-free so that it vectorises. */
     SQD_CLONES
-    static void sqd_classify(const int32_t* dots, const int32_t* dots2, Py_ssize_t n,
-                             const float* scale, const float* ea, const float* ec, double t,
-                             double t2, double A, double C, double b, double rel,
-                             double tiny, unsigned char* flag) {
+    static void sqd_classify(const int32_t* dots, const int32_t* dots2, int32_t sub1,
+                             int32_t sub2, Py_ssize_t n, const float* scale,
+                             const float* ea, const float* ec, double t, double t2,
+                             double A, double C, double b, double rel, double tiny,
+                             unsigned char* flag) {
         const double one_rel = 1.0 + rel;
         for (Py_ssize_t i = 0; i < n; ++i) {
-            double x1 = t * (double)dots[i], x2 = t2 * (double)dots2[i];
+            double x1 = t * (double)(dots[i] - sub1), x2 = t2 * (double)(dots2[i] - sub2);
             double approx = (double)scale[i] * (x1 + x2);
             double mag = (double)scale[i] * ((x1 < 0 ? -x1 : x1) + (x2 < 0 ? -x2 : x2));
             double m = ((double)ea[i] * A + (double)ec[i] * C) * one_rel + rel * mag + tiny;
@@ -857,22 +860,25 @@ cdef extern from *:
     int sqd_isa_detected() noexcept nogil
     int sqd_isa_cap
     int sqd_qmax() noexcept nogil
-    void sqd_range_dots(const uint8_t* codes, intp_t dpad, intp_t s0, intp_t s1,
-                        const int8_t* qw, const int8_t* qw2, int32_t sumq128,
-                        int32_t sumq2_128, int32_t* out, int32_t* out2) noexcept nogil
+    intp_t sqd_range_dots(const uint8_t* codes, intp_t dpad, intp_t s0, intp_t s1,
+                          const int8_t* qw, const int8_t* qw2, int32_t* out,
+                          int32_t* out2) noexcept nogil
     void sqd_row_dots(const uint8_t* row, intp_t dpad, const int8_t* qw, const int8_t* qw2,
                       int32_t sumq128, int32_t sumq2_128, int32_t* e1,
                       int32_t* e2) noexcept nogil
-    void sqd_classify_f32(const int32_t* dots, const int32_t* dots2, intp_t n,
+    void sqd_classify_f32(const int32_t* dots, const int32_t* dots2, int32_t sub1,
+                          int32_t sub2, intp_t n,
                           const float* scale, const float* ea, const float* ec, float t,
                           float t2, float A, float C, float b_up, float b_dn, float rel,
                           float tiny, unsigned char* flag) noexcept nogil
-    void sqd_screen_f32(const int32_t* dots, const int32_t* dots2, intp_t n,
+    void sqd_screen_f32(const int32_t* dots, const int32_t* dots2, int32_t sub1,
+                        int32_t sub2, intp_t n,
                         const float* scale, const float* ea, const float* ec, float t,
                         float t2, float A, float C, float b_up, float b_dn, float rel,
                         float tiny, unsigned char* flag, int32_t* acc, intp_t* n_acc,
                         int32_t* ver, intp_t* n_ver) noexcept nogil
-    void sqd_classify(const int32_t* dots, const int32_t* dots2, intp_t n,
+    void sqd_classify(const int32_t* dots, const int32_t* dots2, int32_t sub1,
+                      int32_t sub2, intp_t n,
                       const float* scale, const float* ea, const float* ec, double t,
                       double t2, double A, double C, double b, double rel, double tiny,
                       unsigned char* flag) noexcept nogil
@@ -937,8 +943,9 @@ cdef struct QueryBuf:
     int8_t* qw2        # int8 code of the residual w - t qw, at scale t2 (dpad)
     int32_t sumq128    # 128 * sum(qw): removes the +128 offset of the codes
     int32_t sumq2_128  # 128 * sum(qw2)
-    int32_t* dots      # integer dots <q_p, qw> of one leaf chunk (CHUNK)
-    int32_t* dots2     # integer dots <q_p, qw2> of one leaf chunk (CHUNK)
+    int32_t* dots      # integer dots <q_p + 128, qw> of one leaf chunk (CHUNK + 16)
+    int32_t* dots2     # integer dots <q_p + 128, qw2> of one leaf chunk (CHUNK + 16)
+    intp_t doff        # position of the chunk's first slot in dots and dots2
     unsigned char* flag  # screening decisions of one chunk (CHUNK)
     int32_t* pos         # positions of accepted (at 0), undecided (at VER_OFF) points
     intp_t* stack      # DFS stack of node indices (MAX_DEPTH)
@@ -1209,14 +1216,15 @@ cdef inline bint _heap_prunes(const QueryBuf* qb, double upper) noexcept nogil:
 
 cdef inline void _chunk_dots(const CoreView* v, QueryBuf* qb, intp_t s0,
                              intp_t s1) noexcept nogil:
-    """Exact integer dots of slots [s0, s1) (at most CHUNK) with both query
-    codes into qb.dots and qb.dots2."""
+    """Integer dots of slots [s0, s1) (at most CHUNK) with both query codes,
+    in qb.dots and qb.dots2 from position qb.doff; the exact dots are these
+    minus qb.sumq128 and qb.sumq2_128."""
     if qb.t == 0.0:
         memset(qb.dots, 0, (s1 - s0) * sizeof(int32_t))
         memset(qb.dots2, 0, (s1 - s0) * sizeof(int32_t))
+        qb.doff = 0
     else:
-        sqd_range_dots(v.codes, v.dpad, s0, s1, qb.qw, qb.qw2, qb.sumq128, qb.sumq2_128,
-                       qb.dots, qb.dots2)
+        qb.doff = sqd_range_dots(v.codes, v.dpad, s0, s1, qb.qw, qb.qw2, qb.dots, qb.dots2)
 
 
 cdef inline void _classify_chunk(const CoreView* v, QueryBuf* qb, intp_t s, intp_t n,
@@ -1226,12 +1234,14 @@ cdef inline void _classify_chunk(const CoreView* v, QueryBuf* qb, intp_t s, intp
     qb.dots2 + off): positions (relative to s) of the surely accepted into
     qb.pos, of the undecided into qb.pos + VER_OFF."""
     if qb.use_f32 and fabs(b) < 1e30:
-        sqd_screen_f32(qb.dots + off, qb.dots2 + off, n, v.scale + s, v.ea + s, v.ec + s,
+        sqd_screen_f32(qb.dots + off, qb.dots2 + off, qb.sumq128, qb.sumq2_128, n,
+                       v.scale + s, v.ea + s, v.ec + s,
                        qb.t32, qb.t2_32, qb.A32, qb.C32, _round_up_f32(b),
                        _round_down_f32(b), 1e-6, 1e-37, qb.flag, qb.pos, n_acc,
                        qb.pos + VER_OFF, n_ver)
     else:
-        sqd_classify(qb.dots + off, qb.dots2 + off, n, v.scale + s, v.ea + s, v.ec + s,
+        sqd_classify(qb.dots + off, qb.dots2 + off, qb.sumq128, qb.sumq2_128, n,
+                     v.scale + s, v.ea + s, v.ec + s,
                      qb.t, qb.t2, qb.A, qb.C, b, REL, TINY, qb.flag)
         sqd_split_flags(qb.flag, n, qb.pos, n_acc, qb.pos + VER_OFF, n_ver)
 
@@ -1328,7 +1338,7 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
             s1 = end
         _chunk_dots(v, qb, s0, s1)
         qb.n_screened += s1 - s0
-        _classify_chunk(v, qb, s0, s1 - s0, 0, b, &n_acc, &n_ver)
+        _classify_chunk(v, qb, s0, s1 - s0, qb.doff, b, &n_acc, &n_ver)
         # accepted: surely in the half-space (never a tombstone: NaN ea)
         if mode != MODE_COUNT and n_acc > 0:
             old = out_ids.size()
@@ -1347,8 +1357,8 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
         for i in range(n_ver):
             s = s0 + ver[i]
             qb.pend[i] = s
-            qb.pend_d1[i] = qb.dots[ver[i]]
-            qb.pend_d2[i] = qb.dots2[ver[i]]
+            qb.pend_d1[i] = qb.dots[qb.doff + ver[i]] - qb.sumq128
+            qb.pend_d2[i] = qb.dots2[qb.doff + ver[i]] - qb.sumq2_128
             sqd_prefetch_span(<const char*>(v.rows2 + s * v.stride2), v.stride2)
         qb.n_pend = n_ver
         s0 = s1
@@ -1452,7 +1462,8 @@ cdef void _search_range(const CoreView* v, const floating* X, QueryBuf* qb,
             s += 1
         if s < s1:
             # only points whose upper bound reaches the k-th score can enter
-            _classify_chunk(v, qb, s, s1 - s, s - s0, qb.hscore[0], &n_acc, &n_ver)
+            _classify_chunk(v, qb, s, s1 - s, qb.doff + s - s0, qb.hscore[0], &n_acc,
+                            &n_ver)
             for i in range(n_ver):
                 qb.pos[n_acc + i] = qb.pos[VER_OFF + i]
             sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s, qb.pos,
@@ -1534,8 +1545,8 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     qb.w = <double*>malloc((d + 1) * sizeof(double))
     qb.qw = <int8_t*>malloc((d + 4) * sizeof(int8_t))
     qb.qw2 = <int8_t*>malloc((d + 4) * sizeof(int8_t))
-    qb.dots = <int32_t*>malloc(CHUNK * sizeof(int32_t))
-    qb.dots2 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.dots = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
+    qb.dots2 = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
     qb.pend = <intp_t*>malloc(CHUNK * sizeof(intp_t))
     qb.pend_d1 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
     qb.pend_d2 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
