@@ -994,6 +994,16 @@ cdef inline float _round_down_f32(double x) noexcept nogil:
 cdef float FLT_MIN = 1.1754943508222875e-38   # smallest normal float32
 
 
+cdef inline int _code(double x, double scale, int qmax) noexcept nogil:
+    """round(x / scale), clipped to [-qmax, qmax]."""
+    cdef double q = nearbyint(x / scale)
+    if q > qmax:
+        return qmax
+    if q < -qmax:
+        return -qmax
+    return <int>q
+
+
 cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes,
                         intp_t slot, float* scale, float* ea, float* ec,
                         uint8_t* row2) noexcept nogil:
@@ -1036,11 +1046,7 @@ cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes
         ec2[0] = INFINITY
         return
     for j in range(d):
-        qv = <int>nearbyint(<double>p[j] / <double>s32)
-        if qv > 127:
-            qv = 127
-        elif qv < -127:
-            qv = -127
+        qv = _code(<double>p[j], s32, 127)
         base[(j >> 2) * 64 + (j & 3)] = <uint8_t>(qv + 128)
         # s32 * qv is exact in float64 (24 + 7 bits); the subtraction rounds
         # once, relative to |e|.
@@ -1065,11 +1071,7 @@ cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes
     for j in range(d):
         qv = <int>base[(j >> 2) * 64 + (j & 3)] - 128
         e = <double>p[j] - <double>s32 * <double>qv       # as above, bit for bit
-        qv = <int>nearbyint(e / <double>s2_32)
-        if qv > 127:
-            qv = 127
-        elif qv < -127:
-            qv = -127
+        qv = _code(e, s2_32, 127)
         codes2[j] = <uint8_t>(qv + 128)
         # the computed e and e2 each err by at most u |.|: the 2u ||e||
         # below covers both (||e|| >= ||e2|| up to rounding)
@@ -1105,19 +1107,11 @@ cdef void _prepare_query(QueryBuf* qb, intp_t d, intp_t dpad, double gam) noexce
         # w = t qw + t2 qw2 + e2, |w - t qw| <= t / 2 so |qw2| <= qmax + 1
         # before clipping (and clipping only grows e2, which is measured).
         for j in range(d):
-            qv = <long>nearbyint(qb.w[j] / t)
-            if qv > qmax:
-                qv = qmax
-            elif qv < -qmax:
-                qv = -qmax
+            qv = _code(qb.w[j], t, qmax)
             qb.qw[j] = <int8_t>qv
             sumq += qv
             e = qb.w[j] - t * <double>qv
-            qv = <long>nearbyint(e / t2)
-            if qv > qmax:
-                qv = qmax
-            elif qv < -qmax:
-                qv = -qmax
+            qv = _code(e, t2, qmax)
             qb.qw2[j] = <int8_t>qv
             sumq2 += qv
             e = e - t2 * <double>qv
