@@ -198,6 +198,24 @@ def test_level2_refinement_decides_most_of_the_band(dtype, rng, kernel):
         assert st["verified"] <= st["refined"] // 10
 
 
+def test_tombstones_in_the_band_are_never_reported(dtype, rng, kernel):
+    # Remove points whose scores lie just above b (inside the screening
+    # band): they are refined or verified, and must not come back.
+    X = rng.normal(size=(3000, 48)).astype(dtype)
+    w = rng.normal(size=48).astype(dtype)
+    s = X.astype(np.float64) @ w.astype(np.float64)
+    b = float(np.quantile(s, 0.9))
+    near = np.flatnonzero((s >= b) & (s < b + 0.05 * np.abs(b)))
+    index = HalfspaceIndex(X)
+    index.remove(near[::2])
+    keep = np.setdiff1d(np.arange(3000), near[::2])
+    ref = keep[s[keep] >= b]
+    np.testing.assert_array_equal(np.sort(index.query(w, b)), ref)
+    assert index.query_count(w, b) == ref.shape[0]
+    st = index._core.query_stats(w, b)
+    assert st["refined"] > 0 and st["count"] == ref.shape[0]
+
+
 def test_exact_integer_boundaries(dtype, rng):
     # integer points and query: scores are exact integers; thresholds at,
     # just above and just below every distinct score
