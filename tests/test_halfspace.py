@@ -216,6 +216,19 @@ def test_tombstones_in_the_band_are_never_reported(dtype, rng, kernel):
     assert st["refined"] > 0 and st["count"] == ref.shape[0]
 
 
+def test_slot_growth_paths_keep_every_point(dtype, rng):
+    # fresh arrays (first add, and an add of more than the capacity, which
+    # copies the used rows), then growth in place by single adds
+    X = rng.normal(size=(5400, 12)).astype(dtype)
+    index = HalfspaceIndex(X[:10], leaf_size=8)
+    index.add(X[10:5000])
+    for i in range(5000, 5400):
+        index.add(X[i:i + 1])
+    index._core.check_invariants()
+    W = rng.normal(size=(3, 12)).astype(dtype)
+    check_against_oracle(index, W, _thresholds(X, W, [0.01, 0.3], rng))
+
+
 def test_exact_integer_boundaries(dtype, rng):
     # integer points and query: scores are exact integers; thresholds at,
     # just above and just below every distinct score

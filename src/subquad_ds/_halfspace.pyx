@@ -1830,7 +1830,7 @@ cdef class _HalfspaceCore:
         # pays O(d) amortised, without the latency spike of a doubling.
         # The arrays are private and no view of them outlives a method call.
         new_cap = (max(n, cap + max(cap // 16, 1024)) + 15) // 16 * 16
-        if new_cap >= 2 * cap:
+        if n >= 2 * cap:
             # From empty, or one add of at least the current capacity: fresh
             # arrays, advised onto huge pages before they are touched (the
             # copy of the used rows costs less than writing the new ones).
