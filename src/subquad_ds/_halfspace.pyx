@@ -146,7 +146,7 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
   the front: O(log n) segments, and each point takes part in O(log n)
   builds, i.e. O(d log^2 n) amortised per point.  Slot arrays grow in place
   by 1/16 (realloc, no copy), so growth is O(d) amortised with no spike;
-  only an add of at least the current capacity (the first one, for
+  only an add that needs at least twice the capacity (the first one, for
   instance) allocates fresh arrays and copies the used rows, which costs
   less than writing the new ones.  On Linux the slot arrays are advised
   onto transparent huge pages (a query streams through all of them; with
@@ -1831,9 +1831,10 @@ cdef class _HalfspaceCore:
         # The arrays are private and no view of them outlives a method call.
         new_cap = (max(n, cap + max(cap // 16, 1024)) + 15) // 16 * 16
         if n >= 2 * cap:
-            # From empty, or one add of at least the current capacity: fresh
-            # arrays, advised onto huge pages before they are touched (the
-            # copy of the used rows costs less than writing the new ones).
+            # From empty, or one add that doubles the size (so at least the
+            # current capacity of new rows): fresh arrays, advised onto huge
+            # pages before they are touched (the copy of the used rows costs
+            # less than writing the new ones).
             self._X = self._fresh_slots(self._X, (new_cap, self.d), used)
             self._codes = self._fresh_slots(self._codes, (new_cap * self.dpad,),
                                             used * self.dpad)
