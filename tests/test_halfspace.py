@@ -144,6 +144,91 @@ def test_adversarial_near_threshold(dtype, rng, log2_scale, kernel):
     np.testing.assert_array_equal(index.search(w, 10)[1], ref_i[0])
 
 
+@pytest.mark.parametrize("log2_scale", [-90, -20, 0, 30, 90])
+@pytest.mark.parametrize("rel_spread", [16, 11, 6])
+def test_adversarial_level2_band_edge(dtype, rng, log2_scale, rel_spread, kernel):
+    # Scores spread over a band of 2**-rel_spread relative around b, on a
+    # 2**-20 (float32) or 2**-40 (float64) relative grid: the sweep crosses the edge
+    # of the level-2 refinement bound, so some points are decided by their
+    # level-2 codes, some are verified, and thresholds sit exactly on, one
+    # unit above and one below scores.  Every value is an integer times a
+    # power of two, so the oracle is exact.
+    d = 24
+    bits = 20 if dtype == np.float32 else 40
+    base = rng.integers(2 ** (bits - 2), 2 ** (bits - 1), size=d) * rng.choice([-1, 1], d)
+    w = rng.integers(-31, 32, size=d).astype(np.float64)
+    n = 800
+    spread = 2 ** (bits - rel_spread)
+    Xi = base + rng.integers(-spread, spread + 1, size=(n, d))
+    scale = 2.0 ** log2_scale
+    X = (Xi.astype(np.float64) * scale).astype(dtype)
+    assert np.array_equal(X.astype(np.float64) / scale, Xi)      # exact
+    index = HalfspaceIndex(X, leaf_size=4)
+    s = (Xi.astype(np.float64) @ w) * scale                      # exact scores
+    refined = verified = 0
+    for v in np.quantile(s, [0.02, 0.3, 0.5, 0.7, 0.98], method="lower"):
+        for b in (v, np.nextafter(v, np.inf), np.nextafter(v, -np.inf)):
+            ref = np.flatnonzero(s >= b)
+            np.testing.assert_array_equal(np.sort(index.query(w.astype(dtype), b)), ref)
+            assert index.query_count(w.astype(dtype), b) == ref.shape[0]
+            st = index._core.query_stats(w, b)
+            assert st["count"] == ref.shape[0]
+            refined += st["refined"]
+            verified += st["verified"]
+    assert verified <= refined
+    if rel_spread <= 11 and 2.0 ** -110 < np.abs(X).max() < 2.0 ** 120:
+        # wide spread (and float32 code scales): the refinement decides
+        # points, not only the exact dots
+        assert verified < refined
+
+
+def test_level2_refinement_decides_most_of_the_band(dtype, rng, kernel):
+    # Gaussian data at 10% selectivity: the level-2 codes decide almost
+    # every point the level-1 codes leave undecided, and the answer stays
+    # the oracle's.
+    X = rng.normal(size=(4000, 64)).astype(dtype)
+    index = HalfspaceIndex(X)
+    W = rng.normal(size=(4, 64)).astype(dtype)
+    b = _thresholds(X, W, [0.1], rng)
+    check_against_oracle(index, W, b)
+    for q in range(4):
+        st = index._core.query_stats(W[q], b[q])
+        assert st["screened"] == 4000
+        assert st["refined"] > 0
+        assert st["verified"] <= st["refined"] // 10
+
+
+def test_tombstones_in_the_band_are_never_reported(dtype, rng, kernel):
+    # Remove points whose scores lie just above b (inside the screening
+    # band): they are refined or verified, and must not come back.
+    X = rng.normal(size=(3000, 48)).astype(dtype)
+    w = rng.normal(size=48).astype(dtype)
+    s = X.astype(np.float64) @ w.astype(np.float64)
+    b = float(np.quantile(s, 0.9))
+    near = np.flatnonzero((s >= b) & (s < b + 0.05 * np.abs(b)))
+    index = HalfspaceIndex(X)
+    index.remove(near[::2])
+    keep = np.setdiff1d(np.arange(3000), near[::2])
+    ref = keep[s[keep] >= b]
+    np.testing.assert_array_equal(np.sort(index.query(w, b)), ref)
+    assert index.query_count(w, b) == ref.shape[0]
+    st = index._core.query_stats(w, b)
+    assert st["refined"] > 0 and st["count"] == ref.shape[0]
+
+
+def test_slot_growth_paths_keep_every_point(dtype, rng):
+    # fresh arrays (first add, and an add of more than the capacity, which
+    # copies the used rows), then growth in place by single adds
+    X = rng.normal(size=(5400, 12)).astype(dtype)
+    index = HalfspaceIndex(X[:10], leaf_size=8)
+    index.add(X[10:5000])
+    for i in range(5000, 5400):
+        index.add(X[i:i + 1])
+    index._core.check_invariants()
+    W = rng.normal(size=(3, 12)).astype(dtype)
+    check_against_oracle(index, W, _thresholds(X, W, [0.01, 0.3], rng))
+
+
 def test_exact_integer_boundaries(dtype, rng):
     # integer points and query: scores are exact integers; thresholds at,
     # just above and just below every distinct score
@@ -394,7 +479,7 @@ def test_query_stats_accounting(rng):
     st = index._core.query_stats(w, b)
     assert st["count"] == index.query_count(w, b)
     assert st["screened"] + st["bulk"] <= len(index) and st["nodes"] > 0
-    assert st["verified"] <= st["screened"]
+    assert st["verified"] <= st["refined"] <= st["screened"]
 
 
 def test_large_build_uses_parallel_subtrees(dtype, rng):

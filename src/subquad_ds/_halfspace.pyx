@@ -16,18 +16,31 @@ cache, bound by the multiply-adds):
    reads only the node's live count).  This pays on clustered data.
 2. **Reading fewer bytes.**  Each point also has an 8-bit code ``q_p`` with
    a per-point float32 scale ``s_p`` (``q_p = round(p / s_p)`` in
-   [-127, 127], ``s_p = max|p| / 127``).  A query is quantised to int8
-   (``w = t q_w + e_w``, ``|q_w| <= qmax``: 127, or 63 on the AVX2 kernel
-   whose ``vpmaddubsw`` saturates beyond that) and ``<q_p, q_w>`` is computed
-   *exactly* in int32 (d <= 16384; beyond, screening is off).  Since
-   ``<p,w> = s_p t <q_p,q_w> + s_p <q_p, e_w> + <e_p, w>`` with
+   [-127, 127], ``s_p = max|p| / 127``).  A query is quantised to int8 on
+   two levels, ``w = t q_w + t2 q2_w + e2_w`` with ``t2 = t / (2 qmax + 2)``
+   (``|q_w|, |q2_w| <= qmax``: 127, or 63 on the AVX2 kernel whose
+   ``vpmaddubsw`` saturates beyond that), and both ``D1 = <q_p, q_w>`` and
+   ``D2 = <q_p, q2_w>`` are computed *exactly* in int32 from the same code
+   loads (d <= 16384; beyond, screening is off).  Since
+   ``<p,w> = s_p (t D1 + t2 D2) + s_p <q_p, e2_w> + <e_p, w>`` with
    ``e_p = p - s_p q_p``, Cauchy-Schwarz gives the per-point bound
-   ``|<p,w> - s_p t <q_p,q_w>| <= a_p ||e_w|| + c_p ||w||`` with
+   ``|<p,w> - s_p (t D1 + t2 D2)| <= a_p ||e2_w|| + c_p ||w||`` with
    ``a_p = s_p ||q_p||`` and ``c_p = ||e_p||`` stored per point (float32,
-   rounded up).  A point is accepted if ``approx - bound >= b``, rejected if
-   ``approx + bound < b``, and otherwise verified by an exact dot product.
-   Leaves are screened through the codes: d bytes plus 12 per point instead
-   of 4d (float32) or 8d (float64).
+   rounded up).  ``||e2_w||`` is about ``||e_w|| / 256``, so the band is
+   essentially ``c_p ||w||``, half of what one query level leaves.  A point
+   is accepted if ``approx - bound >= b``, rejected if ``approx + bound <
+   b``, and otherwise *refined*: its residual has its own code,
+   ``e_p = s2_p q2_p + e2_p`` (``s2_p = max|e_p| / 127``, int8), and with
+   ``E1 = <q2_p, q_w>``, ``E2 = <q2_p, q2_w>`` (exact int32),
+   ``|<p,w> - s_p (t D1 + t2 D2) - s2_p (t E1 + t2 E2)|
+   <= (a_p + a2_p) ||e2_w|| + c2_p ||w||``, where ``c2_p = ||e2_p||`` is
+   stored and ``a2_p = s2_p ||q2_p|| <= c_p + c2_p``.  This band is about
+   100 times narrower; only the points it leaves undecided are verified by
+   an exact dot product.  Leaves are screened through the codes: d bytes
+   plus 12 per point instead of 4d (float32) or 8d (float64); a refined
+   point reads d + 8 bytes (its level-2 row), a verified one its row of X.
+   On Gaussian data (N = 200k, 10% selectivity) about 2.5% of the points
+   are refined and 0.01-0.02% verified.
 
 Semantics and rounding (why the answer is exact)
 ------------------------------------------------
@@ -50,22 +63,48 @@ an answer.  Non-finite bound arithmetic (overflow for huge inputs, NaN
 marking a tombstone) fails both comparisons and falls through to
 verification.
 
+Both query levels and their residual are computed in float64: each of the
+four roundings in ``e2_w = (w - t q_w) - t2 q2_w`` errs by at most
+``u (|w_j| + t)``, so ``||e2_w||`` is widened by ``8 u (||w|| + t sqrt(d))``.
+The point constants are computed in float64 from the float32 scales (every
+``s q`` is exact); the computed ``e_p`` and ``e2_p`` each err by at most
+``u`` relative, so ``c2_p`` is widened by ``4 u c_p``.  In the refinement
+(float64) the approximation is a sum of four products: it is widened by
+``1e-9`` times the sum of their magnitudes (not of the sum, which may cancel).
+
 The screening decision is evaluated in float32 when the query's constants
-``t``, ``A``, ``C`` lie in (1e-30, 1e30) and ``|b| < 1e30`` (otherwise in
-float64, as above).  In float32 each of the few operations, and the
-int32 -> float32 conversion of the dot, errs by at most ``2**-24`` relative,
-so a relative widening of ``1e-6`` covers them all; ``1e-37`` absolute covers
-underflow; ``A`` and ``C`` are rounded up, and ``b`` is rounded outwards
-(up for accepting, down for rejecting).  The tests pin all of this on
-adversarial inputs: scores one grid step (2**-20 or 2**-40 relative) away
-from ``b`` on both sides and exactly on it, at scales 2**-90 .. 2**90, for
-every kernel.
+``t2``, ``t``, ``A``, ``C`` lie in (1e-30, 1e30) and ``|b| < 1e30``
+(otherwise in float64, as above).  The approximation is evaluated as
+``s_p (t D1 + t2 D2)``: each term ``t D`` has three roundings (the int32 ->
+float32 conversion of the dot, ``t`` to float32, the product), the sum and
+the product with ``s_p`` one each, all at most ``2**-24`` relative to the
+magnitude ``s_p (|t D1| + |t2 D2|)``, so a relative widening of ``1e-6`` of
+that magnitude covers them (and, if the approximation overflows, so does
+the magnitude: the bound becomes infinite or NaN, which means "refine").
+The terms ``t D`` are 0 or normal (> 1e-30), so only the products with
+``s_p`` (approximation and magnitude), the two products of the bound and
+``rel`` times the magnitude can underflow, each by at most the smallest
+normal float32 even when subnormals are flushed to zero (FTZ): ``1e-37``
+absolute covers those five.  The final subtraction and addition round by
+at most ``2**-24`` of ``|approx| + m``, which the widenings (relative
+``1e-6`` on both) cover as well.  ``A`` and ``C`` are rounded up and ``c_p``, ``c2_p``
+are stored as at least the smallest normal float32 (so treating subnormal
+inputs as zero, DAZ, cannot shrink a bound); ``b`` is rounded outwards (up
+for accepting, down for rejecting).  Fused multiply-adds, where the compiler
+contracts, only remove roundings.  The tests pin all of this on adversarial
+inputs: scores one grid step (2**-20 or 2**-40 relative) away from ``b`` on
+both sides and exactly on it, and scores swept across the edge of the
+refinement band, at scales 2**-90 .. 2**90, for every kernel.
 
 Storage and invariants
 ======================
 Points live in *slots* ``0 .. n_slots-1`` of growable arrays (``X`` in the
 working dtype; ``scale``/``ea``/``ec`` float32; ``ids`` intp;  ``codes``
-u8).  ``ids[s] == -1`` marks a tombstone, whose ``ea`` is NaN.  ``id2slot``
+u8; ``rows2``: per slot ``s2_p`` and ``c2_p`` as float32, then the dpad
+level-2 codes ``q2_p + 128``, contiguous so that refining a point touches
+one or two cache lines).  Memory per point: ``X`` plus ``2 dpad + 28``
+bytes.  ``ids[s] == -1`` marks a tombstone, whose ``ea`` is NaN (so its
+bounds are NaN: it always reaches the verification, which skips it).  ``id2slot``
 (C++ hash map) maps every live id to its slot; ``ids[id2slot[i]] == i``.
 Codes are stored as ``q + 128`` in blocks of 16 slots: the codes of slot s
 for features 4g..4g+3 are the 4 bytes at ``(s/16)*16*dpad + 64 g + 4 (s%16)``
@@ -106,7 +145,12 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
   merged tail are compacted away).  Segment sizes at least double towards
   the front: O(log n) segments, and each point takes part in O(log n)
   builds, i.e. O(d log^2 n) amortised per point.  Slot arrays grow in place
-  by 1/16 (realloc, no copy), so growth is O(d) amortised with no spike.
+  by 1/16 (realloc, no copy), so growth is O(d) amortised with no spike;
+  only an add that needs at least twice the capacity (the first one, for
+  instance) allocates fresh arrays and copies the used rows, which costs
+  less than writing the new ones.  On Linux the slot arrays are advised
+  onto transparent huge pages (a query streams through all of them; with
+  4 KiB pages the TLB misses cost 10-20% of a Gaussian d = 128 query).
 - ``update``: overwrite the slot and its code, and grow the radius of each
   ancestor to cover the new value: O(d depth).  When a segment has absorbed
   more updates than half its size, the tail from that segment is rebuilt
@@ -122,15 +166,20 @@ Queries
 -------
 Per query: O(d) preparation (quantisation, norms); then a depth-first walk
 of each segment's tree.  Worst case (no pruning) O(n d) one-byte integer
-multiply-adds plus O(d) per verified point; on clustered data only the
-leaves straddling the hyperplane are screened, and subtrees inside it are
-reported in O(1) per point.  Batches run one query per OpenMP thread
+multiply-adds plus O(d) per refined or verified point; on clustered data
+only the leaves straddling the hyperplane are screened, and subtrees inside
+it are reported in O(1) per point.  Leaves are screened in chunks of 256
+slots; the level-2 rows of a chunk's undecided slots are prefetched when it
+is screened and refined after the next chunk is screened, so that they have
+arrived.  The kernels report slots, which are turned into ids in one pass
+at the end of the query (in slot order, which the hardware prefetcher
+follows).  Batches run one query per OpenMP thread
 iteration with the GIL released; each query fills its own result vectors,
 which are concatenated into CSR in query order (deterministic output for
 any thread count).  Sparse (CSR) queries are densified per thread in O(d +
 nnz).  ``search`` (exact top-k, ties broken by smaller id) walks the trees
 best-child-first with a bounded heap, pruning nodes and points by their
-upper bounds.
+upper bounds (level-1 screening only).
 
 Thread-safety: queries only read; mutations (add/remove/update/rebuild) must
 not run concurrently with anything else (the public class documents this).
@@ -167,6 +216,26 @@ cdef extern from *:
     #define SQD_INLINE inline
     #endif
 
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #endif
+
+    /* Ask for transparent huge pages on the whole 2 MiB pages inside
+       [p, p + n) (Linux with THP in "madvise" mode; a no-op elsewhere).
+       Pages already touched keep their size until khugepaged collapses
+       them; pages touched later (the tail grown in place by realloc, which
+       keeps the advice) are huge from the start.  Failure only costs speed. */
+    static void sqd_advise_hugepages(void* p, size_t n) {
+    #if defined(__linux__) && defined(MADV_HUGEPAGE)
+        const uintptr_t huge = (uintptr_t)1 << 21;
+        uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+        uintptr_t e = ((uintptr_t)p + n) & ~(huge - 1);
+        if (e > a) (void)madvise((void*)a, e - a, MADV_HUGEPAGE);
+    #else
+        (void)p; (void)n;
+    #endif
+    }
+
     #if defined(_OPENMP)
     #include <omp.h>
     #else
@@ -189,17 +258,39 @@ cdef extern from *:
     #define SQD_X86 0
     #endif
 
+    /* Both query codes at once: out[i] = <u_i, qw>, out2[i] = <u_i, qw2>
+       (the two levels of the query's quantisation share every code load). */
     static void sqd_block_dots_generic(const uint8_t* codes, Py_ssize_t nblk,
-                                       Py_ssize_t dpad, const int8_t* qw, int32_t* out) {
+                                       Py_ssize_t dpad, const int8_t* qw, const int8_t* qw2,
+                                       int32_t* out, int32_t* out2) {
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* blk = codes + k * 16 * dpad;
-            int32_t acc[16] = {0};
+            int32_t acc[16] = {0}, acc2[16] = {0};
             for (Py_ssize_t g = 0; g < dpad / 4; ++g)
                 for (int r = 0; r < 16; ++r)
-                    for (int t = 0; t < 4; ++t)
-                        acc[r] += (int32_t)blk[g * 64 + r * 4 + t] * (int32_t)qw[4 * g + t];
-            for (int r = 0; r < 16; ++r) out[k * 16 + r] = acc[r];
+                    for (int t = 0; t < 4; ++t) {
+                        int32_t u = (int32_t)blk[g * 64 + r * 4 + t];
+                        acc[r] += u * (int32_t)qw[4 * g + t];
+                        acc2[r] += u * (int32_t)qw2[4 * g + t];
+                    }
+            for (int r = 0; r < 16; ++r) {
+                out[k * 16 + r] = acc[r];
+                out2[k * 16 + r] = acc2[r];
+            }
         }
+    }
+
+    /* Row dots of one slot's level-2 code (dpad contiguous u8) with both
+       query codes. */
+    static void sqd_row_dots_generic(const uint8_t* row, Py_ssize_t dpad, const int8_t* qw,
+                                     const int8_t* qw2, int32_t* e1, int32_t* e2) {
+        int32_t a = 0, b = 0;
+        for (Py_ssize_t j = 0; j < dpad; ++j) {
+            a += (int32_t)row[j] * (int32_t)qw[j];
+            b += (int32_t)row[j] * (int32_t)qw2[j];
+        }
+        *e1 = a;
+        *e2 = b;
     }
 
     #if SQD_X86
@@ -207,52 +298,112 @@ cdef extern from *:
        2 * 255 * 63 < 2^15: qmax is 63 on this path), widened by vpmaddwd. */
     __attribute__((target("avx2")))
     static void sqd_block_dots_avx2(const uint8_t* codes, Py_ssize_t nblk,
-                                    Py_ssize_t dpad, const int8_t* qw, int32_t* out) {
+                                    Py_ssize_t dpad, const int8_t* qw, const int8_t* qw2,
+                                    int32_t* out, int32_t* out2) {
         const __m256i ones = _mm256_set1_epi16(1);
         const Py_ssize_t ng = dpad / 4;
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* blk = codes + k * 16 * dpad;
-            __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
             for (Py_ssize_t g = 0; g < ng; ++g) {
-                int32_t q4;
+                int32_t q4, r4;
                 std::memcpy(&q4, qw + 4 * g, 4);
-                __m256i q = _mm256_set1_epi32(q4);
+                std::memcpy(&r4, qw2 + 4 * g, 4);
+                __m256i q = _mm256_set1_epi32(q4), r = _mm256_set1_epi32(r4);
                 __m256i v0 = _mm256_loadu_si256((const __m256i*)(blk + g * 64));
                 __m256i v1 = _mm256_loadu_si256((const __m256i*)(blk + g * 64 + 32));
                 a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(v0, q), ones));
                 a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(v1, q), ones));
+                b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(_mm256_maddubs_epi16(v0, r), ones));
+                b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(_mm256_maddubs_epi16(v1, r), ones));
             }
             _mm256_storeu_si256((__m256i*)(out + k * 16), a0);
             _mm256_storeu_si256((__m256i*)(out + k * 16 + 8), a1);
+            _mm256_storeu_si256((__m256i*)(out2 + k * 16), b0);
+            _mm256_storeu_si256((__m256i*)(out2 + k * 16 + 8), b1);
         }
     }
 
-    /* AVX-512 VNNI: one vpdpbusd per 16 slots x 4 features. */
+    __attribute__((target("avx2")))
+    static void sqd_row_dots_avx2(const uint8_t* row, Py_ssize_t dpad, const int8_t* qw,
+                                  const int8_t* qw2, int32_t* e1, int32_t* e2) {
+        const __m256i ones = _mm256_set1_epi16(1);
+        __m256i a = _mm256_setzero_si256(), b = a;
+        Py_ssize_t j = 0;
+        for (; j + 32 <= dpad; j += 32) {
+            __m256i v = _mm256_loadu_si256((const __m256i*)(row + j));
+            __m256i q = _mm256_loadu_si256((const __m256i*)(qw + j));
+            __m256i r = _mm256_loadu_si256((const __m256i*)(qw2 + j));
+            a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(v, q), ones));
+            b = _mm256_add_epi32(b, _mm256_madd_epi16(_mm256_maddubs_epi16(v, r), ones));
+        }
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+        s = _mm_hadd_epi32(s, t);          /* a01 a23 b01 b23 */
+        s = _mm_hadd_epi32(s, s);          /* a b a b */
+        int32_t x = _mm_cvtsi128_si32(s), y = _mm_extract_epi32(s, 1);
+        for (; j < dpad; ++j) {
+            x += (int32_t)row[j] * (int32_t)qw[j];
+            y += (int32_t)row[j] * (int32_t)qw2[j];
+        }
+        *e1 = x;
+        *e2 = y;
+    }
+
+    /* AVX-512 VNNI: one vpdpbusd per 16 slots x 4 features and query code. */
     __attribute__((target("avx512f,avx512bw,avx512vnni")))
     static void sqd_block_dots_vnni(const uint8_t* codes, Py_ssize_t nblk,
-                                    Py_ssize_t dpad, const int8_t* qw, int32_t* out) {
+                                    Py_ssize_t dpad, const int8_t* qw, const int8_t* qw2,
+                                    int32_t* out, int32_t* out2) {
         const Py_ssize_t ng = dpad / 4;
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* blk = codes + k * 16 * dpad;
-            __m512i a0 = _mm512_setzero_si512(), a1 = a0;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
             Py_ssize_t g = 0;
             for (; g + 2 <= ng; g += 2) {
-                int32_t q0, q1;
+                int32_t q0, q1, r0, r1;
                 std::memcpy(&q0, qw + 4 * g, 4);
                 std::memcpy(&q1, qw + 4 * g + 4, 4);
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(blk + g * 64),
-                                         _mm512_set1_epi32(q0));
-                a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(blk + g * 64 + 64),
-                                         _mm512_set1_epi32(q1));
+                std::memcpy(&r0, qw2 + 4 * g, 4);
+                std::memcpy(&r1, qw2 + 4 * g + 4, 4);
+                __m512i v0 = _mm512_loadu_si512(blk + g * 64);
+                __m512i v1 = _mm512_loadu_si512(blk + g * 64 + 64);
+                a0 = _mm512_dpbusd_epi32(a0, v0, _mm512_set1_epi32(q0));
+                a1 = _mm512_dpbusd_epi32(a1, v1, _mm512_set1_epi32(q1));
+                b0 = _mm512_dpbusd_epi32(b0, v0, _mm512_set1_epi32(r0));
+                b1 = _mm512_dpbusd_epi32(b1, v1, _mm512_set1_epi32(r1));
             }
             if (g < ng) {
-                int32_t q0;
+                int32_t q0, r0;
                 std::memcpy(&q0, qw + 4 * g, 4);
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(blk + g * 64),
-                                         _mm512_set1_epi32(q0));
+                std::memcpy(&r0, qw2 + 4 * g, 4);
+                __m512i v0 = _mm512_loadu_si512(blk + g * 64);
+                a0 = _mm512_dpbusd_epi32(a0, v0, _mm512_set1_epi32(q0));
+                b0 = _mm512_dpbusd_epi32(b0, v0, _mm512_set1_epi32(r0));
             }
             _mm512_storeu_si512(out + k * 16, _mm512_add_epi32(a0, a1));
+            _mm512_storeu_si512(out2 + k * 16, _mm512_add_epi32(b0, b1));
         }
+    }
+
+    __attribute__((target("avx512f,avx512bw,avx512vnni")))
+    static void sqd_row_dots_vnni(const uint8_t* row, Py_ssize_t dpad, const int8_t* qw,
+                                  const int8_t* qw2, int32_t* e1, int32_t* e2) {
+        __m512i a = _mm512_setzero_si512(), b = a;
+        Py_ssize_t j = 0;
+        for (; j + 64 <= dpad; j += 64) {
+            __m512i v = _mm512_loadu_si512(row + j);
+            a = _mm512_dpbusd_epi32(a, v, _mm512_loadu_si512(qw + j));
+            b = _mm512_dpbusd_epi32(b, v, _mm512_loadu_si512(qw2 + j));
+        }
+        if (j < dpad) {
+            __mmask64 m = ((__mmask64)1 << (dpad - j)) - 1;   /* dpad - j < 64 */
+            __m512i v = _mm512_maskz_loadu_epi8(m, row + j);
+            a = _mm512_dpbusd_epi32(a, v, _mm512_maskz_loadu_epi8(m, qw + j));
+            b = _mm512_dpbusd_epi32(b, v, _mm512_maskz_loadu_epi8(m, qw2 + j));
+        }
+        *e1 = _mm512_reduce_add_epi32(a);
+        *e2 = _mm512_reduce_add_epi32(b);
     }
     #endif
 
@@ -279,43 +430,65 @@ cdef extern from *:
     static int sqd_qmax(void) { return sqd_isa() == 1 ? 63 : 127; }
 
     static void sqd_block_dots(const uint8_t* codes, Py_ssize_t nblk, Py_ssize_t dpad,
-                               const int8_t* qw, int32_t* out) {
+                               const int8_t* qw, const int8_t* qw2, int32_t* out,
+                               int32_t* out2) {
     #if SQD_X86
         int isa = sqd_isa();
-        if (isa == 2) { sqd_block_dots_vnni(codes, nblk, dpad, qw, out); return; }
-        if (isa == 1) { sqd_block_dots_avx2(codes, nblk, dpad, qw, out); return; }
+        if (isa == 2) { sqd_block_dots_vnni(codes, nblk, dpad, qw, qw2, out, out2); return; }
+        if (isa == 1) { sqd_block_dots_avx2(codes, nblk, dpad, qw, qw2, out, out2); return; }
     #endif
-        sqd_block_dots_generic(codes, nblk, dpad, qw, out);
+        sqd_block_dots_generic(codes, nblk, dpad, qw, qw2, out, out2);
     }
 
-    /* Exact integer dots <q_s, qw> for slots [s0, s1), s1 - s0 <= 256,
-       into out[s - s0]. */
-    static void sqd_range_dots(const uint8_t* codes, Py_ssize_t dpad, Py_ssize_t s0,
-                               Py_ssize_t s1, const int8_t* qw, int32_t sumq128,
-                               int32_t* out) {
-        int32_t buf[17 * 16];
+    /* Integer dots <u_s, qw> and <u_s, qw2> (u = q + 128: subtract 128 sum(qw)
+       for the exact <q_s, qw>) of the whole blocks covering slots [s0, s1),
+       s1 - s0 <= 256, into out and out2 (up to 272 entries); returns the
+       position of slot s0 in them. */
+    static Py_ssize_t sqd_range_dots(const uint8_t* codes, Py_ssize_t dpad, Py_ssize_t s0,
+                                     Py_ssize_t s1, const int8_t* qw, const int8_t* qw2,
+                                     int32_t* out, int32_t* out2) {
         Py_ssize_t b0 = s0 >> 4, b1 = ((s1 - 1) >> 4) + 1;
-        sqd_block_dots(codes + b0 * 16 * dpad, b1 - b0, dpad, qw, buf);
-        const int32_t* src = buf + (s0 - b0 * 16);
-        for (Py_ssize_t i = 0; i < s1 - s0; ++i) out[i] = src[i] - sumq128;
+        sqd_block_dots(codes + b0 * 16 * dpad, b1 - b0, dpad, qw, qw2, out, out2);
+        return s0 - b0 * 16;
+    }
+
+    /* Exact integer dots of one slot's level-2 code (row layout, u8 = q2 + 128)
+       with both query codes. */
+    static void sqd_row_dots(const uint8_t* row, Py_ssize_t dpad, const int8_t* qw,
+                             const int8_t* qw2, int32_t sumq128, int32_t sumq2_128,
+                             int32_t* e1, int32_t* e2) {
+        int32_t a, b;
+    #if SQD_X86
+        int isa = sqd_isa();
+        if (isa == 2) sqd_row_dots_vnni(row, dpad, qw, qw2, &a, &b);
+        else if (isa == 1) sqd_row_dots_avx2(row, dpad, qw, qw2, &a, &b);
+        else
+    #endif
+        sqd_row_dots_generic(row, dpad, qw, qw2, &a, &b);
+        *e1 = a - sumq128;
+        *e2 = b - sumq2_128;
     }
 
     /* float32 variant of sqd_classify, twice as wide per vector.  Used only
        when the query's constants are safely inside the float32 range (see
        _prepare_query); every rounding (at most a few ulps of 2^-24 relative
-       on each quantity, including the int32 -> float32 conversion) is covered
-       by rel = 1e-6, underflow by tiny, and b is rounded outwards (b_up for
-       accepting, b_dn for rejecting). */
+       on each term of the approximation, including the int32 -> float32
+       conversions of the dots and the rounding of t and t2 to float32) is
+       covered by rel = 1e-6 times the sum of the terms' magnitudes,
+       underflow (even flushed to zero) by tiny, and b is rounded outwards
+       (b_up for accepting, b_dn for rejecting). */
     __attribute__((target_clones("avx512f", "avx2", "default")))
-    static void sqd_classify_f32(const int32_t* dots, Py_ssize_t n, const float* scale,
-                                 const float* ea, const float* ec, float t, float A,
-                                 float C, float b_up, float b_dn, float rel, float tiny,
-                                 unsigned char* flag) {
+    static void sqd_classify_f32(const int32_t* dots, const int32_t* dots2, int32_t sub1,
+                                 int32_t sub2, Py_ssize_t n, const float* scale,
+                                 const float* ea, const float* ec, float t, float t2,
+                                 float A, float C, float b_up, float b_dn, float rel,
+                                 float tiny, unsigned char* flag) {
         const float one_rel = 1.0f + rel;
         for (Py_ssize_t i = 0; i < n; ++i) {
-            float approx = (scale[i] * t) * (float)dots[i];
-            float m = (ea[i] * A + ec[i] * C) * one_rel
-                      + rel * (approx < 0 ? -approx : approx) + tiny;
+            float x1 = t * (float)(dots[i] - sub1), x2 = t2 * (float)(dots2[i] - sub2);
+            float approx = scale[i] * (x1 + x2);
+            float mag = scale[i] * ((x1 < 0 ? -x1 : x1) + (x2 < 0 ? -x2 : x2));
+            float m = (ea[i] * A + ec[i] * C) * one_rel + rel * mag + tiny;
             unsigned char acc = (approx - m >= b_up) ? 2 : 0;
             unsigned char rej = (approx + m < b_dn) ? 1 : 0;
             flag[i] = acc | (unsigned char)(1 - rej - (acc >> 1));
@@ -331,6 +504,15 @@ cdef extern from *:
             const char* r = rows + (s0 + pos[i]) * row_bytes;
             for (Py_ssize_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(r + o);
         }
+    #endif
+    }
+
+    /* Prefetch every cache line touched by [p, p + n), n > 0. */
+    static inline void sqd_prefetch_span(const char* p, Py_ssize_t n) {
+    #if defined(__GNUC__)
+        const uintptr_t end = (uintptr_t)(p + n - 1);
+        for (uintptr_t a = (uintptr_t)p & ~(uintptr_t)63; a <= end; a += 64)
+            __builtin_prefetch((const char*)a);
     #endif
     }
 
@@ -364,19 +546,98 @@ cdef extern from *:
         *n_ver = v;
     }
 
+    #if SQD_X86
+    /* sqd_classify_f32 and sqd_split_flags fused, 16 points per step (same
+       arithmetic; the positions are compressed in registers, since the
+       memory form of vpcompressd is slow on some CPUs).  acc and ver need
+       16 entries of slack. */
+    __attribute__((target("avx512f,popcnt")))
+    static void sqd_screen_f32_avx512(const int32_t* dots, const int32_t* dots2,
+                                      int32_t sub1, int32_t sub2,
+                                      Py_ssize_t n, const float* scale, const float* ea,
+                                      const float* ec, float t, float t2, float A, float C,
+                                      float b_up, float b_dn, float rel, float tiny,
+                                      int32_t* acc, Py_ssize_t* n_acc, int32_t* ver,
+                                      Py_ssize_t* n_ver) {
+        const __m512 vt = _mm512_set1_ps(t), vt2 = _mm512_set1_ps(t2);
+        const __m512 vA = _mm512_set1_ps(A), vC = _mm512_set1_ps(C);
+        const __m512 vone_rel = _mm512_set1_ps(1.0f + rel), vrel = _mm512_set1_ps(rel);
+        const __m512 vtiny = _mm512_set1_ps(tiny);
+        const __m512 vb_up = _mm512_set1_ps(b_up), vb_dn = _mm512_set1_ps(b_dn);
+        __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i step = _mm512_set1_epi32(16);
+        const __m512i vs1 = _mm512_set1_epi32(sub1), vs2 = _mm512_set1_epi32(sub2);
+        Py_ssize_t na = 0, nv = 0;
+        for (Py_ssize_t i = 0; i < n; i += 16) {
+            __mmask16 k = (n - i >= 16) ? (__mmask16)0xFFFF
+                                        : (__mmask16)((1u << (n - i)) - 1);
+            __m512 d1 = _mm512_cvtepi32_ps(
+                _mm512_sub_epi32(_mm512_maskz_loadu_epi32(k, dots + i), vs1));
+            __m512 d2 = _mm512_cvtepi32_ps(
+                _mm512_sub_epi32(_mm512_maskz_loadu_epi32(k, dots2 + i), vs2));
+            __m512 sc = _mm512_maskz_loadu_ps(k, scale + i);
+            __m512 a = _mm512_maskz_loadu_ps(k, ea + i);
+            __m512 c = _mm512_maskz_loadu_ps(k, ec + i);
+            __m512 x1 = _mm512_mul_ps(vt, d1), x2 = _mm512_mul_ps(vt2, d2);
+            __m512 approx = _mm512_mul_ps(sc, _mm512_add_ps(x1, x2));
+            __m512 mag = _mm512_mul_ps(sc, _mm512_add_ps(_mm512_abs_ps(x1), _mm512_abs_ps(x2)));
+            __m512 m = _mm512_add_ps(
+                _mm512_add_ps(_mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(a, vA),
+                                                          _mm512_mul_ps(c, vC)), vone_rel),
+                              _mm512_mul_ps(vrel, mag)), vtiny);
+            __mmask16 macc = _mm512_mask_cmp_ps_mask(k, _mm512_sub_ps(approx, m), vb_up,
+                                                     _CMP_GE_OQ);
+            __mmask16 mrej = _mm512_cmp_ps_mask(_mm512_add_ps(approx, m), vb_dn, _CMP_LT_OQ);
+            __mmask16 mver = (__mmask16)(k & ~macc & ~mrej);
+            _mm512_storeu_si512(acc + na, _mm512_maskz_compress_epi32(macc, idx));
+            _mm512_storeu_si512(ver + nv, _mm512_maskz_compress_epi32(mver, idx));
+            na += __builtin_popcount((unsigned)macc);
+            nv += __builtin_popcount((unsigned)mver);
+            idx = _mm512_add_epi32(idx, step);
+        }
+        *n_acc = na;
+        *n_ver = nv;
+    }
+    #endif
+
+    /* Screening decisions of n points in float32 (see sqd_classify_f32), as
+       positions of the accepted (acc) and undecided (ver) points; flag is
+       scratch (n + 8 bytes); acc and ver need 16 entries of slack. */
+    static void sqd_screen_f32(const int32_t* dots, const int32_t* dots2, int32_t sub1,
+                               int32_t sub2, Py_ssize_t n,
+                               const float* scale, const float* ea, const float* ec,
+                               float t, float t2, float A, float C, float b_up, float b_dn,
+                               float rel, float tiny, unsigned char* flag, int32_t* acc,
+                               Py_ssize_t* n_acc, int32_t* ver, Py_ssize_t* n_ver) {
+    #if SQD_X86
+        if (sqd_isa() == 2) {
+            sqd_screen_f32_avx512(dots, dots2, sub1, sub2, n, scale, ea, ec, t, t2, A, C,
+                                  b_up, b_dn, rel, tiny, acc, n_acc, ver, n_ver);
+            return;
+        }
+    #endif
+        sqd_classify_f32(dots, dots2, sub1, sub2, n, scale, ea, ec, t, t2, A, C, b_up, b_dn,
+                         rel, tiny, flag);
+        sqd_split_flags(flag, n, acc, n_acc, ver, n_ver);
+    }
+
     /* Classify n points from their integer dots: flag 2 = surely
        score >= b, 0 = surely score < b, 1 = undecided (verify; also every
-       tombstone, whose ea is NaN).  Branch-free so that it vectorises. */
+       tombstone, whose ea is NaN).  The approximation is
+       scale (t dots + t2 dots2); rel times the magnitudes of its terms
+       covers its rounding.  Branch-free so that it vectorises. */
     SQD_CLONES
-    static void sqd_classify(const int32_t* dots, Py_ssize_t n, const float* scale,
-                             const float* ea, const float* ec, double t, double A,
-                             double C, double b, double rel, double tiny,
+    static void sqd_classify(const int32_t* dots, const int32_t* dots2, int32_t sub1,
+                             int32_t sub2, Py_ssize_t n, const float* scale,
+                             const float* ea, const float* ec, double t, double t2,
+                             double A, double C, double b, double rel, double tiny,
                              unsigned char* flag) {
         const double one_rel = 1.0 + rel;
         for (Py_ssize_t i = 0; i < n; ++i) {
-            double approx = ((double)scale[i] * t) * (double)dots[i];
-            double m = ((double)ea[i] * A + (double)ec[i] * C) * one_rel
-                       + rel * (approx < 0 ? -approx : approx) + tiny;
+            double x1 = t * (double)(dots[i] - sub1), x2 = t2 * (double)(dots2[i] - sub2);
+            double approx = (double)scale[i] * (x1 + x2);
+            double mag = (double)scale[i] * ((x1 < 0 ? -x1 : x1) + (x2 < 0 ? -x2 : x2));
+            double m = ((double)ea[i] * A + (double)ec[i] * C) * one_rel + rel * mag + tiny;
             unsigned char acc = (approx - m >= b) ? 2 : 0;
             unsigned char rej = (approx + m < b) ? 1 : 0;
             /* accept -> 2, reject -> 0, neither (or NaN) -> 1 */
@@ -589,23 +850,37 @@ cdef extern from *:
 
     """
     int sqd_isa() noexcept nogil
+    void sqd_advise_hugepages(void* p, size_t n) noexcept nogil
     void sqd_prefetch_rows(const char* rows, intp_t row_bytes, intp_t s0,
                            const int32_t* pos, intp_t n) noexcept nogil
     void sqd_prefetch_row(const char* row, intp_t row_bytes) noexcept nogil
+    void sqd_prefetch_span(const char* p, intp_t n) noexcept nogil
     void sqd_split_flags(const unsigned char* flag, intp_t n, int32_t* acc,
                          intp_t* n_acc, int32_t* ver, intp_t* n_ver) noexcept nogil
     int sqd_isa_detected() noexcept nogil
     int sqd_isa_cap
     int sqd_qmax() noexcept nogil
-    void sqd_range_dots(const uint8_t* codes, intp_t dpad, intp_t s0, intp_t s1,
-                        const int8_t* qw, int32_t sumq128, int32_t* out) noexcept nogil
-    void sqd_classify_f32(const int32_t* dots, intp_t n, const float* scale,
-                          const float* ea, const float* ec, float t, float A,
-                          float C, float b_up, float b_dn, float rel, float tiny,
-                          unsigned char* flag) noexcept nogil
-    void sqd_classify(const int32_t* dots, intp_t n, const float* scale,
-                      const float* ea, const float* ec, double t, double A,
-                      double C, double b, double rel, double tiny,
+    intp_t sqd_range_dots(const uint8_t* codes, intp_t dpad, intp_t s0, intp_t s1,
+                          const int8_t* qw, const int8_t* qw2, int32_t* out,
+                          int32_t* out2) noexcept nogil
+    void sqd_row_dots(const uint8_t* row, intp_t dpad, const int8_t* qw, const int8_t* qw2,
+                      int32_t sumq128, int32_t sumq2_128, int32_t* e1,
+                      int32_t* e2) noexcept nogil
+    void sqd_classify_f32(const int32_t* dots, const int32_t* dots2, int32_t sub1,
+                          int32_t sub2, intp_t n,
+                          const float* scale, const float* ea, const float* ec, float t,
+                          float t2, float A, float C, float b_up, float b_dn, float rel,
+                          float tiny, unsigned char* flag) noexcept nogil
+    void sqd_screen_f32(const int32_t* dots, const int32_t* dots2, int32_t sub1,
+                        int32_t sub2, intp_t n,
+                        const float* scale, const float* ea, const float* ec, float t,
+                        float t2, float A, float C, float b_up, float b_dn, float rel,
+                        float tiny, unsigned char* flag, int32_t* acc, intp_t* n_acc,
+                        int32_t* ver, intp_t* n_ver) noexcept nogil
+    void sqd_classify(const int32_t* dots, const int32_t* dots2, int32_t sub1,
+                      int32_t sub2, intp_t n,
+                      const float* scale, const float* ea, const float* ec, double t,
+                      double t2, double A, double C, double b, double rel, double tiny,
                       unsigned char* flag) noexcept nogil
     double sqd_xdot(const float* a, const double* b, intp_t d) noexcept nogil
     double sqd_xdot(const double* a, const double* b, intp_t d) noexcept nogil
@@ -623,6 +898,7 @@ cdef double REL = 1e-9                      # relative widening of bound arithme
 cdef double TINY = 1e-290                   # absolute widening (underflow)
 cdef double INFL = 1.0 + 1e-10              # rounding-up factor for stored norms
 cdef intp_t CHUNK = 256                     # leaf scan chunk (dots buffer size)
+cdef intp_t VER_OFF = CHUNK + 16            # undecided positions in QueryBuf.pos
 cdef intp_t MAX_SCREEN_D = 16384            # integer dots are exact up to this d
 cdef intp_t MAX_DEPTH = 128
 cdef intp_t PREFETCH_AHEAD = 6              # rows in flight while verifying
@@ -642,6 +918,7 @@ cdef struct CoreView:
     const float* scale
     const float* ea
     const float* ec
+    const uint8_t* rows2    # level-2 rows: scale2, ec2 (float32), then dpad u8 codes
     const intp_t* ids
     const intp_t* node_start
     const intp_t* node_end
@@ -655,6 +932,7 @@ cdef struct CoreView:
     intp_t n_segs
     intp_t d
     intp_t dpad
+    intp_t stride2          # bytes per level-2 row: dpad + 8
     double gam
 
 
@@ -662,20 +940,32 @@ cdef struct QueryBuf:
     # Per-thread scratch space for one query.
     double* w          # the query in float64 (d)
     int8_t* qw         # its int8 code, zero padded (dpad)
+    int8_t* qw2        # int8 code of the residual w - t qw, at scale t2 (dpad)
     int32_t sumq128    # 128 * sum(qw): removes the +128 offset of the codes
-    int32_t* dots      # integer dots of one leaf chunk (CHUNK)
+    int32_t sumq2_128  # 128 * sum(qw2)
+    int32_t* dots      # integer dots <q_p + 128, qw> of one leaf chunk (CHUNK + 16)
+    int32_t* dots2     # integer dots <q_p + 128, qw2> of one leaf chunk (CHUNK + 16)
+    intp_t doff        # position of the chunk's first slot in dots and dots2
     unsigned char* flag  # screening decisions of one chunk (CHUNK)
-    int32_t* pos         # positions of accepted, then undecided points (2 CHUNK)
+    int32_t* pos         # positions of accepted (at 0), undecided (at VER_OFF) points
     intp_t* stack      # DFS stack of node indices (MAX_DEPTH)
     double t           # query scale
+    double t2          # scale of the second level, t / (2 qmax + 2)
     double wnorm       # upper bound on ||w||
     double A           # multiplier of a_p in the screening bound
     double C           # multiplier of c_p in the screening bound
     bint use_f32       # classify in float32 (constants safely in range)
-    float t32, A32, C32   # float32 copies (A32, C32 rounded up)
+    float t32, t2_32, A32, C32   # float32 copies (A32, C32 rounded up)
     # work counters of the last query (cheap; read by query_stats)
     intp_t n_nodes
     intp_t n_screened
+    intp_t n_refined
+    # slots undecided by their level-1 codes, with their two integer dots,
+    # refined one chunk later (CHUNK)
+    intp_t* pend
+    int32_t* pend_d1
+    int32_t* pend_d2
+    intp_t n_pend
     intp_t n_verified
     intp_t n_bulk
     # top-k heap (search)
@@ -701,17 +991,35 @@ cdef inline float _round_down_f32(double x) noexcept nogil:
     return f
 
 
-cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes,
-                        intp_t slot, float* scale, float* ea, float* ec) noexcept nogil:
-    """Code, scale and error constants of one slot (see the design notes).
+cdef float FLT_MIN = 1.1754943508222875e-38   # smallest normal float32
 
-    The codes are written into the blocked layout at ``slot``.
+
+cdef inline int _code(double x, double scale, int qmax) noexcept nogil:
+    """round(x / scale), clipped to [-qmax, qmax]."""
+    cdef double q = nearbyint(x / scale)
+    if q > qmax:
+        return qmax
+    if q < -qmax:
+        return -qmax
+    return <int>q
+
+
+cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes,
+                        intp_t slot, float* scale, float* ea, float* ec,
+                        uint8_t* row2) noexcept nogil:
+    """Codes, scales and error constants of one slot (see the design notes).
+
+    The level-1 codes are written into the blocked layout at ``slot``, the
+    level-2 scale, error bound and codes into the row ``row2`` (8 + dpad bytes).
     """
     cdef intp_t j
-    cdef double maxabs = 0.0, v, s, e, qn2 = 0.0, en2 = 0.0
-    cdef float s32
+    cdef double maxabs = 0.0, v, s, e, qn2 = 0.0, en2 = 0.0, maxe = 0.0, e2n2 = 0.0
+    cdef float s32, s2_32
     cdef int qv
     cdef uint8_t* base = codes + (slot >> 4) * 16 * dpad + (slot & 15) * 4
+    cdef float* scale2 = <float*>row2
+    cdef float* ec2 = <float*>row2 + 1
+    cdef uint8_t* codes2 = row2 + 8
     for j in range(d):
         v = fabs(<double>p[j])
         if v > maxabs:
@@ -720,79 +1028,110 @@ cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes
     s32 = <float>s
     for j in range(dpad):
         base[(j >> 2) * 64 + (j & 3)] = 128          # q = 0
+        codes2[j] = 128
+    scale2[0] = 0.0
     if maxabs == 0.0:
         scale[0] = 0.0
         ea[0] = 0.0
         ec[0] = 0.0
+        ec2[0] = 0.0
         return
-    if not (s32 >= 1.1754943508222875e-38 and s32 < 3.0e38) or d > MAX_SCREEN_D:
+    if not (s32 >= FLT_MIN and s32 < 3.0e38) or d > MAX_SCREEN_D:
         # Scale not a normal float32 (tiny or huge float64 data), or d too
         # large for exact int32 dots: no screening, the infinite bound sends
         # the point to exact verification.
         scale[0] = 0.0
         ea[0] = INFINITY
         ec[0] = INFINITY
+        ec2[0] = INFINITY
         return
     for j in range(d):
-        qv = <int>nearbyint(<double>p[j] / <double>s32)
-        if qv > 127:
-            qv = 127
-        elif qv < -127:
-            qv = -127
+        qv = _code(<double>p[j], s32, 127)
         base[(j >> 2) * 64 + (j & 3)] = <uint8_t>(qv + 128)
         # s32 * qv is exact in float64 (24 + 7 bits); the subtraction rounds
         # once, relative to |e|.
         e = <double>p[j] - <double>s32 * <double>qv
         qn2 += <double>(qv * qv)
         en2 += e * e
+        if fabs(e) > maxe:
+            maxe = fabs(e)
     scale[0] = s32
     ea[0] = _round_up_f32(<double>s32 * sqrt(qn2) * INFL)
-    ec[0] = _round_up_f32(sqrt(en2) * INFL + d * TINY)
+    # at least the smallest normal float32, so that flushing subnormals to
+    # zero (FTZ/DAZ) can never shrink a bound
+    ec[0] = max(_round_up_f32(sqrt(en2) * INFL + d * TINY), FLT_MIN)
+    # Level 2: the residual e = p - s32 q coded again, e = s2 q2 + e2.
+    s2_32 = <float>(maxe / 127.0)
+    if maxe == 0.0:
+        ec2[0] = FLT_MIN
+        return
+    if not s2_32 >= FLT_MIN:
+        ec2[0] = INFINITY       # the refinement can never decide this point
+        return
+    for j in range(d):
+        qv = <int>base[(j >> 2) * 64 + (j & 3)] - 128
+        e = <double>p[j] - <double>s32 * <double>qv       # as above, bit for bit
+        qv = _code(e, s2_32, 127)
+        codes2[j] = <uint8_t>(qv + 128)
+        # the computed e and e2 each err by at most u |.|: the 2u ||e||
+        # below covers both (||e|| >= ||e2|| up to rounding)
+        e = e - <double>s2_32 * <double>qv
+        e2n2 += e * e
+    scale2[0] = s2_32
+    ec2[0] = max(_round_up_f32(sqrt(e2n2) * INFL + 4.0 * U64 * sqrt(en2) + d * TINY),
+                 FLT_MIN)
 
 
 cdef void _prepare_query(QueryBuf* qb, intp_t d, intp_t dpad, double gam) noexcept nogil:
-    """Quantise qb.w to int8 and set the bound multipliers A and C."""
+    """Quantise qb.w to two int8 levels and set the bound multipliers A and C."""
     cdef intp_t j
-    cdef double maxabs = 0.0, v, w2 = 0.0, e2 = 0.0, e, t, wnorm, enorm
-    cdef long qv, sumq = 0
+    cdef double maxabs = 0.0, v, w2 = 0.0, e2 = 0.0, e, t, t2, wnorm, enorm
+    cdef long qv, sumq = 0, sumq2 = 0
     cdef int qmax = sqd_qmax()
     for j in range(dpad):
         qb.qw[j] = 0
+        qb.qw2[j] = 0
     for j in range(d):
         v = fabs(qb.w[j])
         w2 += qb.w[j] * qb.w[j]
         if v > maxabs:
             maxabs = v
     t = maxabs / qmax
+    t2 = t / (2 * qmax + 2)      # a power of two: exact
     wnorm = sqrt(w2) * INFL + d * TINY
-    if t == 0.0 or not (t > 1e-300) or d > MAX_SCREEN_D:
+    if t == 0.0 or not (t > 1e-290) or d > MAX_SCREEN_D:
         # zero (or denormal-scale) query: no integer screening information
-        for j in range(d):
-            qb.qw[j] = 0
-        t = 0.0
+        t = t2 = 0.0
         enorm = wnorm
     else:
+        # w = t qw + t2 qw2 + e2, |w - t qw| <= t / 2 so |qw2| <= qmax + 1
+        # before clipping (and clipping only grows e2, which is measured).
         for j in range(d):
-            qv = <long>nearbyint(qb.w[j] / t)
-            if qv > qmax:
-                qv = qmax
-            elif qv < -qmax:
-                qv = -qmax
+            qv = _code(qb.w[j], t, qmax)
             qb.qw[j] = <int8_t>qv
             sumq += qv
             e = qb.w[j] - t * <double>qv
+            qv = _code(e, t2, qmax)
+            qb.qw2[j] = <int8_t>qv
+            sumq2 += qv
+            e = e - t2 * <double>qv
             e2 += e * e
-        enorm = sqrt(e2) * INFL + 4.0 * U64 * wnorm + d * TINY
+        # Each of the four roundings in computing e2_j errs by at most
+        # u (|w_j| + t): 8 u (||w|| + t sqrt(d)) bounds the error of the norm.
+        enorm = sqrt(e2) * INFL + 8.0 * U64 * (wnorm + t * sqrt(<double>d)) + d * TINY
     qb.t = t
+    qb.t2 = t2
     qb.sumq128 = <int32_t>(128 * sumq)
+    qb.sumq2_128 = <int32_t>(128 * sumq2)
     qb.wnorm = wnorm
     qb.A = enorm + gam * wnorm
     qb.C = wnorm * INFL + gam * wnorm
     # float32 classification is safe when every per-query constant is a
     # normal float32 far from overflow (per-point products then stay finite
     # or become inf/NaN, which means "verify").
-    qb.use_f32 = (1e-30 < t < 1e30 and 1e-30 < qb.A < 1e30 and qb.C < 1e30)
+    qb.use_f32 = (1e-30 < t2 and t < 1e30 and 1e-30 < qb.A < 1e30 and qb.C < 1e30)
     qb.t32 = <float>t
+    qb.t2_32 = <float>t2
     qb.A32 = _round_up_f32(qb.A)
     qb.C32 = _round_up_f32(qb.C)
 
@@ -871,34 +1210,121 @@ cdef inline bint _heap_prunes(const QueryBuf* qb, double upper) noexcept nogil:
 
 cdef inline void _chunk_dots(const CoreView* v, QueryBuf* qb, intp_t s0,
                              intp_t s1) noexcept nogil:
-    """Exact integer dots of slots [s0, s1) (at most CHUNK) into qb.dots."""
+    """Integer dots of slots [s0, s1) (at most CHUNK) with both query codes,
+    in qb.dots and qb.dots2 from position qb.doff; the exact dots are these
+    minus qb.sumq128 and qb.sumq2_128."""
     if qb.t == 0.0:
         memset(qb.dots, 0, (s1 - s0) * sizeof(int32_t))
+        memset(qb.dots2, 0, (s1 - s0) * sizeof(int32_t))
+        qb.doff = 0
     else:
-        sqd_range_dots(v.codes, v.dpad, s0, s1, qb.qw, qb.sumq128, qb.dots)
+        qb.doff = sqd_range_dots(v.codes, v.dpad, s0, s1, qb.qw, qb.qw2, qb.dots, qb.dots2)
 
 
 cdef inline void _classify_chunk(const CoreView* v, QueryBuf* qb, intp_t s, intp_t n,
-                                 const int32_t* dots, double b) noexcept nogil:
-    """Screening flags of slots [s, s + n) from their integer dots, into qb.flag."""
+                                 intp_t off, double b, intp_t* n_acc,
+                                 intp_t* n_ver) noexcept nogil:
+    """Screen slots [s, s + n) from their integer dots (at qb.dots + off and
+    qb.dots2 + off): positions (relative to s) of the surely accepted into
+    qb.pos, of the undecided into qb.pos + VER_OFF."""
     if qb.use_f32 and fabs(b) < 1e30:
-        sqd_classify_f32(dots, n, v.scale + s, v.ea + s, v.ec + s, qb.t32, qb.A32,
-                         qb.C32, _round_up_f32(b), _round_down_f32(b), 1e-6, 1e-37,
-                         qb.flag)
+        sqd_screen_f32(qb.dots + off, qb.dots2 + off, qb.sumq128, qb.sumq2_128, n,
+                       v.scale + s, v.ea + s, v.ec + s,
+                       qb.t32, qb.t2_32, qb.A32, qb.C32, _round_up_f32(b),
+                       _round_down_f32(b), 1e-6, 1e-37, qb.flag, qb.pos, n_acc,
+                       qb.pos + VER_OFF, n_ver)
     else:
-        sqd_classify(dots, n, v.scale + s, v.ea + s, v.ec + s, qb.t, qb.A, qb.C, b,
-                     REL, TINY, qb.flag)
+        sqd_classify(qb.dots + off, qb.dots2 + off, qb.sumq128, qb.sumq2_128, n,
+                     v.scale + s, v.ea + s, v.ec + s,
+                     qb.t, qb.t2, qb.A, qb.C, b, REL, TINY, qb.flag)
+        sqd_split_flags(qb.flag, n, qb.pos, n_acc, qb.pos + VER_OFF, n_ver)
+
+
+cdef inline int _refine(const CoreView* v, const QueryBuf* qb, intp_t s, int32_t d1,
+                        int32_t d2, double b) noexcept nogil:
+    """Second screening of live slot s (undecided by its level-1 code) with
+    its level-2 code: 2 = surely score >= b, 0 = surely below, 1 = verify."""
+    cdef int32_t e1, e2
+    cdef double x1, x2, y1, y2, approx, mag, m
+    cdef const uint8_t* row = v.rows2 + s * v.stride2
+    cdef double scale2 = (<const float*>row)[0], ec2 = (<const float*>row)[1]
+    sqd_row_dots(row + 8, v.dpad, qb.qw, qb.qw2, qb.sumq128, qb.sumq2_128, &e1, &e2)
+    x1 = qb.t * <double>d1
+    x2 = qb.t2 * <double>d2
+    y1 = qb.t * <double>e1
+    y2 = qb.t2 * <double>e2
+    approx = <double>v.scale[s] * (x1 + x2) + scale2 * (y1 + y2)
+    mag = <double>v.scale[s] * (fabs(x1) + fabs(x2)) + scale2 * (fabs(y1) + fabs(y2))
+    # a2_p = s2_p ||q2_p|| <= ||e_p|| + ||e2_p|| <= ec + ec2; a tombstone's
+    # NaN ea makes m NaN: undecided
+    m = (((<double>v.ea[s] + <double>v.ec[s] + ec2) * qb.A + ec2 * qb.C) * (1.0 + REL)
+         + REL * mag + TINY)
+    if approx - m >= b:
+        return 2
+    if approx + m < b:
+        return 0
+    return 1
+
+
+cdef intp_t _refine_pending(const CoreView* v, const floating* X, QueryBuf* qb, double b,
+                            int mode, vector[intp_t]* out_ids,
+                            vector[double]* out_sc) noexcept nogil:
+    """Decide the pending slots (undecided by their level-1 codes, level-2
+    rows prefetched): refine them, verify exactly what is left.  Reports
+    slots (converted to ids by _query_one)."""
+    cdef intp_t i, s, n_left = 0, cnt = 0, n = qb.n_pend, d = v.d
+    cdef int f
+    cdef double score
+    cdef intp_t* pend = qb.pend
+    if qb.t != 0.0:
+        qb.n_refined += n
+        for i in range(n):
+            s = pend[i]
+            f = _refine(v, qb, s, qb.pend_d1[i], qb.pend_d2[i], b)
+            if f == 2:
+                if mode == MODE_SCORES:
+                    out_sc.push_back(sqd_xdot(X + s * d, qb.w, d))
+                if mode != MODE_COUNT:
+                    out_ids.push_back(s)
+                cnt += 1
+            pend[n_left] = s
+            n_left += (f == 1)
+    else:
+        n_left = n
+    # still undecided (and tombstones): verify exactly, rows prefetched
+    # PREFETCH_AHEAD ahead
+    for i in range(min(n_left, PREFETCH_AHEAD)):
+        sqd_prefetch_row(<const char*>(X + pend[i] * d), d * sizeof(floating))
+    for i in range(n_left):
+        if i + PREFETCH_AHEAD < n_left:
+            sqd_prefetch_row(<const char*>(X + pend[i + PREFETCH_AHEAD] * d),
+                             d * sizeof(floating))
+        s = pend[i]
+        if v.ids[s] < 0:
+            continue
+        qb.n_verified += 1
+        score = sqd_xdot(X + s * d, qb.w, d)
+        if score >= b:
+            if mode == MODE_SCORES:
+                out_sc.push_back(score)
+            if mode != MODE_COUNT:
+                out_ids.push_back(s)
+            cnt += 1
+    qb.n_pend = 0
+    return cnt
 
 
 cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
                         intp_t start, intp_t end, double b, int mode,
                         vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
-    """Screen slots [start, end) through their codes; verify the band."""
-    cdef intp_t d = v.d, s0, s1, s, cnt = 0, sid, n_acc, n_ver, i
+    """Screen slots [start, end) through their codes; refine the band with
+    the level-2 codes, one chunk later (so that their rows, prefetched when
+    the chunk is screened, have arrived); verify what is left exactly.
+    Reports slots (converted to ids by _query_one)."""
+    cdef intp_t d = v.d, s0, s1, s, cnt = 0, n_acc, n_ver, i
     cdef size_t old
     cdef intp_t* dst
-    cdef double score
-    cdef unsigned char* flag = qb.flag
+    cdef int32_t* ver = qb.pos + VER_OFF
     s0 = start
     while s0 < end:
         s1 = s0 + CHUNK
@@ -906,57 +1332,47 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
             s1 = end
         _chunk_dots(v, qb, s0, s1)
         qb.n_screened += s1 - s0
-        _classify_chunk(v, qb, s0, s1 - s0, qb.dots, b)
-        sqd_split_flags(flag, s1 - s0, qb.pos, &n_acc, qb.pos + CHUNK, &n_ver)
+        _classify_chunk(v, qb, s0, s1 - s0, qb.doff, b, &n_acc, &n_ver)
         # accepted: surely in the half-space (never a tombstone: NaN ea)
         if mode != MODE_COUNT and n_acc > 0:
             old = out_ids.size()
             out_ids.resize(old + n_acc)
             dst = out_ids.data() + old
             for i in range(n_acc):
-                dst[i] = v.ids[s0 + qb.pos[i]]
+                dst[i] = s0 + qb.pos[i]
             if mode == MODE_SCORES:
                 sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s0, qb.pos, n_acc)
                 for i in range(n_acc):
                     out_sc.push_back(sqd_xdot(X + (s0 + qb.pos[i]) * d, qb.w, d))
         cnt += n_acc
-        # undecided: verify exactly (rows prefetched PREFETCH_AHEAD ahead)
-        for i in range(min(n_ver, PREFETCH_AHEAD)):
-            sqd_prefetch_row(<const char*>(X + (s0 + qb.pos[CHUNK + i]) * d),
-                             d * sizeof(floating))
+        # the previous chunk's undecided, then this chunk's become pending
+        if qb.n_pend > 0:
+            cnt += _refine_pending(v, X, qb, b, mode, out_ids, out_sc)
         for i in range(n_ver):
-            if i + PREFETCH_AHEAD < n_ver:
-                sqd_prefetch_row(
-                    <const char*>(X + (s0 + qb.pos[CHUNK + i + PREFETCH_AHEAD]) * d),
-                    d * sizeof(floating))
-            s = s0 + qb.pos[CHUNK + i]
-            sid = v.ids[s]
-            if sid < 0:
-                continue
-            qb.n_verified += 1
-            score = sqd_xdot(X + s * d, qb.w, d)
-            if score >= b:
-                if mode == MODE_SCORES:
-                    out_sc.push_back(score)
-                if mode != MODE_COUNT:
-                    out_ids.push_back(sid)
-                cnt += 1
+            s = s0 + ver[i]
+            qb.pend[i] = s
+            qb.pend_d1[i] = qb.dots[qb.doff + ver[i]] - qb.sumq128
+            qb.pend_d2[i] = qb.dots2[qb.doff + ver[i]] - qb.sumq2_128
+            sqd_prefetch_span(<const char*>(v.rows2 + s * v.stride2), v.stride2)
+        qb.n_pend = n_ver
         s0 = s1
+    if qb.n_pend > 0:
+        cnt += _refine_pending(v, X, qb, b, mode, out_ids, out_sc)
     return cnt
 
 
 cdef intp_t _report_range(const CoreView* v, const floating* X, QueryBuf* qb,
                           intp_t start, intp_t end, int mode,
                           vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
-    """Report every live slot of [start, end) (its node is inside the half-space)."""
-    cdef intp_t s, sid, cnt = 0
+    """Report every live slot of [start, end) (its node is inside the
+    half-space), as slots (converted to ids by _query_one)."""
+    cdef intp_t s, cnt = 0
     for s in range(start, end):
-        sid = v.ids[s]
-        if sid < 0:
+        if v.ids[s] < 0:
             continue
         if mode == MODE_SCORES:
             out_sc.push_back(sqd_xdot(X + s * v.d, qb.w, v.d))
-        out_ids.push_back(sid)
+        out_ids.push_back(s)
         cnt += 1
     return cnt
 
@@ -965,11 +1381,14 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
                        int mode, vector[intp_t]* out_ids,
                        vector[double]* out_sc) noexcept nogil:
     """Report (or count) the points with score >= b; qb.w must be set."""
-    cdef intp_t seg, node0, n_nodes, node, top, cnt = 0
+    cdef intp_t seg, node0, n_nodes, node, top, cnt = 0, i, n_out
     cdef intp_t pend_start = 0, pend_end = 0     # pending run of leaves to screen
+    cdef intp_t first = out_ids.size()
+    cdef intp_t* res
     cdef double lo, hi
     _prepare_query(qb, v.d, v.dpad, v.gam)
-    qb.n_nodes = qb.n_screened = qb.n_verified = qb.n_bulk = 0
+    qb.n_nodes = qb.n_screened = qb.n_refined = qb.n_verified = qb.n_bulk = 0
+    qb.n_pend = 0
     for seg in range(v.n_segs):
         node0 = v.seg_node0[seg]
         n_nodes = v.seg_n_nodes[seg]
@@ -1008,6 +1427,13 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
         if pend_end > pend_start:
             cnt += _scan_range(v, X, qb, pend_start, pend_end, b, mode, out_ids, out_sc)
         pend_start = pend_end = 0
+    # the kernels report slots: one pass in slot order (mostly increasing,
+    # which the hardware prefetcher follows) turns them into ids
+    if mode != MODE_COUNT:
+        res = out_ids.data()
+        n_out = out_ids.size()
+        for i in range(first, n_out):
+            res[i] = v.ids[res[i]]
     return cnt
 
 
@@ -1030,10 +1456,10 @@ cdef void _search_range(const CoreView* v, const floating* X, QueryBuf* qb,
             s += 1
         if s < s1:
             # only points whose upper bound reaches the k-th score can enter
-            _classify_chunk(v, qb, s, s1 - s, qb.dots + (s - s0), qb.hscore[0])
-            sqd_split_flags(qb.flag, s1 - s, qb.pos, &n_acc, qb.pos + CHUNK, &n_ver)
+            _classify_chunk(v, qb, s, s1 - s, qb.doff + s - s0, qb.hscore[0], &n_acc,
+                            &n_ver)
             for i in range(n_ver):
-                qb.pos[n_acc + i] = qb.pos[CHUNK + i]
+                qb.pos[n_acc + i] = qb.pos[VER_OFF + i]
             sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s, qb.pos,
                               n_acc + n_ver)
             for i in range(n_acc + n_ver):
@@ -1112,16 +1538,24 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
         return NULL
     qb.w = <double*>malloc((d + 1) * sizeof(double))
     qb.qw = <int8_t*>malloc((d + 4) * sizeof(int8_t))
-    qb.dots = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.qw2 = <int8_t*>malloc((d + 4) * sizeof(int8_t))
+    qb.dots = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
+    qb.dots2 = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
+    qb.pend = <intp_t*>malloc(CHUNK * sizeof(intp_t))
+    qb.pend_d1 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.pend_d2 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.n_pend = 0
     qb.flag = <unsigned char*>malloc(CHUNK + 8)
-    qb.pos = <int32_t*>malloc(2 * CHUNK * sizeof(int32_t))
+    qb.pos = <int32_t*>malloc((VER_OFF + CHUNK + 16) * sizeof(int32_t))
     # the stack holds MAX_DEPTH node indices, then MAX_DEPTH doubles (search)
     qb.stack = <intp_t*>malloc(MAX_DEPTH * (sizeof(intp_t) + sizeof(double)))
     qb.hscore = <double*>malloc((k + 1) * sizeof(double))
     qb.hid = <intp_t*>malloc((k + 1) * sizeof(intp_t))
     qb.k = k
     qb.hsize = 0
-    if (qb.w == NULL or qb.qw == NULL or qb.dots == NULL or qb.flag == NULL
+    if (qb.w == NULL or qb.qw == NULL or qb.qw2 == NULL or qb.dots == NULL
+            or qb.dots2 == NULL or qb.flag == NULL
+            or qb.pend == NULL or qb.pend_d1 == NULL or qb.pend_d2 == NULL
             or qb.pos == NULL
             or qb.stack == NULL
             or qb.hscore == NULL or qb.hid == NULL):
@@ -1135,7 +1569,12 @@ cdef void _free_qbuf(QueryBuf* qb) noexcept nogil:
         return
     free(qb.w)
     free(qb.qw)
+    free(qb.qw2)
     free(qb.dots)
+    free(qb.dots2)
+    free(qb.pend)
+    free(qb.pend_d1)
+    free(qb.pend_d2)
     free(qb.flag)
     free(qb.pos)
     free(qb.stack)
@@ -1309,6 +1748,7 @@ cdef class _HalfspaceCore:
     cdef object _scale
     cdef object _ea
     cdef object _ec
+    cdef object _rows2
     cdef object _ids
     # node arrays (capacity nodes)
     cdef object _node_start
@@ -1343,6 +1783,7 @@ cdef class _HalfspaceCore:
         self._scale = np.empty(0, dtype=np.float32)
         self._ea = np.empty(0, dtype=np.float32)
         self._ec = np.empty(0, dtype=np.float32)
+        self._rows2 = np.empty((0, self.dpad + 8), dtype=np.uint8)
         self._ids = np.empty(0, dtype=np.intp)
         self._node_start = np.empty(0, dtype=np.intp)
         self._node_end = np.empty(0, dtype=np.intp)
@@ -1361,6 +1802,7 @@ cdef class _HalfspaceCore:
         v.scale = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._scale)
         v.ea = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._ea)
         v.ec = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._ec)
+        v.rows2 = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>self._rows2)
         v.ids = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._ids)
         v.node_start = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_start)
         v.node_end = <const intp_t*>cnp.PyArray_DATA(<cnp.ndarray>self._node_end)
@@ -1374,6 +1816,7 @@ cdef class _HalfspaceCore:
         v.n_segs = <intp_t>self.seg_start.size()
         v.d = self.d
         v.dpad = self.dpad
+        v.stride2 = self.dpad + 8
         v.gam = self.gam
         return v
 
@@ -1387,12 +1830,36 @@ cdef class _HalfspaceCore:
         # pays O(d) amortised, without the latency spike of a doubling.
         # The arrays are private and no view of them outlives a method call.
         new_cap = (max(n, cap + max(cap // 16, 1024)) + 15) // 16 * 16
-        self._X.resize((new_cap, self.d), refcheck=False)
-        self._codes.resize(new_cap * self.dpad, refcheck=False)
-        self._scale.resize(new_cap, refcheck=False)
-        self._ea.resize(new_cap, refcheck=False)
-        self._ec.resize(new_cap, refcheck=False)
-        self._ids.resize(new_cap, refcheck=False)
+        if n >= 2 * cap:
+            # From empty, or one add that doubles the size (so at least the
+            # current capacity of new rows): fresh arrays, advised onto huge
+            # pages before they are touched (the copy of the used rows costs
+            # less than writing the new ones).
+            self._X = self._fresh_slots(self._X, (new_cap, self.d), used)
+            self._codes = self._fresh_slots(self._codes, (new_cap * self.dpad,),
+                                            used * self.dpad)
+            self._scale = self._fresh_slots(self._scale, (new_cap,), used)
+            self._ea = self._fresh_slots(self._ea, (new_cap,), used)
+            self._ec = self._fresh_slots(self._ec, (new_cap,), used)
+            self._rows2 = self._fresh_slots(self._rows2, (new_cap, self.dpad + 8), used)
+            self._ids = self._fresh_slots(self._ids, (new_cap,), used)
+            return
+        for a, shape in ((self._X, (new_cap, self.d)), (self._codes, (new_cap * self.dpad,)),
+                         (self._scale, (new_cap,)), (self._ea, (new_cap,)),
+                         (self._ec, (new_cap,)), (self._rows2, (new_cap, self.dpad + 8)),
+                         (self._ids, (new_cap,))):
+            a.resize(shape, refcheck=False)
+            # an array that started small was never advised (realloc keeps
+            # the advice of one that was, for the part it adds)
+            sqd_advise_hugepages(cnp.PyArray_DATA(<cnp.ndarray>a), a.nbytes)
+
+    cdef _fresh_slots(self, old, shape, intp_t used):
+        """Zeroed array of the given shape holding the first ``used`` rows of old."""
+        new = np.empty(shape, dtype=old.dtype)
+        sqd_advise_hugepages(cnp.PyArray_DATA(<cnp.ndarray>new), new.nbytes)
+        new[:used] = old[:used]
+        new[used:] = 0
+        return new
 
     cdef _reserve_nodes(self, intp_t n):
         cdef intp_t cap = self._node_start.shape[0], new_cap, used = self.n_nodes_used
@@ -1476,10 +1943,12 @@ cdef class _HalfspaceCore:
             for s in range(start, end):
                 if self.is32:
                     _encode_point(<const float*>v.X + s * d, d, dpad, <uint8_t*>v.codes, s,
-                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s)
+                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s,
+                                  <uint8_t*>v.rows2 + s * v.stride2)
                 else:
                     _encode_point(<const double*>v.X + s * d, d, dpad, <uint8_t*>v.codes, s,
-                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s)
+                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s,
+                                  <uint8_t*>v.rows2 + s * v.stride2)
                 if v.ids[s] < 0:
                     (<float*>v.ea)[s] = NAN    # tombstones always go to "verify"
 
@@ -1734,11 +2203,11 @@ cdef class _HalfspaceCore:
             if self.is32:
                 _encode_point(<const float*>v.X + slot * d, d, self.dpad, <uint8_t*>v.codes,
                               slot, <float*>v.scale + slot, <float*>v.ea + slot,
-                              <float*>v.ec + slot)
+                              <float*>v.ec + slot, <uint8_t*>v.rows2 + slot * v.stride2)
             else:
                 _encode_point(<const double*>v.X + slot * d, d, self.dpad, <uint8_t*>v.codes,
                               slot, <float*>v.scale + slot, <float*>v.ea + slot,
-                              <float*>v.ec + slot)
+                              <float*>v.ec + slot, <uint8_t*>v.rows2 + slot * v.stride2)
         nc = self._node_center
         nr = self._node_radius
         ne = self._node_end
@@ -1903,7 +2372,8 @@ cdef class _HalfspaceCore:
 
     def query_stats(self, w, double b):
         """Work done by one query: nodes bounded, points screened through their
-        codes, points verified exactly, points reported by whole subtrees."""
+        codes, points refined through their level-2 codes, points verified
+        exactly, points reported by whole subtrees."""
         cdef CoreView v = self._view()
         cdef QueryBuf* qb = _alloc_qbuf(self.d, 0)
         cdef vector[intp_t] ids
@@ -1919,7 +2389,7 @@ cdef class _HalfspaceCore:
         else:
             cnt = _query_one(&v, <const double*>v.X, qb, b, MODE_COUNT, &ids, &sc)
         out = {"count": cnt, "nodes": qb.n_nodes, "screened": qb.n_screened,
-               "verified": qb.n_verified, "bulk": qb.n_bulk}
+               "refined": qb.n_refined, "verified": qb.n_verified, "bulk": qb.n_bulk}
         _free_qbuf(qb)
         return out
 
