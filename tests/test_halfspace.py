@@ -406,3 +406,121 @@ def test_large_build_uses_parallel_subtrees(dtype, rng):
     index._core.check_invariants()
     W = rng.normal(size=(5, 8))
     check_against_oracle(index, W, _thresholds(X, W, [0.001, 0.05], rng), k=4)
+
+
+# -- tree shape -------------------------------------------------------------
+
+def _steps(m, leaf_size):
+    """Levels below a node of m points if every cut is in the middle half."""
+    k = 0
+    while m > leaf_size and m >= 2:
+        m = min(m - m // 4, m - 1)
+        k += 1
+    return k
+
+
+def _tree_depths(tree):
+    """Depth of every node of every segment (preorder, right child = right[i])."""
+    depth = np.zeros(len(tree["start"]), dtype=np.intp)
+    for _, _, node0, n_nodes in tree["segments"]:
+        for i in range(node0, node0 + n_nodes):
+            r = tree["right"][i]
+            if r >= 0:
+                depth[i + 1] = depth[node0 + r] = depth[i] + 1
+    return depth
+
+
+def _check_depth_bound(index):
+    tree = index._core.tree_arrays()
+    depth = _tree_depths(tree)
+    for start, end, node0, n_nodes in tree["segments"]:
+        steps = _steps(end - start, index.leaf_size)
+        bound = max(min(2 * steps + 4, 120), steps)
+        assert depth[node0:node0 + n_nodes].max() <= bound
+    return depth
+
+
+def test_separated_clusters_get_their_own_subtrees(dtype, rng):
+    # well separated clusters of very unequal sizes: every cluster is the
+    # exact slot range of one node, even at ratios far from the middle half
+    d = 8
+    sizes = [1500, 37, 400, 9, 2600, 120, 3]
+    centers = rng.normal(size=(len(sizes), d)) * 20
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    X = (centers[labels] + 0.05 * rng.normal(size=(len(labels), d))).astype(dtype)
+    perm = rng.permutation(len(labels))
+    X, labels = X[perm], labels[perm]
+    index = HalfspaceIndex(X, leaf_size=16)
+    assert index._core.n_segments == 1
+    index._core.check_invariants()
+    tree = index._core.tree_arrays()
+    slot_labels = np.empty_like(labels)
+    slot_labels[index._core.slots_of(index.ids)] = labels[index.ids]
+    ranges = set(zip(tree["start"].tolist(), tree["end"].tolist()))
+    for c in range(len(sizes)):
+        where = np.flatnonzero(slot_labels == c)
+        assert where[-1] - where[0] + 1 == sizes[c]          # contiguous
+        assert (where[0], where[-1] + 1) in ranges           # one node
+    # a query that selects one cluster screens (about) only that cluster
+    for c in [1, 4, 5]:
+        w = centers[c] / np.linalg.norm(centers[c])
+        s = X.astype(np.float64) @ w
+        b = s[labels == c].min() - 1e-3
+        st = index._core.query_stats(w, b)
+        assert st["count"] == np.count_nonzero(s >= b)
+        assert st["screened"] + st["bulk"] <= st["count"] + 2 * 16
+
+
+def test_lopsided_data_keeps_depth_logarithmic(dtype, rng):
+    # exponentially spaced points on a line: the unrestricted 1-D 2-means cut
+    # would peel one point per level; the depth budget stops it
+    n = 3000
+    X = np.exp(np.linspace(0.0, 60.0, n))[:, None] * np.ones((1, 3))
+    X = X[rng.permutation(n)].astype(dtype)
+    for leaf_size in [1, 8]:
+        index = HalfspaceIndex(X, leaf_size=leaf_size)
+        index._core.check_invariants()
+        depth = _check_depth_bound(index)
+        assert depth.max() > 2 * _steps(n, leaf_size) - 8     # the budget is used
+        W = np.array([[1.0, 0.0, 0.0], [-1.0, 1.0, 0.5]])
+        check_against_oracle(index, W, _thresholds(X, W, [0.001, 0.3], rng), k=3)
+
+
+@pytest.mark.parametrize("kind", ["outliers", "ladder", "two_points", "tiny"])
+def test_tree_invariants_on_awkward_data(dtype, rng, kind):
+    d = 5
+    if kind == "outliers":      # a blob and a few far points
+        X = np.vstack([rng.normal(size=(900, d)), 1e6 * rng.normal(size=(5, d))])
+    elif kind == "ladder":      # clusters of sizes 1, 2, 4, ..., 512
+        sizes = 2 ** np.arange(10)
+        centers = rng.normal(size=(10, d)) * 10
+        X = np.repeat(centers, sizes, axis=0) + 0.01 * rng.normal(size=(sizes.sum(), d))
+    elif kind == "two_points":  # duplicates of two distinct points
+        X = np.repeat(rng.normal(size=(2, d)), [700, 11], axis=0)
+    else:                       # n smaller than or near leaf_size
+        X = rng.normal(size=(3, d))
+    X = X[rng.permutation(len(X))].astype(dtype)
+    for leaf_size in [1, 4, 128]:
+        index = HalfspaceIndex(X, leaf_size=leaf_size)
+        index._core.check_invariants()
+        _check_depth_bound(index)
+        W = rng.normal(size=(4, d))
+        check_against_oracle(index, W, _thresholds(X, W, [0.01, 0.5], rng), k=2)
+    if kind == "two_points":
+        # the two distinct values are split apart whatever their counts
+        index = HalfspaceIndex(X, leaf_size=4)
+        tree = index._core.tree_arrays()
+        assert tree["radius"][1] < 1e-6 and tree["radius"][tree["right"][0]] < 1e-6
+
+
+def test_build_is_independent_of_thread_count(rng):
+    # the parallel subtree build (n >= 16384) yields the sequential tree
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    X = clustered(rng, 20000, 6, n_clusters=40).astype(np.float32)
+    trees = []
+    for threads in [1, 2, 3]:
+        with threadpoolctl.threadpool_limits(threads, user_api="openmp"):
+            trees.append(HalfspaceIndex(X, leaf_size=16)._core.tree_arrays())
+    for t in trees[1:]:
+        for key in ["start", "end", "right", "center", "radius", "segments"]:
+            np.testing.assert_array_equal(t[key], trees[0][key])
