@@ -79,9 +79,13 @@ each with its own ball tree (logarithmic method, Bentley-Saxe).  Tree nodes
 are stored in DFS preorder: the left child of node i is i + 1, the right
 child is ``node_right[i]`` (-1 for a leaf); node i covers the slot range
 ``[node_start[i], node_end[i])``.  A node of more than ``leaf_size`` points
-is split by 2-means: a few Lloyd iterations in full dimension on a sample of
-at most 256 of its points, seeded by two far-apart points, give two means;
-the points are sorted by their projection on the difference of the means
+is split by 2-means: two far-apart points, refined on nodes of more than
+1024 points by a few Lloyd iterations in full dimension on a sample of at
+most 256 of the node's points, give two means (the refinement pays at the
+upper levels, where a node holds many clusters: a far-pair direction there
+gives lopsided, cluster-cutting splits; below, it made no difference in
+measurements); the points are sorted by their projection on the difference
+of the means
 and cut where the within-side sum of squares of the projections is least
 (1-D 2-means over every cut).  The cut may be lopsided, so that a small
 cluster, or a piece of one cut at a higher level, gets its own node instead
@@ -122,10 +126,10 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
   more updates than half its size, the tail from that segment is rebuilt
   (later segments are smaller, so O(s d log s) for a segment of s slots,
   amortised O(d log s) per update).
-- Build of s points: O(s d log s) (depth O(log s); per node O(d) Lloyd
-  iterations on at most 256 sampled points, far-pair search on at most 512,
-  a projection pass and a sort of the projections, then centroid and
-  radius).  For s >= 16384 the top levels are built first, the subtrees of
+- Build of s points: O(s d log s) (depth O(log s); per node a far-pair
+  search on at most 512 points, Lloyd iterations on at most 256 sampled
+  points, a projection pass and a sort of the projections, then centroid
+  and radius).  For s >= 16384 the top levels are built first, the subtrees of
   at most s / (4 threads) points below them in parallel (OpenMP), and the
   pieces are spliced back in preorder; a split depends only on the node's
   points and depth, so the tree is identical to the sequential one.
@@ -421,12 +425,12 @@ cdef extern from *:
     /* Tree builder.  Node ranges are positions in perm; nodes are stored in
        DFS preorder, so the left child of node i is i + 1 and the right child
        is rights[i] (-1 for a leaf).  A node of more than leaf_size points is
-       split by a hyperplane found by 2-means: Lloyd iterations in full
-       dimension on a strided sample of at most SAMPLE points, seeded by two
-       far-apart points, give two means; the points are sorted by their
-       projection on the difference of the means and cut where the
-       within-side sum of squares of the projections is least (1-D 2-means
-       over every cut).  Such a cut follows the gaps between clusters at any
+       split by a hyperplane found by 2-means: two far-apart points, refined
+       (on nodes of more than LLOYD_MIN points) by Lloyd iterations in full
+       dimension on a strided sample of at most SAMPLE points, give two
+       means; the points are sorted by their projection on the difference
+       of the means and cut where the within-side sum of squares of the
+       projections is least (1-D 2-means over every cut).  Such a cut follows the gaps between clusters at any
        ratio: a small cluster (or a piece of one, cut at a higher level) is
        split off on its own instead of sharing a node, and so a ball, with
        part of a big one.  Lopsided cuts are allowed while the depth budget
@@ -442,7 +446,11 @@ cdef extern from *:
        subtrees can be built in any order, on any thread. */
     template <typename T>
     struct SqdBuilder {
-        enum { SAMPLE = 256, LLOYD_ITERS = 6 };
+        /* Lloyd runs on nodes of more than LLOYD_MIN points (those that
+           hold many clusters), on a sample of at most SAMPLE of them: at
+           most 3 projection passes' worth of work per node.  Below, the
+           far-pair direction cut as well in measurements, for less. */
+        enum { SAMPLE = 256, LLOYD_ITERS = 6, LLOYD_MIN = 1024, FAR = 512 };
         const T* X;
         Py_ssize_t d, leaf_size;
         Py_ssize_t* perm;
@@ -518,7 +526,7 @@ cdef extern from *:
            points among many duplicates).  Returns false if all points are
            equal. */
         bool direction(Py_ssize_t start, Py_ssize_t end) {
-            Py_ssize_t step = (end - start + 511) / 512;
+            Py_ssize_t step = (end - start + FAR - 1) / FAR;
             Py_ssize_t p1 = farthest(perm[start], start, end, step);
             Py_ssize_t p2 = farthest(p1, start, end, step);
             if (!(dist2(p1, p2) > 0) && step > 1) {
@@ -531,7 +539,8 @@ cdef extern from *:
                 c2[j] = (double)X[p2 * d + j];
             }
             step = (end - start + SAMPLE - 1) / SAMPLE;
-            for (int it = 0; it < LLOYD_ITERS; ++it) {
+            const int iters = end - start > LLOYD_MIN ? LLOYD_ITERS : 0;
+            for (int it = 0; it < iters; ++it) {
                 /* x is nearer to c2 iff <x, c2 - c1> > (|c2|^2 - |c1|^2) / 2 */
                 double h = 0;
                 for (Py_ssize_t j = 0; j < d; ++j) {
