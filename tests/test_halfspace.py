@@ -524,3 +524,24 @@ def test_build_is_independent_of_thread_count(rng):
     for t in trees[1:]:
         for key in ["start", "end", "right", "center", "radius", "segments"]:
             np.testing.assert_array_equal(t[key], trees[0][key])
+
+
+def test_leaf_balls_are_no_larger_than_centroid_balls(dtype, rng):
+    # a leaf's centre is refined (approximate minimum enclosing ball) only
+    # when that shrinks its radius; on Gaussian blobs it mostly does
+    X = clustered(rng, 5000, 12, n_clusters=20, spread=0.3).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=64)
+    tree = index._core.tree_arrays()
+    slots = index._core.slots_of(index.ids)
+    Xs = np.empty((len(X), X.shape[1]))
+    Xs[slots] = X[index.ids]
+    shrunk = 0
+    leaves = np.flatnonzero(tree["right"] < 0)
+    for i in leaves:
+        P = Xs[tree["start"][i]:tree["end"][i]]
+        c = P.mean(axis=0).astype(np.float32).astype(np.float64)
+        r_centroid = np.sqrt(((P - c) ** 2).sum(axis=1).max())
+        assert tree["radius"][i] <= r_centroid * (1 + 1e-9) + 1e-12
+        shrunk += tree["radius"][i] < 0.97 * r_centroid
+    assert shrunk > len(leaves) // 2
+    index._core.check_invariants()
