@@ -545,3 +545,16 @@ def test_leaf_balls_are_no_larger_than_centroid_balls(dtype, rng):
         shrunk += tree["radius"][i] < 0.97 * r_centroid
     assert shrunk > len(leaves) // 2
     index._core.check_invariants()
+
+
+def test_build_near_the_overflow_limit(rng):
+    # projections and sums of squares overflow (inf - inf = NaN): the split
+    # heuristics must still yield a valid tree and exact answers
+    X = rng.normal(size=(3000, 5)) * 1e300
+    index = HalfspaceIndex(X, leaf_size=4)
+    index._core.check_invariants()
+    _check_depth_bound(index)
+    w = np.array([1.0, -1.0, 0.5, 0.0, 0.0])
+    s = X @ w
+    for b in (0.0, 1e299, -1e300):
+        np.testing.assert_array_equal(np.sort(index.query(w, b)), np.flatnonzero(s >= b))

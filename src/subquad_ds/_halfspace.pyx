@@ -618,7 +618,10 @@ cdef extern from *:
                 proj.resize(m);
                 for (Py_ssize_t k = 0; k < m; ++k) {
                     const Py_ssize_t i = perm[start + k];
-                    proj[k] = std::make_pair(dot_u(i), i);
+                    const double v = dot_u(i);
+                    /* inf - inf (inputs near the overflow limit) gives NaN,
+                       which would break the sort's ordering: any value does */
+                    proj[k] = std::make_pair(v == v ? v : 0.0, i);
                 }
                 std::sort(proj.begin(), proj.end());
                 for (Py_ssize_t k = 0; k < m; ++k) perm[start + k] = proj[k].second;
