@@ -491,3 +491,155 @@ def test_large_build_uses_parallel_subtrees(dtype, rng):
     index._core.check_invariants()
     W = rng.normal(size=(5, 8))
     check_against_oracle(index, W, _thresholds(X, W, [0.001, 0.05], rng), k=4)
+
+
+# -- tree shape -------------------------------------------------------------
+
+def _steps(m, leaf_size):
+    """Levels below a node of m points if every cut is in the middle half."""
+    k = 0
+    while m > leaf_size and m >= 2:
+        m = min(m - m // 4, m - 1)
+        k += 1
+    return k
+
+
+def _tree_depths(tree):
+    """Depth of every node of every segment (preorder, right child = right[i])."""
+    depth = np.zeros(len(tree["start"]), dtype=np.intp)
+    for _, _, node0, n_nodes in tree["segments"]:
+        for i in range(node0, node0 + n_nodes):
+            r = tree["right"][i]
+            if r >= 0:
+                depth[i + 1] = depth[node0 + r] = depth[i] + 1
+    return depth
+
+
+def _check_depth_bound(index):
+    tree = index._core.tree_arrays()
+    depth = _tree_depths(tree)
+    for start, end, node0, n_nodes in tree["segments"]:
+        steps = _steps(end - start, index.leaf_size)
+        bound = max(min(2 * steps + 4, 120), steps)
+        assert depth[node0:node0 + n_nodes].max() <= bound
+    return depth
+
+
+def test_separated_clusters_get_their_own_subtrees(dtype, rng):
+    # well separated clusters of very unequal sizes: every cluster is the
+    # exact slot range of one node, even at ratios far from the middle half
+    d = 8
+    sizes = [1500, 37, 400, 9, 2600, 120, 3]
+    centers = rng.normal(size=(len(sizes), d)) * 20
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    X = (centers[labels] + 0.05 * rng.normal(size=(len(labels), d))).astype(dtype)
+    perm = rng.permutation(len(labels))
+    X, labels = X[perm], labels[perm]
+    index = HalfspaceIndex(X, leaf_size=16)
+    assert index._core.n_segments == 1
+    index._core.check_invariants()
+    tree = index._core.tree_arrays()
+    slot_labels = np.empty_like(labels)
+    slot_labels[index._core.slots_of(index.ids)] = labels[index.ids]
+    ranges = set(zip(tree["start"].tolist(), tree["end"].tolist()))
+    for c in range(len(sizes)):
+        where = np.flatnonzero(slot_labels == c)
+        assert where[-1] - where[0] + 1 == sizes[c]          # contiguous
+        assert (where[0], where[-1] + 1) in ranges           # one node
+    # a query that selects one cluster screens (about) only that cluster
+    for c in [1, 4, 5]:
+        w = centers[c] / np.linalg.norm(centers[c])
+        s = X.astype(np.float64) @ w
+        b = s[labels == c].min() - 1e-3
+        st = index._core.query_stats(w, b)
+        assert st["count"] == np.count_nonzero(s >= b)
+        assert st["screened"] + st["bulk"] <= st["count"] + 2 * 16
+
+
+def test_lopsided_data_keeps_depth_logarithmic(dtype, rng):
+    # exponentially spaced points on a line: the unrestricted 1-D 2-means cut
+    # would peel one point per level; the depth budget stops it
+    n = 3000
+    X = np.exp(np.linspace(0.0, 60.0, n))[:, None] * np.ones((1, 3))
+    X = X[rng.permutation(n)].astype(dtype)
+    for leaf_size in [1, 8]:
+        index = HalfspaceIndex(X, leaf_size=leaf_size)
+        index._core.check_invariants()
+        depth = _check_depth_bound(index)
+        assert depth.max() > 2 * _steps(n, leaf_size) - 8     # the budget is used
+        W = np.array([[1.0, 0.0, 0.0], [-1.0, 1.0, 0.5]])
+        check_against_oracle(index, W, _thresholds(X, W, [0.001, 0.3], rng), k=3)
+
+
+@pytest.mark.parametrize("kind", ["outliers", "ladder", "two_points", "tiny"])
+def test_tree_invariants_on_awkward_data(dtype, rng, kind):
+    d = 5
+    if kind == "outliers":      # a blob and a few far points
+        X = np.vstack([rng.normal(size=(900, d)), 1e6 * rng.normal(size=(5, d))])
+    elif kind == "ladder":      # clusters of sizes 1, 2, 4, ..., 512
+        sizes = 2 ** np.arange(10)
+        centers = rng.normal(size=(10, d)) * 10
+        X = np.repeat(centers, sizes, axis=0) + 0.01 * rng.normal(size=(sizes.sum(), d))
+    elif kind == "two_points":  # duplicates of two distinct points
+        X = np.repeat(rng.normal(size=(2, d)), [700, 11], axis=0)
+    else:                       # n smaller than or near leaf_size
+        X = rng.normal(size=(3, d))
+    X = X[rng.permutation(len(X))].astype(dtype)
+    for leaf_size in [1, 4, 128]:
+        index = HalfspaceIndex(X, leaf_size=leaf_size)
+        index._core.check_invariants()
+        _check_depth_bound(index)
+        W = rng.normal(size=(4, d))
+        check_against_oracle(index, W, _thresholds(X, W, [0.01, 0.5], rng), k=2)
+    if kind == "two_points":
+        # the two distinct values are split apart whatever their counts
+        index = HalfspaceIndex(X, leaf_size=4)
+        tree = index._core.tree_arrays()
+        assert tree["radius"][1] < 1e-6 and tree["radius"][tree["right"][0]] < 1e-6
+
+
+def test_build_is_independent_of_thread_count(rng):
+    # the parallel subtree build (n >= 16384) yields the sequential tree
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    X = clustered(rng, 20000, 6, n_clusters=40).astype(np.float32)
+    trees = []
+    for threads in [1, 2, 3]:
+        with threadpoolctl.threadpool_limits(threads, user_api="openmp"):
+            trees.append(HalfspaceIndex(X, leaf_size=16)._core.tree_arrays())
+    for t in trees[1:]:
+        for key in ["start", "end", "right", "center", "radius", "segments"]:
+            np.testing.assert_array_equal(t[key], trees[0][key])
+
+
+def test_leaf_balls_are_no_larger_than_centroid_balls(dtype, rng):
+    # a leaf's centre is refined (approximate minimum enclosing ball) only
+    # when that shrinks its radius; on Gaussian blobs it mostly does
+    X = clustered(rng, 5000, 12, n_clusters=20, spread=0.3).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=64)
+    tree = index._core.tree_arrays()
+    slots = index._core.slots_of(index.ids)
+    Xs = np.empty((len(X), X.shape[1]))
+    Xs[slots] = X[index.ids]
+    shrunk = 0
+    leaves = np.flatnonzero(tree["right"] < 0)
+    for i in leaves:
+        P = Xs[tree["start"][i]:tree["end"][i]]
+        c = P.mean(axis=0).astype(np.float32).astype(np.float64)
+        r_centroid = np.sqrt(((P - c) ** 2).sum(axis=1).max())
+        assert tree["radius"][i] <= r_centroid * (1 + 1e-9) + 1e-12
+        shrunk += tree["radius"][i] < 0.97 * r_centroid
+    assert shrunk > len(leaves) // 2
+    index._core.check_invariants()
+
+
+def test_build_near_the_overflow_limit(rng):
+    # projections and sums of squares overflow (inf - inf = NaN): the split
+    # heuristics must still yield a valid tree and exact answers
+    X = rng.normal(size=(3000, 5)) * 1e300
+    index = HalfspaceIndex(X, leaf_size=4)
+    index._core.check_invariants()
+    _check_depth_bound(index)
+    w = np.array([1.0, -1.0, 0.5, 0.0, 0.0])
+    s = X @ w
+    for b in (0.0, 1e299, -1e300):
+        np.testing.assert_array_equal(np.sort(index.query(w, b)), np.flatnonzero(s >= b))

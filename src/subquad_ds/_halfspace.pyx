@@ -117,19 +117,39 @@ Slots are partitioned into contiguous *segments* ``[seg_start, seg_end)``,
 each with its own ball tree (logarithmic method, Bentley-Saxe).  Tree nodes
 are stored in DFS preorder: the left child of node i is i + 1, the right
 child is ``node_right[i]`` (-1 for a leaf); node i covers the slot range
-``[node_start[i], node_end[i])``.  A node of more than ``leaf_size`` points
-is split along the direction between two far-apart points, at the cut
-minimising the within-side sum of squares of the projections (1-D 2-means)
-inside the middle half of the range: on clustered data cuts fall between
-clusters, and the depth stays O(log n).  The slots of a segment are
-permuted into tree order at build, so a leaf is a contiguous run and
-adjacent leaves are screened in one pass.  Per node: centre (float32; the
-radius is measured from the stored float32 centre, so rounding it costs
-nothing), radius (an upper bound on ``||p - c||`` for every slot in range,
-live or dead, kept valid under updates), ``||c||`` and the live count
-``node_alive``.  The node arrays of the segments are allocated like a
-stack: segment k's nodes follow segment k-1's, and only the tail is ever
-rebuilt.
+``[node_start[i], node_end[i])``.
+
+A node of more than ``leaf_size`` points is split by 2-means.  Two
+far-apart points, refined on nodes of more than 1024 points by a few Lloyd
+iterations in full dimension on a sample of at most 256 of the node's
+points, give two means; the points are sorted by their projection on the
+difference of the means and cut where the within-side sum of squares of the
+projections is least (1-D 2-means over every cut).  The Lloyd refinement
+pays at the upper levels, where a node holds many clusters (there the
+far-pair direction gives lopsided, cluster-cutting splits); below, it made
+no difference in measurements.  The cut may be lopsided, so that a small
+cluster, or a piece of one cut at a higher level, gets its own node instead
+of sharing a ball with part of a big cluster: a cluster's ball is then as
+small as the cluster.  A depth budget bounds the depth: with h(m) the
+height below a node of m points if every cut were restricted to the middle
+half of the range, a cut is taken only if the node's depth + 1 + h(bigger
+child) stays within ``min(2 h(n) + 4, 120)`` for a segment of n slots;
+otherwise the best cut inside the middle half is taken.  Depth + h(m) never
+grows beyond ``max(min(2 h(n) + 4, 120), h(n))``, which bounds the depth:
+O(log n), and below ``MAX_DEPTH`` for any realistic n.
+
+The slots of a segment are permuted into tree order at build, so a leaf is
+a contiguous run and adjacent leaves are screened in one pass.  Per node:
+centre (float32), radius (an upper bound on ``||p - c||`` for every slot in
+range, live or dead, kept valid under updates), ``||c||`` and the live count
+``node_alive``.  The radius is measured from the stored float32 centre, so
+rounding the centre costs nothing and any centre is valid: internal nodes
+use the centroid; a leaf uses the centroid moved by 20 Badoiu-Clarkson steps
+towards the farthest of its 32 points farthest from the centroid (an
+approximate minimum enclosing ball), if that gives a smaller radius; on
+Gaussian clusters this screens ~10% fewer points.  The node arrays of the
+segments are allocated like a stack: segment k's nodes follow segment k-1's,
+and only the tail is ever rebuilt.
 
 Updates and amortised costs (n live points, d features, L = leaf_size)
 -----------------------------------------------------------------------
@@ -156,11 +176,13 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
   more updates than half its size, the tail from that segment is rebuilt
   (later segments are smaller, so O(s d log s) for a segment of s slots,
   amortised O(d log s) per update).
-- Build of s points: O(s d log s) expected (a projection pass and a sort of
-  the projections per node, then centroid and radius per node).  For
-  s >= 16384 the top levels are built first, the subtrees of at most
-  s / (4 threads) points below them in parallel (OpenMP), and the pieces are
-  spliced back in preorder; the tree is identical to the sequential one.
+- Build of s points: O(s d log s) (depth O(log s); per node a far-pair
+  search on at most 512 points, Lloyd iterations on at most 256 sampled
+  points, a projection pass and a sort of the projections, then centroid
+  and radius; a leaf's centre refinement costs O(d) per step).  For s >= 16384 the top levels are built first, the subtrees of
+  at most s / (4 threads) points below them in parallel (OpenMP), and the
+  pieces are spliced back in preorder; a split depends only on the node's
+  points and depth, so the tree is identical to the sequential one.
 
 Queries
 -------
@@ -203,6 +225,7 @@ ctypedef Py_ssize_t intp_t
 cdef extern from *:
     """
     #include <algorithm>
+    #include <cmath>
     #include <cstdint>
     #include <cstring>
 
@@ -669,23 +692,68 @@ cdef extern from *:
     /* Tree builder.  Node ranges are positions in perm; nodes are stored in
        DFS preorder, so the left child of node i is i + 1 and the right child
        is rights[i] (-1 for a leaf).  A node of more than leaf_size points is
-       split along the direction between two far-apart points (the farthest
-       point from its first point, and the farthest from that one), at the
-       cut that minimises the within-side sum of squares of the projections
-       (1-D 2-means), restricted to the middle half so the depth stays
-       O(log n).  On clustered data the cut falls between clusters, so each
-       cluster gets its own small ball. */
+       split by a hyperplane found by 2-means: two far-apart points, refined
+       (on nodes of more than LLOYD_MIN points) by Lloyd iterations in full
+       dimension on a strided sample of at most SAMPLE points, give two
+       means; the points are sorted by their projection on the difference
+       of the means and cut where the within-side sum of squares of the
+       projections is least (1-D 2-means over every cut).  Such a cut follows the gaps between clusters at any
+       ratio: a small cluster (or a piece of one, cut at a higher level) is
+       split off on its own instead of sharing a node, and so a ball, with
+       part of a big one.  Lopsided cuts are allowed while the depth budget
+       holds: with steps(m) the number of levels needed below a node of m
+       points if every cut is restricted to the middle half of the range
+       (children of at most m - m/4 points), a cut is taken only if
+       depth + 1 + steps(bigger child) <= budget, budget =
+       min(2 steps(n) + 4, 120); otherwise the best cut inside the middle
+       half is taken.  Hence depth + steps(m) never exceeds
+       max(budget, steps(n)), the depth is O(log n) (and below MAX_DEPTH =
+       128 for any realistic n), and the build is O(n d log n).  The split
+       depends only on the node's points (in their order) and its depth, so
+       subtrees can be built in any order, on any thread. */
     template <typename T>
     struct SqdBuilder {
+        /* Lloyd runs on nodes of more than LLOYD_MIN points (those that
+           hold many clusters), on a sample of at most SAMPLE of them: at
+           most 3 projection passes' worth of work per node.  Below, the
+           far-pair direction cut as well in measurements, for less. */
+        enum { SAMPLE = 256, LLOYD_ITERS = 6, LLOYD_MIN = 1024, FAR = 512 };
         const T* X;
         Py_ssize_t d, leaf_size;
         Py_ssize_t* perm;
         std::vector<Py_ssize_t>* starts;
         std::vector<Py_ssize_t>* ends;
         std::vector<Py_ssize_t>* rights;
+        Py_ssize_t budget;
+        /* Subtrees of at most `cutoff` points (> leaf_size) are not built
+           but recorded in `pending` (their node gets right = -2 - index,
+           and their depth is kept), so that they can be built in parallel
+           and spliced in afterwards. */
+        Py_ssize_t cutoff = 0;
+        std::vector<std::pair<Py_ssize_t, Py_ssize_t> > pending;
+        std::vector<Py_ssize_t> pending_depth;
         std::vector<std::pair<double, Py_ssize_t> > proj;
-        std::vector<double> pre, pre2, u;
+        std::vector<double> pre, pre2, u, c1, c2, s1, s2;
 
+        SqdBuilder(const T* X_, Py_ssize_t d_, Py_ssize_t leaf_size_, Py_ssize_t* perm_,
+                   Py_ssize_t n, std::vector<Py_ssize_t>* starts_,
+                   std::vector<Py_ssize_t>* ends_, std::vector<Py_ssize_t>* rights_)
+            : X(X_), d(d_), leaf_size(leaf_size_), perm(perm_), starts(starts_), ends(ends_),
+              rights(rights_), u(d_), c1(d_), c2(d_), s1(d_), s2(d_) {
+            Py_ssize_t b = 2 * steps(n) + 4;
+            budget = b < 120 ? b : 120;
+        }
+
+        /* Levels below a node of m points when every cut is in the middle half. */
+        Py_ssize_t steps(Py_ssize_t m) const {
+            Py_ssize_t k = 0;
+            while (m > leaf_size && m >= 2) {
+                Py_ssize_t big = m - m / 4;
+                m = big < m - 1 ? big : m - 1;
+                ++k;
+            }
+            return k;
+        }
         double dist2(Py_ssize_t a, Py_ssize_t b) const {
             double s = 0;
             for (Py_ssize_t j = 0; j < d; ++j) {
@@ -694,11 +762,23 @@ cdef extern from *:
             }
             return s;
         }
-        /* Farthest point from `from` among (a strided sample of at most 512
-           of) the range: only the split direction depends on it. */
-        Py_ssize_t farthest(Py_ssize_t from, Py_ssize_t start, Py_ssize_t end) const {
+        double dot_u(Py_ssize_t i) const {
+            const T* x = X + i * d;
+            double s0 = 0, s1_ = 0, s2_ = 0, s3 = 0;
+            Py_ssize_t j = 0;
+            for (; j + 4 <= d; j += 4) {
+                s0 += (double)x[j] * u[j];
+                s1_ += (double)x[j + 1] * u[j + 1];
+                s2_ += (double)x[j + 2] * u[j + 2];
+                s3 += (double)x[j + 3] * u[j + 3];
+            }
+            for (; j < d; ++j) s0 += (double)x[j] * u[j];
+            return (s0 + s1_) + (s2_ + s3);
+        }
+        /* Farthest point from `from` among every step-th point of the range. */
+        Py_ssize_t farthest(Py_ssize_t from, Py_ssize_t start, Py_ssize_t end,
+                            Py_ssize_t step) const {
             Py_ssize_t best = perm[start];
-            Py_ssize_t step = (end - start + 511) / 512;
             double bd = -1.0;
             for (Py_ssize_t k = start; k < end; k += step) {
                 double t = dist2(from, perm[k]);
@@ -706,13 +786,79 @@ cdef extern from *:
             }
             return best;
         }
-        /* Subtrees of at most `cutoff` points (> leaf_size) are not built
-           but recorded in `pending` (their node gets right = -2 - index), so
-           that they can be built in parallel and spliced in afterwards. */
-        Py_ssize_t cutoff = 0;
-        std::vector<std::pair<Py_ssize_t, Py_ssize_t> > pending;
+        /* Split direction into u: the difference of the two means of a few
+           Lloyd iterations on a strided sample, seeded by a far-apart pair.
+           The pair comes from a strided sample of at most 512 points, or
+           from all of them if the sample shows no spread (a few distinct
+           points among many duplicates).  Returns false if all points are
+           equal. */
+        bool direction(Py_ssize_t start, Py_ssize_t end) {
+            Py_ssize_t step = (end - start + FAR - 1) / FAR;
+            Py_ssize_t p1 = farthest(perm[start], start, end, step);
+            Py_ssize_t p2 = farthest(p1, start, end, step);
+            if (!(dist2(p1, p2) > 0) && step > 1) {
+                p1 = farthest(perm[start], start, end, 1);
+                p2 = farthest(p1, start, end, 1);
+            }
+            if (!(dist2(p1, p2) > 0)) return false;
+            for (Py_ssize_t j = 0; j < d; ++j) {
+                c1[j] = (double)X[p1 * d + j];
+                c2[j] = (double)X[p2 * d + j];
+            }
+            step = (end - start + SAMPLE - 1) / SAMPLE;
+            const int iters = end - start > LLOYD_MIN ? LLOYD_ITERS : 0;
+            for (int it = 0; it < iters; ++it) {
+                /* x is nearer to c2 iff <x, c2 - c1> > (|c2|^2 - |c1|^2) / 2 */
+                double h = 0;
+                for (Py_ssize_t j = 0; j < d; ++j) {
+                    u[j] = c2[j] - c1[j];
+                    h += 0.5 * u[j] * (c2[j] + c1[j]);
+                }
+                std::fill(s1.begin(), s1.end(), 0.0);
+                std::fill(s2.begin(), s2.end(), 0.0);
+                Py_ssize_t n1 = 0, n2 = 0;
+                for (Py_ssize_t k = start; k < end; k += step) {
+                    const Py_ssize_t i = perm[k];
+                    const bool second = dot_u(i) > h;
+                    double* s = second ? s2.data() : s1.data();
+                    (second ? n2 : n1) += 1;
+                    const T* x = X + i * d;
+                    for (Py_ssize_t j = 0; j < d; ++j) s[j] += (double)x[j];
+                }
+                if (n1 == 0 || n2 == 0) break;
+                bool same = true;
+                for (Py_ssize_t j = 0; j < d; ++j) {
+                    double a = s1[j] / n1, b = s2[j] / n2;
+                    same = same && a == c1[j] && b == c2[j];
+                    c1[j] = a;
+                    c2[j] = b;
+                }
+                if (same) break;
+            }
+            double un = 0;
+            for (Py_ssize_t j = 0; j < d; ++j) {
+                u[j] = c2[j] - c1[j];
+                un += u[j] * u[j];
+            }
+            if (!(un > 0))   /* the means coincide: fall back to the far pair */
+                for (Py_ssize_t j = 0; j < d; ++j)
+                    u[j] = (double)X[p2 * d + j] - (double)X[p1 * d + j];
+            return true;
+        }
+        /* Cut in [lo, hi] minimising the within-side sum of squares of the
+           sorted projections (pre, pre2 are their prefix sums). */
+        Py_ssize_t best_cut(Py_ssize_t m, Py_ssize_t lo, Py_ssize_t hi) const {
+            Py_ssize_t cut = lo;
+            double best = HUGE_VAL;   /* rounding can make an sse slightly negative */
+            for (Py_ssize_t c = lo; c <= hi; ++c) {
+                double sl = pre[c], sr = pre[m] - pre[c];
+                double sse = (pre2[c] - sl * sl / c) + (pre2[m] - pre2[c] - sr * sr / (m - c));
+                if (sse < best) { best = sse; cut = c; }
+            }
+            return cut;
+        }
 
-        void build(Py_ssize_t start, Py_ssize_t end) {
+        void build(Py_ssize_t start, Py_ssize_t end, Py_ssize_t depth) {
             Py_ssize_t me = (Py_ssize_t)starts->size();
             starts->push_back(start);
             ends->push_back(end);
@@ -722,32 +868,21 @@ cdef extern from *:
             if (m <= cutoff) {
                 (*rights)[me] = -2 - (Py_ssize_t)pending.size();
                 pending.push_back(std::make_pair(start, end));
+                pending_depth.push_back(depth);
                 return;
             }
-            Py_ssize_t p1 = farthest(perm[start], start, end);
-            Py_ssize_t p2 = farthest(p1, start, end);
-            Py_ssize_t lo = start + m / 4, hi = end - m / 4;   /* cut in [lo, hi] */
-            if (lo < start + 1) lo = start + 1;
-            if (hi > end - 1) hi = end - 1;
-            Py_ssize_t cut = start + m / 2;
-            if (dist2(p1, p2) > 0) {
+            Py_ssize_t lo = m / 4, hi = m - m / 4;   /* middle half, as offsets */
+            if (lo < 1) lo = 1;
+            if (hi > m - 1) hi = m - 1;
+            Py_ssize_t cut = m / 2;
+            if (direction(start, end)) {
                 proj.resize(m);
-                u.resize(d);
-                for (Py_ssize_t j = 0; j < d; ++j)
-                    u[j] = (double)X[p2 * d + j] - (double)X[p1 * d + j];
                 for (Py_ssize_t k = 0; k < m; ++k) {
                     const Py_ssize_t i = perm[start + k];
-                    const T* x = X + i * d;
-                    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-                    Py_ssize_t j = 0;
-                    for (; j + 4 <= d; j += 4) {
-                        s0 += (double)x[j] * u[j];
-                        s1 += (double)x[j + 1] * u[j + 1];
-                        s2 += (double)x[j + 2] * u[j + 2];
-                        s3 += (double)x[j + 3] * u[j + 3];
-                    }
-                    for (; j < d; ++j) s0 += (double)x[j] * u[j];
-                    proj[k] = std::make_pair((s0 + s1) + (s2 + s3), i);
+                    const double v = dot_u(i);
+                    /* inf - inf (inputs near the overflow limit) gives NaN,
+                       which would break the sort's ordering: any value does */
+                    proj[k] = std::make_pair(v == v ? v : 0.0, i);
                 }
                 std::sort(proj.begin(), proj.end());
                 for (Py_ssize_t k = 0; k < m; ++k) perm[start + k] = proj[k].second;
@@ -759,19 +894,58 @@ cdef extern from *:
                     pre[k + 1] = pre[k] + v;
                     pre2[k + 1] = pre2[k] + v * v;
                 }
-                double best = -1.0;
-                for (Py_ssize_t c = lo; c <= hi; ++c) {
-                    Py_ssize_t nl = c - start, nr = end - c;
-                    double sl = pre[nl], sr = pre[m] - pre[nl];
-                    double sse = (pre2[nl] - sl * sl / nl) + (pre2[m] - pre2[nl] - sr * sr / nr);
-                    if (best < 0 || sse < best) { best = sse; cut = c; }
-                }
+                cut = best_cut(m, 1, m - 1);
+                Py_ssize_t big = cut > m - cut ? cut : m - cut;
+                if (depth + 1 + steps(big) > budget) cut = best_cut(m, lo, hi);
             }
-            build(start, cut);
+            build(start, start + cut, depth + 1);
             (*rights)[me] = (Py_ssize_t)starts->size();
-            build(cut, end);
+            build(start + cut, end, depth + 1);
         }
     };
+    /* A smaller ball for a leaf: Badoiu-Clarkson steps from the centroid c
+       towards the farthest of the leaf's K points farthest from c (dist2:
+       their squared distances to c, in range order; order: m scratch
+       slots).  Any centre is valid (the radius is measured from the stored
+       one); in measurements on Gaussian clusters this shrinks the leaf radii
+       enough to screen ~10% fewer points. */
+    template <typename T>
+    static void sqd_refine_center(const T* X, Py_ssize_t d, Py_ssize_t start, Py_ssize_t m,
+                                  const double* dist2, Py_ssize_t* order, double* c) {
+        enum { K = 32, ITERS = 20, OFFSET = 8 };
+        for (Py_ssize_t k = 0; k < m; ++k) order[k] = k;
+        const Py_ssize_t n_cand = m < K ? m : K;
+        if (n_cand == 0) return;
+        std::nth_element(order, order + (m - n_cand), order + m,
+                         [dist2](Py_ssize_t a, Py_ssize_t b) {
+                             return dist2[a] < dist2[b] || (dist2[a] == dist2[b] && a < b);
+                         });
+        const Py_ssize_t* cand = order + (m - n_cand);
+        for (int it = 0; it < ITERS; ++it) {
+            Py_ssize_t far = cand[0];
+            double best = -1.0;
+            for (Py_ssize_t k = 0; k < n_cand; ++k) {
+                const T* x = X + (start + cand[k]) * d;
+                double s[4] = {0, 0, 0, 0};   /* 4 chains: no FP reassociation needed */
+                Py_ssize_t j = 0;
+                for (; j + 4 <= d; j += 4)
+                    for (int r = 0; r < 4; ++r) {
+                        double t = (double)x[j + r] - c[j + r];
+                        s[r] += t * t;
+                    }
+                for (; j < d; ++j) {
+                    double t = (double)x[j] - c[j];
+                    s[0] += t * t;
+                }
+                const double dist = (s[0] + s[1]) + (s[2] + s[3]);
+                if (dist > best) { best = dist; far = cand[k]; }
+            }
+            const T* x = X + (start + far) * d;
+            const double step = 1.0 / (it + OFFSET);
+            for (Py_ssize_t j = 0; j < d; ++j) c[j] += step * ((double)x[j] - c[j]);
+        }
+    }
+
     struct SqdNodes {
         std::vector<Py_ssize_t> starts, ends, rights;
     };
@@ -810,23 +984,24 @@ cdef extern from *:
                                     std::vector<Py_ssize_t>& ends,
                                     std::vector<Py_ssize_t>& rights, int n_threads) {
         if (n_threads <= 1 || n < 16384) {
-            SqdBuilder<T> b{X, d, leaf_size, perm, &starts, &ends, &rights, {}, {}, {}};
-            b.build(0, n);
+            SqdBuilder<T> b(X, d, leaf_size, perm, n, &starts, &ends, &rights);
+            b.build(0, n, 0);
             return;
         }
         SqdNodes top;
-        SqdBuilder<T> b{X, d, leaf_size, perm, &top.starts, &top.ends, &top.rights, {}, {}, {}};
+        SqdBuilder<T> b(X, d, leaf_size, perm, n, &top.starts, &top.ends, &top.rights);
         Py_ssize_t cutoff = n / (4 * (Py_ssize_t)n_threads);
         b.cutoff = cutoff > leaf_size ? cutoff : leaf_size + 1;
-        b.build(0, n);
+        b.build(0, n, 0);
         std::vector<SqdNodes> subs(b.pending.size());
         int failed = 0;
         #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
         for (Py_ssize_t k = 0; k < (Py_ssize_t)b.pending.size(); ++k) {
             try {
-                SqdBuilder<T> sb{X, d, leaf_size, perm, &subs[k].starts, &subs[k].ends,
-                                 &subs[k].rights, {}, {}, {}};
-                sb.build(b.pending[k].first, b.pending[k].second);
+                /* n, not the subtree's size: the same depth budget */
+                SqdBuilder<T> sb(X, d, leaf_size, perm, n, &subs[k].starts, &subs[k].ends,
+                                 &subs[k].rights);
+                sb.build(b.pending[k].first, b.pending[k].second, b.pending_depth[k]);
             } catch (...) {
                 #pragma omp atomic write
                 failed = 1;
@@ -885,6 +1060,8 @@ cdef extern from *:
     double sqd_xdot(const float* a, const double* b, intp_t d) noexcept nogil
     double sqd_xdot(const double* a, const double* b, intp_t d) noexcept nogil
     int omp_get_max_threads() noexcept nogil
+    void sqd_refine_center[T](const T* X, intp_t d, intp_t start, intp_t m,
+                              const double* dist2, intp_t* order, double* c) noexcept nogil
     void sqd_build_tree(const float* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
                         vector[intp_t]& starts, vector[intp_t]& ends,
                         vector[intp_t]& rights, int n_threads) except + nogil
@@ -1672,14 +1849,40 @@ cdef void _heap_drop_root(QueryBuf* qb, intp_t n) noexcept nogil:
 # ---------------------------------------------------------------------------
 # tree construction
 
+cdef inline double _dist2_to(const floating* x, const float* c, intp_t d) noexcept nogil:
+    """Squared distance (4 independent sums: no dependency chain)."""
+    cdef intp_t j = 0
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, t0, t1, t2, t3
+    while j + 4 <= d:
+        t0 = <double>x[j] - <double>c[j]
+        t1 = <double>x[j + 1] - <double>c[j + 1]
+        t2 = <double>x[j + 2] - <double>c[j + 2]
+        t3 = <double>x[j + 3] - <double>c[j + 3]
+        s0 += t0 * t0
+        s1 += t1 * t1
+        s2 += t2 * t2
+        s3 += t3 * t3
+        j += 4
+    while j < d:
+        t0 = <double>x[j] - <double>c[j]
+        s0 += t0 * t0
+        j += 1
+    return (s0 + s1) + (s2 + s3)
+
+
 cdef void _node_stats(const floating* X, const intp_t* ids, intp_t d, intp_t start,
-                      intp_t end, float* center, double* radius, double* cnorm,
-                      intp_t* alive, double* buf) noexcept nogil:
-    """Centroid of [start, end) rounded to float32 (any centre is valid: the
-    radius is measured from the stored one), and an upper bound on the
-    distance of every slot to it."""
+                      intp_t end, bint refine, float* center, double* radius,
+                      double* cnorm, intp_t* alive, double* buf) noexcept nogil:
+    """Centre (float32) of [start, end) and an upper bound on the distance of
+    every slot to it; any centre is valid, since the radius is measured from
+    the stored one.  The centre is the centroid; if ``refine`` (leaves), a
+    Badoiu-Clarkson refinement of it when that gives a smaller radius.
+    ``buf`` holds 2 d + 2 (end - start) doubles when refining, else d."""
     cdef intp_t s, j, n = end - start, n_alive = 0
-    cdef double r2 = 0.0, dist2, diff, c2 = 0.0
+    cdef double r2 = 0.0, r2b = 0.0, dist2, c2 = 0.0
+    cdef double* dist = buf + d
+    cdef float* cand = <float*>(buf + d + n)
+    cdef intp_t* order = <intp_t*>(buf + 2 * d + n)
     for j in range(d):
         buf[j] = 0.0
     for s in range(start, end):
@@ -1689,13 +1892,27 @@ cdef void _node_stats(const floating* X, const intp_t* ids, intp_t d, intp_t sta
             buf[j] += <double>X[s * d + j]
     for j in range(d):
         center[j] = <float>(buf[j] / n) if n > 0 else 0.0
+    refine = refine and n > 2
     for s in range(start, end):
-        dist2 = 0.0
-        for j in range(d):
-            diff = <double>X[s * d + j] - <double>center[j]
-            dist2 += diff * diff
+        dist2 = _dist2_to(X + s * d, center, d)
+        if refine:
+            dist[s - start] = dist2
         if dist2 > r2:
             r2 = dist2
+    if refine:
+        for j in range(d):
+            buf[j] = <double>center[j]
+        sqd_refine_center(X, d, start, n, dist, order, buf)
+        for j in range(d):
+            cand[j] = <float>buf[j]
+        for s in range(start, end):
+            dist2 = _dist2_to(X + s * d, cand, d)
+            if dist2 > r2b:
+                r2b = dist2
+        if r2b < r2:
+            r2 = r2b
+            for j in range(d):
+                center[j] = cand[j]
     for j in range(d):
         c2 += <double>center[j] * <double>center[j]
     radius[0] = sqrt(r2) * INFL + d * TINY
@@ -2014,18 +2231,24 @@ cdef class _HalfspaceCore:
         v = self._view()
         n_threads = 1 if n < 8192 else omp_get_max_threads()
         cdef double* buf
+        cdef bint refine
+        # leaves of at most leaf_cap points get a refined centre (scratch:
+        # 2 d + 2 leaf_cap doubles per thread)
+        cdef intp_t leaf_cap = min(self.leaf_size, 4096)
         with nogil, parallel(num_threads=n_threads):
-            buf = <double*>malloc(d * sizeof(double))
+            buf = <double*>malloc((2 * d + 2 * leaf_cap) * sizeof(double))
             if buf != NULL:
                 for i in prange(n_nodes, schedule="dynamic"):
+                    refine = (nright[node0 + i] < 0
+                              and ne[node0 + i] - ns[node0 + i] <= leaf_cap)
                     if self.is32:
                         _node_stats(<const float*>v.X, v.ids, d, ns[node0 + i],
-                                    ne[node0 + i], &nc[node0 + i, 0], &nr[node0 + i],
-                                    &nn[node0 + i], &na[node0 + i], buf)
+                                    ne[node0 + i], refine, &nc[node0 + i, 0],
+                                    &nr[node0 + i], &nn[node0 + i], &na[node0 + i], buf)
                     else:
                         _node_stats(<const double*>v.X, v.ids, d, ns[node0 + i],
-                                    ne[node0 + i], &nc[node0 + i, 0], &nr[node0 + i],
-                                    &nn[node0 + i], &na[node0 + i], buf)
+                                    ne[node0 + i], refine, &nc[node0 + i, 0],
+                                    &nr[node0 + i], &nn[node0 + i], &na[node0 + i], buf)
                 free(buf)
             else:
                 alloc_failed_ptr[0] = 1
@@ -2393,6 +2616,17 @@ cdef class _HalfspaceCore:
         _free_qbuf(qb)
         return out
 
+
+    def tree_arrays(self):
+        """Copies of the node arrays and segment table (tests, diagnostics)."""
+        cdef intp_t k, n = self.n_nodes_used
+        segs = np.array([(self.seg_start[k], self.seg_end[k], self.seg_node0[k],
+                          self.seg_n_nodes[k]) for k in range(<intp_t>self.seg_start.size())],
+                        dtype=np.intp).reshape(-1, 4)
+        return {"start": self._node_start[:n].copy(), "end": self._node_end[:n].copy(),
+                "right": self._node_right[:n].copy(), "alive": self._node_alive[:n].copy(),
+                "center": self._node_center[:n].copy(), "radius": self._node_radius[:n].copy(),
+                "segments": segs}
 
     def check_invariants(self):
         """Verify every structural invariant; raises AssertionError (tests only)."""

@@ -57,9 +57,10 @@ class HalfspaceIndex:
         if ``X`` is a float32 ndarray and in float64 otherwise; later inputs
         are cast to that dtype.  Points get ids ``0 .. n_points-1``.
     leaf_size : int, default=128
-        Maximum number of points per leaf (a node with more is split; each
-        split leaves at least a quarter on either side).  Smaller leaves prune
-        more finely on clustered data but cost more node bounds per query.
+        Maximum number of points per leaf (a node with more is split in
+        two by 2-means, lopsidedly if that separates clusters, within a
+        depth bound of O(log n)).  Smaller leaves prune more finely on
+        clustered data but cost more node bounds per query.
     n_threads : int, default=None
         Threads for batched queries and large builds (OpenMP).  ``None`` or
         -1: all usable cores; ``-k``: all but ``k-1``.  Can be overridden
