@@ -45,8 +45,10 @@ class HalfspaceIndex:
       are skipped or reported without computing an inner product (this pays
       on clustered data);
     - an int8 copy of the points with a rigorous per-point error bound:
-      leaves are screened reading 1 byte per coordinate, and only the points
-      whose bound straddles ``b`` are verified with an exact dot product
+      leaves are screened reading 1 byte per coordinate against a two-level
+      int8 copy of the query; the few points whose bound straddles ``b``
+      are refined with an int8 code of their quantisation residual, and
+      only what is still undecided is verified with an exact dot product
       (this pays on unstructured data, where no tree prunes in high
       dimension).
 
@@ -100,9 +102,11 @@ class HalfspaceIndex:
     buffer leaf in O(d)).  ``update``: O(d log n) in place (ancestor radii
     grow; the tail from a segment is rebuilt after that segment absorbed as
     many updates as half its size).  Query: in the worst case (no pruning)
-    n d one-byte integer multiply-adds, plus O(d) per point whose error
-    bound straddles ``b`` and O(1) per reported point; with pruning, only
-    the leaves that straddle the hyperplane are screened.
+    2 n d one-byte integer multiply-adds (n d bytes read), plus O(d) per
+    point whose error bound straddles ``b`` and O(1) per reported point;
+    with pruning, only the leaves that straddle the hyperplane are
+    screened.  Memory: per point, the point itself plus ``2 d' + 28`` bytes
+    (``d'`` = d rounded up to a multiple of 4), plus the tree nodes.
 
     **When it pays.**  Clustered or low-intrinsic-dimension data (the tree
     skips and reports whole subtrees), selective queries, and workloads that
