@@ -51,9 +51,10 @@ gather reads 32 * 400 rows of 64 KiB per layer (~820 MB, bandwidth-bound at
 one cache line per gathered entry (~4M distinct lines per layer, read and
 written back: ~19 ms per layer with the prefetch, ~38 ms without).  At
 m = 2048 the two hidden matrices (16 MiB each) sit in the 32 MiB L3, so
-both kernels run several times faster per byte there than at m >= 4096;
-this cache cliff, not arithmetic, is what steepens the time-vs-width
-exponent between 2048 and 4096.  Column-blocked forwards that
+both kernels run several times faster per byte there than at m >= 4096.
+With the sqrt-log schedule the forward's operation count ``n p m^2`` has a
+width exponent of about 1.76 (the backward's ``n p^2 m^2`` about 1.52), so
+the forward's share grows with m.  Column-blocked forwards that
 try to read each row once per batch (the union of the supports is ~54% of
 the rows here) were measured 1.3-3x slower than the per-sample gather of
 whole rows (probably: short segments defeat the hardware prefetcher, and
@@ -405,9 +406,9 @@ def backward_update(floating[:, ::1] WT,
             # every row is prefetched twice (two rows and one row ahead):
             # the scattered reads of a matrix far larger than the caches
             # are otherwise latency-bound, and a single prefetch is often
-            # dropped while the miss buffers are full (m = 16384, one core:
-            # 76 ms without, 52 ms with one, 39 ms with two, 43 ms with
-            # three prefetches per row).
+            # dropped while the miss buffers are full (both hidden layers
+            # of an iteration at m = 16384, one core: 76 ms without, 52 ms
+            # with one, 39 ms with two, 43 ms with three prefetches per row).
             jn = _next_visited(col_ptr, j, d)
             _prefetch_row_block(WT, jn, col_ptr, col_pos, row_of, out_indptr, out_indices)
             _prefetch_row_block(WT, _next_visited(col_ptr, jn, d), col_ptr, col_pos, row_of,
@@ -427,4 +428,3 @@ def backward_update(floating[:, ::1] WT,
                 for p in range(out_indptr[i], out_indptr[i + 1]):
                     w[out_indices[p]] -= cf * delta_out[p]
     return delta_arr if want_delta else None
-
