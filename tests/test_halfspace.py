@@ -643,3 +643,39 @@ def test_build_near_the_overflow_limit(rng):
     s = X @ w
     for b in (0.0, 1e299, -1e300):
         np.testing.assert_array_equal(np.sort(index.query(w, b)), np.flatnonzero(s >= b))
+
+
+def test_queries_whose_scores_could_overflow_float64_are_rejected(rng):
+    X = rng.normal(size=(200, 6)) * 1e200
+    index = HalfspaceIndex(X, leaf_size=8)
+    w = rng.normal(size=6)
+    # scores near 1e200 are fine, and exact
+    np.testing.assert_array_equal(np.sort(index.query(w, 0.0)), np.flatnonzero(X @ w >= 0))
+    big = w * 1e120           # max|p_j| * ||w||_1 > 1e307: a score could overflow
+    for call in (lambda: index.query(big, 0.0),
+                 lambda: index.query(np.stack([w, big]), [0.0, 0.0]),
+                 lambda: index.query(sp.csr_array(np.stack([w, big])), 0.0),
+                 lambda: index.query_count(big, 0.0),
+                 lambda: index.search(big, 3)):
+        with pytest.raises(ValueError, match="W: scores of query .* could overflow float64"):
+            call()
+    assert len(index) == 200
+    # the bound follows the stored points: gone after removal and a rebuild
+    small = rng.normal(size=(5, 6))
+    index.add(small)
+    index.remove(np.arange(200))
+    index.rebuild()
+    np.testing.assert_array_equal(np.sort(index.query(big, 0.0)),
+                                  200 + np.flatnonzero(small @ big >= 0))
+    # and it survives pickling
+    again = pickle.loads(pickle.dumps(HalfspaceIndex(X)))
+    with pytest.raises(ValueError, match="could overflow"):
+        again.query(big, 0.0)
+
+
+def test_float32_indexes_never_reach_the_overflow_check(rng):
+    X = (rng.normal(size=(50, 4)) * 1e38).astype(np.float32)
+    index = HalfspaceIndex(X)
+    w = np.full(4, 3e38, dtype=np.float32)
+    s = X.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_array_equal(np.sort(index.query(w, 0.0)), np.flatnonzero(s >= 0))

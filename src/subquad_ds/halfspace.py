@@ -26,6 +26,10 @@ from ._validation import (
 __all__ = ["HalfspaceIndex"]
 
 _STATE_VERSION = 1
+# Largest allowed bound on a score's partial sums, max|p_j| * ||w||_1: below
+# it no float64 inner product (in any summation order, with its rounding)
+# can overflow (float64 overflows beyond 1.797e308).
+_MAX_SCORE = 1e307
 _MODE_COUNT, _MODE_IDS, _MODE_SCORES = 0, 1, 2
 _INTP_MIN, _INTP_MAX = int(np.iinfo(np.intp).min), int(np.iinfo(np.intp).max)
 
@@ -92,7 +96,10 @@ class HalfspaceIndex:
     float64.  ``b`` is used in float64.  Points whose exact inner product is
     farther from ``b`` than the float64 rounding error are decided
     identically for every summation order; the pruning and screening bounds
-    are widened so that they can never change an answer.
+    are widened so that they can never change an answer.  A float64 index
+    rejects (ValueError) a query whose scores could overflow float64:
+    ``||w||_1`` times the largest entry of any point stored since the last
+    :meth:`rebuild` must stay below 1e307.
 
     **Complexity** (n live points, d features).  Build: O(n d log n).
     ``remove``: O(log n) (a tombstone; a full compaction after n/4
@@ -164,6 +171,7 @@ class HalfspaceIndex:
         self.n_threads = check_n_threads(n_threads)
         self._core = _HalfspaceCore(X.shape[1], self.leaf_size, dtype)
         self._core.add(X, np.arange(X.shape[0], dtype=np.intp))
+        self._max_abs = _max_abs(X)
 
     # -- properties -------------------------------------------------------
 
@@ -238,12 +246,17 @@ class HalfspaceIndex:
                     or np.any(np.diff(indptr) < 0) or indptr[-1] != indices.shape[0]
                     or data.shape[0] != indices.shape[0]):
                 raise ValueError("W is not a valid CSR matrix")
+            if self.dtype == np.float64 and data.size:
+                rows = np.repeat(np.arange(W.shape[0]), np.diff(indptr))
+                self._check_no_overflow(np.bincount(rows, np.abs(data), W.shape[0]))
             return False, data, indptr, indices, W.shape[0]
         if (type(W) is np.ndarray and W.dtype == self.dtype and W.ndim == 1
                 and W.flags.c_contiguous and W.shape[0] == d):
             # fast path for the common single query (still checked for NaN/inf)
             if not np.isfinite(W).all():
                 raise ValueError("W must be finite; found NaN or inf")
+            if self.dtype == np.float64:
+                self._check_no_overflow(float(np.abs(W).sum()))
             return True, W.reshape(1, d), None, None, 1
         W = as_float_array(W, "W", dtype=self.dtype, ndim=(1, 2))
         single = W.ndim == 1
@@ -251,7 +264,32 @@ class HalfspaceIndex:
             W = W.reshape(1, -1)
         if W.shape[1] != d:
             raise ValueError(f"W has {W.shape[1]} features; the index has {d}")
+        if self.dtype == np.float64 and W.size:
+            self._check_no_overflow(np.abs(W).sum(axis=1))
         return single, W, None, None, W.shape[0]
+
+    def _check_no_overflow(self, l1_norms):
+        """ValueError if a query's scores could overflow float64.
+
+        Every partial sum of ``<p, w>`` is at most ``max|p_j| * ||w||_1`` in
+        magnitude (``max|p_j|`` over every point stored since the last
+        rebuild).  ``l1_norms``: a float (one query) or an array.  float32
+        indexes never get near the limit (not checked).
+        """
+        if self._max_abs == 0.0:
+            return
+        limit = _MAX_SCORE / self._max_abs
+        if isinstance(l1_norms, float):
+            if l1_norms <= limit:
+                return
+            l1_norms = np.array([l1_norms])
+        elif (l1_norms <= limit).all():
+            return
+        q = int(np.argmax(~(l1_norms <= limit)))   # also an infinite norm
+        raise ValueError(
+            f"W: scores of query {q} could overflow float64 (||w||_1 = "
+            f"{l1_norms[q]:.3g} times the largest point entry {self._max_abs:.3g} "
+            f"exceeds {_MAX_SCORE:g}); rescale the queries or the points")
 
     def _thresholds(self, b, n_queries, single):
         if single:
@@ -308,6 +346,7 @@ class HalfspaceIndex:
             if pos >= 0:
                 raise ValueError(f"ids[{pos}] = {ids[pos]} is already in the index")
         self._core.add(X, ids)
+        self._max_abs = max(self._max_abs, _max_abs(X))
         return ids.copy()
 
     def remove(self, ids):
@@ -354,6 +393,7 @@ class HalfspaceIndex:
         if X.shape[0] != ids.shape[0]:
             raise ValueError(f"X has {X.shape[0]} rows; ids has {ids.shape[0]} entries")
         self._core.update(ids, X)
+        self._max_abs = max(self._max_abs, _max_abs(X))
 
     def get(self, ids):
         """Coordinates of the given ids, shape ``(len(ids), n_features)``.
@@ -369,6 +409,7 @@ class HalfspaceIndex:
     def rebuild(self):
         """Compact tombstones and rebuild one tree over all points (O(n d log n))."""
         self._core.rebuild()
+        self._max_abs = _max_abs(self._core.live_points())
 
     # -- queries ------------------------------------------------------------
 
@@ -495,7 +536,14 @@ def _rebuild_index(cls, state):
     self._core = _HalfspaceCore(int(state["n_features"]), self.leaf_size, dtype)
     points = np.array(state["points"], dtype=dtype, order="C")   # writable copy
     ids = np.array(state["ids"], dtype=np.intp)
-    self._core.add(points.reshape(-1, int(state["n_features"])), ids)
+    points = points.reshape(-1, int(state["n_features"]))
+    self._core.add(points, ids)
     self._core.set_next_id(int(state["next_id"]))
+    self._max_abs = _max_abs(points)
     return self
+
+
+def _max_abs(X):
+    """Largest entry magnitude of a finite array (0 when empty)."""
+    return float(np.abs(X).max()) if X.size else 0.0
 
