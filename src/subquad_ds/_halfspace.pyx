@@ -182,7 +182,10 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
   and radius; a leaf's centre refinement costs O(d) per step).  For s >= 16384 the top levels are built first, the subtrees of
   at most s / (4 threads) points below them in parallel (OpenMP), and the
   pieces are spliced back in preorder; a split depends only on the node's
-  points and depth, so the tree is identical to the sequential one.
+  points and depth, so the tree is identical to the sequential one.  The
+  codes of 8192 or more slots are computed in parallel too (blocks of 16
+  slots, which share their code lines; per-slot results, so again the same
+  for any thread count).
 
 Queries
 -------
@@ -2153,21 +2156,46 @@ cdef class _HalfspaceCore:
     # -- building -----------------------------------------------------------
 
     cdef _encode_range(self, intp_t start, intp_t end):
-        """(Re)compute the codes and error constants of slots [start, end)."""
+        """(Re)compute the codes and error constants of slots [start, end).
+
+        Large ranges are encoded in parallel, one block of 16 slots (which
+        share their code lines) per iteration; the result does not depend on
+        the thread count.
+        """
         cdef CoreView v = self._view()
+        cdef intp_t blk, s0, s1
+        cdef intp_t b0 = start >> 4, b1 = (end + 15) >> 4
+        cdef int n_threads = 1 if end - start < 8192 else omp_get_max_threads()
+        if end <= start:
+            return
+        if n_threads == 1:    # small adds and updates: no thread team
+            with nogil:
+                self._encode_slots(&v, start, end)
+            return
+        with nogil, parallel(num_threads=n_threads):
+            for blk in prange(b0, b1, schedule="static"):
+                s0 = blk * 16
+                s1 = s0 + 16
+                if s0 < start:
+                    s0 = start
+                if s1 > end:
+                    s1 = end
+                self._encode_slots(&v, s0, s1)
+
+    cdef void _encode_slots(self, const CoreView* v, intp_t start, intp_t end) noexcept nogil:
+        """Codes and error constants of slots [start, end) (one thread)."""
         cdef intp_t s, d = self.d, dpad = self.dpad
-        with nogil:
-            for s in range(start, end):
-                if self.is32:
-                    _encode_point(<const float*>v.X + s * d, d, dpad, <uint8_t*>v.codes, s,
-                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s,
-                                  <uint8_t*>v.rows2 + s * v.stride2)
-                else:
-                    _encode_point(<const double*>v.X + s * d, d, dpad, <uint8_t*>v.codes, s,
-                                  <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s,
-                                  <uint8_t*>v.rows2 + s * v.stride2)
-                if v.ids[s] < 0:
-                    (<float*>v.ea)[s] = NAN    # tombstones always go to "verify"
+        for s in range(start, end):
+            if self.is32:
+                _encode_point(<const float*>v.X + s * d, d, dpad, <uint8_t*>v.codes, s,
+                              <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s,
+                              <uint8_t*>v.rows2 + s * v.stride2)
+            else:
+                _encode_point(<const double*>v.X + s * d, d, dpad, <uint8_t*>v.codes, s,
+                              <float*>v.scale + s, <float*>v.ea + s, <float*>v.ec + s,
+                              <uint8_t*>v.rows2 + s * v.stride2)
+            if v.ids[s] < 0:
+                (<float*>v.ea)[s] = NAN    # tombstones always go to "verify"
 
     cdef _compact_from(self, intp_t start):
         """Move the live slots of [start, n_slots) down over the tombstones."""
