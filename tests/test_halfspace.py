@@ -601,14 +601,21 @@ def test_tree_invariants_on_awkward_data(dtype, rng, kind):
 def test_build_is_independent_of_thread_count(rng):
     # the parallel subtree build (n >= 16384) yields the sequential tree
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    # (and so is the parallel encoding of the codes, n >= 8192: the work
+    # counters of a query depend on every code and error constant)
     X = clustered(rng, 20000, 6, n_clusters=40).astype(np.float32)
-    trees = []
+    W = rng.normal(size=(8, 6))
+    trees, stats = [], []
     for threads in [1, 2, 3]:
         with threadpoolctl.threadpool_limits(threads, user_api="openmp"):
-            trees.append(HalfspaceIndex(X, leaf_size=16)._core.tree_arrays())
+            index = HalfspaceIndex(X, leaf_size=16)
+        trees.append(index._core.tree_arrays())
+        stats.append([index._core.query_stats(w, float(np.quantile(X @ w, 0.9))) for w in W])
     for t in trees[1:]:
         for key in ["start", "end", "right", "center", "radius", "segments"]:
             np.testing.assert_array_equal(t[key], trees[0][key])
+    assert stats[1] == stats[0] and stats[2] == stats[0]
+    assert sum(st["refined"] for st in stats[0]) > 0
 
 
 def test_leaf_balls_are_no_larger_than_centroid_balls(dtype, rng):
