@@ -680,6 +680,22 @@ def test_queries_whose_scores_could_overflow_float64_are_rejected(rng):
         again.query(big, 0.0)
 
 
+def test_update_raises_the_overflow_bound_and_unpickling_recomputes_it(rng):
+    index = HalfspaceIndex(rng.normal(size=(30, 4)))
+    w = np.full(4, 1e300)
+    assert len(index.query(w, 0.0)) <= 30            # scores ~1e300: allowed
+    index.update([3], np.full((1, 4), 1e10))
+    with pytest.raises(ValueError, match="could overflow"):
+        index.query(w, 0.0)
+    index.remove([3])
+    with pytest.raises(ValueError, match="could overflow"):
+        index.query(w, 0.0)                           # the bound only grows...
+    restored = pickle.loads(pickle.dumps(index))      # ...until the points are re-read
+    X = index.get(restored.ids)
+    np.testing.assert_array_equal(np.sort(restored.query(w, 0.0)),
+                                  restored.ids[np.flatnonzero(X @ w >= 0)])
+
+
 def test_float32_indexes_never_reach_the_overflow_check(rng):
     X = (rng.normal(size=(50, 4)) * 1e38).astype(np.float32)
     index = HalfspaceIndex(X)

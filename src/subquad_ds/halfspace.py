@@ -68,9 +68,11 @@ class HalfspaceIndex:
         depth bound of O(log n)).  Smaller leaves prune more finely on
         clustered data but cost more node bounds per query.
     n_threads : int, default=None
-        Threads for batched queries and large builds (OpenMP).  ``None`` or
-        -1: all usable cores; ``-k``: all but ``k-1``.  Can be overridden
-        per call.
+        Threads for batched queries (OpenMP).  ``None`` or -1: all usable
+        cores; ``-k``: all but ``k-1``.  Can be overridden per call.  Builds
+        and large adds use as many threads as OpenMP allows (limit them with
+        ``OMP_NUM_THREADS`` or ``threadpoolctl``); the result does not depend
+        on the thread count.
 
     Attributes
     ----------
@@ -99,7 +101,7 @@ class HalfspaceIndex:
     are widened so that they can never change an answer.  A float64 index
     rejects (ValueError) a query whose scores could overflow float64:
     ``||w||_1`` times the largest entry of any point stored since the last
-    :meth:`rebuild` must stay below 1e307.
+    :meth:`rebuild` (or unpickling) must stay below 1e307.
 
     **Complexity** (n live points, d features).  Build: O(n d log n).
     ``remove``: O(log n) (a tombstone; a full compaction after n/4
@@ -170,8 +172,8 @@ class HalfspaceIndex:
         self.leaf_size = check_int(leaf_size, "leaf_size", minimum=1)
         self.n_threads = check_n_threads(n_threads)
         self._core = _HalfspaceCore(X.shape[1], self.leaf_size, dtype)
+        self._max_abs = self._entry_bound(X)
         self._core.add(X, np.arange(X.shape[0], dtype=np.intp))
-        self._max_abs = _max_abs(X)
 
     # -- properties -------------------------------------------------------
 
@@ -268,12 +270,18 @@ class HalfspaceIndex:
             self._check_no_overflow(np.abs(W).sum(axis=1))
         return single, W, None, None, W.shape[0]
 
+    def _entry_bound(self, X):
+        """Largest entry magnitude of finite points X (float64 indexes; else 0)."""
+        if self.dtype != np.float64 or X.size == 0:
+            return 0.0
+        return float(max(X.max(), -X.min()))
+
     def _check_no_overflow(self, l1_norms):
         """ValueError if a query's scores could overflow float64.
 
         Every partial sum of ``<p, w>`` is at most ``max|p_j| * ||w||_1`` in
         magnitude (``max|p_j|`` over every point stored since the last
-        rebuild).  ``l1_norms``: a float (one query) or an array.  float32
+        rebuild or unpickling).  ``l1_norms``: a float (one query) or an array.  float32
         indexes never get near the limit (not checked).
         """
         if self._max_abs == 0.0:
@@ -345,8 +353,9 @@ class HalfspaceIndex:
             pos = self._core.first_present(ids)
             if pos >= 0:
                 raise ValueError(f"ids[{pos}] = {ids[pos]} is already in the index")
+        bound = max(self._max_abs, self._entry_bound(X))   # before anything changes
         self._core.add(X, ids)
-        self._max_abs = max(self._max_abs, _max_abs(X))
+        self._max_abs = bound
         return ids.copy()
 
     def remove(self, ids):
@@ -392,8 +401,9 @@ class HalfspaceIndex:
         X = self._points(X)
         if X.shape[0] != ids.shape[0]:
             raise ValueError(f"X has {X.shape[0]} rows; ids has {ids.shape[0]} entries")
+        bound = max(self._max_abs, self._entry_bound(X))   # before anything changes
         self._core.update(ids, X)
-        self._max_abs = max(self._max_abs, _max_abs(X))
+        self._max_abs = bound
 
     def get(self, ids):
         """Coordinates of the given ids, shape ``(len(ids), n_features)``.
@@ -409,7 +419,8 @@ class HalfspaceIndex:
     def rebuild(self):
         """Compact tombstones and rebuild one tree over all points (O(n d log n))."""
         self._core.rebuild()
-        self._max_abs = _max_abs(self._core.live_points())
+        if self.dtype == np.float64:
+            self._max_abs = self._entry_bound(self._core.live_points())
 
     # -- queries ------------------------------------------------------------
 
@@ -539,11 +550,6 @@ def _rebuild_index(cls, state):
     points = points.reshape(-1, int(state["n_features"]))
     self._core.add(points, ids)
     self._core.set_next_id(int(state["next_id"]))
-    self._max_abs = _max_abs(points)
+    self._max_abs = self._entry_bound(points)
     return self
-
-
-def _max_abs(X):
-    """Largest entry magnitude of a finite array (0 when empty)."""
-    return float(np.abs(X).max()) if X.size else 0.0
 
