@@ -168,9 +168,14 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
   by 1/16 (realloc, no copy), so growth is O(d) amortised with no spike;
   only an add that needs at least twice the capacity (the first one, for
   instance) allocates fresh arrays and copies the used rows, which costs
-  less than writing the new ones.  On Linux the slot arrays are advised
-  onto transparent huge pages (a query streams through all of them; with
-  4 KiB pages the TLB misses cost 10-20% of a Gaussian d = 128 query).
+  less than writing the new ones.  On Linux those fresh slot arrays are
+  advised onto transparent huge pages (a query streams through all of them;
+  with 4 KiB pages the TLB misses cost 10-20% of a Gaussian d = 128 query);
+  growth in place is not advised again (it cost 3-5 us per single add).
+  A segment build moves the codes with their points (no re-encoding), and
+  tail segments of fewer than 16384 slots, which single adds rebuild over
+  and over, skip the Lloyd splits and the leaf-centre refinement (the first
+  segment, i.e. every build of a whole index, always gets them).
 - ``update``: overwrite the slot and its code, and grow the radius of each
   ancestor to cover the new value: O(d depth).  When a segment has absorbed
   more updates than half its size, the tail from that segment is rebuilt
@@ -719,8 +724,11 @@ cdef extern from *:
         /* Lloyd runs on nodes of more than LLOYD_MIN points (those that
            hold many clusters), on a sample of at most SAMPLE of them: at
            most 3 projection passes' worth of work per node.  Below, the
-           far-pair direction cut as well in measurements, for less. */
+           far-pair direction cut as well in measurements, for less.  With
+           lloyd = false (small segments that single adds rebuild again and
+           again, see _build_segment) it is skipped altogether. */
         enum { SAMPLE = 256, LLOYD_ITERS = 6, LLOYD_MIN = 1024, FAR = 512 };
+        bool lloyd;
         const T* X;
         Py_ssize_t d, leaf_size;
         Py_ssize_t* perm;
@@ -740,9 +748,10 @@ cdef extern from *:
 
         SqdBuilder(const T* X_, Py_ssize_t d_, Py_ssize_t leaf_size_, Py_ssize_t* perm_,
                    Py_ssize_t n, std::vector<Py_ssize_t>* starts_,
-                   std::vector<Py_ssize_t>* ends_, std::vector<Py_ssize_t>* rights_)
+                   std::vector<Py_ssize_t>* ends_, std::vector<Py_ssize_t>* rights_,
+                   bool lloyd_)
             : X(X_), d(d_), leaf_size(leaf_size_), perm(perm_), starts(starts_), ends(ends_),
-              rights(rights_), u(d_), c1(d_), c2(d_), s1(d_), s2(d_) {
+              rights(rights_), lloyd(lloyd_), u(d_), c1(d_), c2(d_), s1(d_), s2(d_) {
             Py_ssize_t b = 2 * steps(n) + 4;
             budget = b < 120 ? b : 120;
         }
@@ -809,7 +818,7 @@ cdef extern from *:
                 c2[j] = (double)X[p2 * d + j];
             }
             step = (end - start + SAMPLE - 1) / SAMPLE;
-            const int iters = end - start > LLOYD_MIN ? LLOYD_ITERS : 0;
+            const int iters = lloyd && end - start > LLOYD_MIN ? LLOYD_ITERS : 0;
             for (int it = 0; it < iters; ++it) {
                 /* x is nearer to c2 iff <x, c2 - c1> > (|c2|^2 - |c1|^2) / 2 */
                 double h = 0;
@@ -985,14 +994,15 @@ cdef extern from *:
     static void sqd_build_tree_impl(const T* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
                                     Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
                                     std::vector<Py_ssize_t>& ends,
-                                    std::vector<Py_ssize_t>& rights, int n_threads) {
+                                    std::vector<Py_ssize_t>& rights, int n_threads,
+                                    bool lloyd) {
         if (n_threads <= 1 || n < 16384) {
-            SqdBuilder<T> b(X, d, leaf_size, perm, n, &starts, &ends, &rights);
+            SqdBuilder<T> b(X, d, leaf_size, perm, n, &starts, &ends, &rights, lloyd);
             b.build(0, n, 0);
             return;
         }
         SqdNodes top;
-        SqdBuilder<T> b(X, d, leaf_size, perm, n, &top.starts, &top.ends, &top.rights);
+        SqdBuilder<T> b(X, d, leaf_size, perm, n, &top.starts, &top.ends, &top.rights, lloyd);
         Py_ssize_t cutoff = n / (4 * (Py_ssize_t)n_threads);
         b.cutoff = cutoff > leaf_size ? cutoff : leaf_size + 1;
         b.build(0, n, 0);
@@ -1003,7 +1013,7 @@ cdef extern from *:
             try {
                 /* n, not the subtree's size: the same depth budget */
                 SqdBuilder<T> sb(X, d, leaf_size, perm, n, &subs[k].starts, &subs[k].ends,
-                                 &subs[k].rights);
+                                 &subs[k].rights, lloyd);
                 sb.build(b.pending[k].first, b.pending[k].second, b.pending_depth[k]);
             } catch (...) {
                 #pragma omp atomic write
@@ -1016,14 +1026,16 @@ cdef extern from *:
     static void sqd_build_tree(const float* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
                                Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
                                std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights,
-                               int n_threads) {
-        sqd_build_tree_impl<float>(X, d, perm, n, leaf_size, starts, ends, rights, n_threads);
+                               int n_threads, bool lloyd) {
+        sqd_build_tree_impl<float>(X, d, perm, n, leaf_size, starts, ends, rights, n_threads,
+                                   lloyd);
     }
     static void sqd_build_tree(const double* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
                                Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
                                std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights,
-                               int n_threads) {
-        sqd_build_tree_impl<double>(X, d, perm, n, leaf_size, starts, ends, rights, n_threads);
+                               int n_threads, bool lloyd) {
+        sqd_build_tree_impl<double>(X, d, perm, n, leaf_size, starts, ends, rights, n_threads,
+                                    lloyd);
     }
 
     """
@@ -1067,10 +1079,10 @@ cdef extern from *:
                               const double* dist2, intp_t* order, double* c) noexcept nogil
     void sqd_build_tree(const float* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
                         vector[intp_t]& starts, vector[intp_t]& ends,
-                        vector[intp_t]& rights, int n_threads) except + nogil
+                        vector[intp_t]& rights, int n_threads, bint lloyd) except + nogil
     void sqd_build_tree(const double* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
                         vector[intp_t]& starts, vector[intp_t]& ends,
-                        vector[intp_t]& rights, int n_threads) except + nogil
+                        vector[intp_t]& rights, int n_threads, bint lloyd) except + nogil
 
 
 cdef double U64 = 1.1102230246251565e-16   # 2**-53
@@ -1174,9 +1186,22 @@ cdef inline float _round_down_f32(double x) noexcept nogil:
 cdef float FLT_MIN = 1.1754943508222875e-38   # smallest normal float32
 
 
+cdef double ROUND_MAGIC = 6755399441055744.0    # 1.5 * 2**52
+
+
 cdef inline int _code(double x, double scale, int qmax) noexcept nogil:
-    """round(x / scale), clipped to [-qmax, qmax]."""
-    cdef double q = nearbyint(x / scale)
+    """round(x / scale) (half to even), clipped to [-qmax, qmax].
+
+    For |x / scale| < 2**51, adding and subtracting 1.5 * 2**52 rounds to an
+    integer exactly as ``nearbyint`` does (same rounding mode), without a
+    library call; larger quotients are clipped anyway.
+    """
+    cdef double y = x / scale
+    cdef double q
+    if not (fabs(y) < 2251799813685248.0):       # 2**51 (or NaN)
+        q = nearbyint(y)
+    else:
+        q = (y + ROUND_MAGIC) - ROUND_MAGIC
     if q > qmax:
         return qmax
     if q < -qmax:
@@ -2056,8 +2081,9 @@ cdef class _HalfspaceCore:
             # pages before they are touched (the copy of the used rows costs
             # less than writing the new ones).
             self._X = self._fresh_slots(self._X, (new_cap, self.d), used)
+            # codes come in blocks of 16 slots: copy whole blocks
             self._codes = self._fresh_slots(self._codes, (new_cap * self.dpad,),
-                                            used * self.dpad)
+                                            (used + 15) // 16 * 16 * self.dpad)
             self._scale = self._fresh_slots(self._scale, (new_cap,), used)
             self._ea = self._fresh_slots(self._ea, (new_cap,), used)
             self._ec = self._fresh_slots(self._ec, (new_cap,), used)
@@ -2068,10 +2094,11 @@ cdef class _HalfspaceCore:
                          (self._scale, (new_cap,)), (self._ea, (new_cap,)),
                          (self._ec, (new_cap,)), (self._rows2, (new_cap, self.dpad + 8)),
                          (self._ids, (new_cap,))):
+            # Not advised again here: advising the grown arrays at every
+            # growth step cost 3-5 us per single add, amortised, at d = 128
+            # (faults on huge pages under compaction); arrays allocated fresh
+            # (every large build) keep the advice.
             a.resize(shape, refcheck=False)
-            # an array that started small was never advised (realloc keeps
-            # the advice of one that was, for the part it adds)
-            sqd_advise_hugepages(cnp.PyArray_DATA(<cnp.ndarray>a), a.nbytes)
 
     cdef _fresh_slots(self, old, shape, intp_t used):
         """Zeroed array of the given shape holding the first ``used`` rows of old."""
@@ -2197,6 +2224,23 @@ cdef class _HalfspaceCore:
             if v.ids[s] < 0:
                 (<float*>v.ea)[s] = NAN    # tombstones always go to "verify"
 
+    cdef _permute_codes(self, intp_t start, intp_t end, const intp_t[::1] perm):
+        """Level-1 codes: slot ``start + i`` gets the codes of slot ``perm[i]``."""
+        cdef intp_t dpad = self.dpad, b0 = start >> 4, i, g, src, dst
+        cdef intp_t b1 = (end + 15) >> 4
+        cdef uint8_t[::1] codes = self._codes
+        # a copy of the blocks the range overlaps (sources lie in the range)
+        old_arr = np.array(self._codes[b0 * 16 * dpad:b1 * 16 * dpad])
+        cdef const uint8_t[::1] old = old_arr
+        cdef intp_t base0 = b0 * 16 * dpad
+        with nogil:
+            for i in range(end - start):
+                src = perm[i]
+                dst = start + i
+                for g in range(dpad >> 2):
+                    memcpy(&codes[(dst >> 4) * 16 * dpad + 64 * g + 4 * (dst & 15)],
+                           &old[(src >> 4) * 16 * dpad + 64 * g + 4 * (src & 15) - base0], 4)
+
     cdef _compact_from(self, intp_t start):
         """Move the live slots of [start, n_slots) down over the tombstones."""
         cdef intp_t s
@@ -2227,20 +2271,31 @@ cdef class _HalfspaceCore:
         cdef vector[intp_t] starts, ends, rights
         cdef CoreView v = self._view()
         cdef int build_threads = 1 if n < 16384 else omp_get_max_threads()
+        # The first segment (every build of a whole index) and large ones get
+        # the Lloyd splits and the leaf-centre refinement; the small tail
+        # segments that single adds rebuild over and over skip both (together
+        # they doubled the amortised cost of an add at d = 128).
+        cdef bint refined = k == 0 or n >= 16384
         with nogil:
             if self.is32:
                 sqd_build_tree(<const float*>v.X + start * d, d, &p[0], n, self.leaf_size,
-                               starts, ends, rights, build_threads)
+                               starts, ends, rights, build_threads, refined)
             else:
                 sqd_build_tree(<const double*>v.X + start * d, d, &p[0], n, self.leaf_size,
-                               starts, ends, rights, build_threads)
+                               starts, ends, rights, build_threads, refined)
         n_nodes = <intp_t>starts.size()
         # only the last segment is ever (re)built, so its nodes may grow
         self._reserve_nodes(node0 + n_nodes)
         perm += start
         self._X[start:end] = self._X[perm]
         self._ids[start:end] = self._ids[perm]
-        self._encode_range(start, end)
+        # The codes and constants of a slot depend only on its point: move
+        # them with it (d / 4 four-byte moves per slot instead of encoding).
+        self._scale[start:end] = self._scale[perm]
+        self._ea[start:end] = self._ea[perm]
+        self._ec[start:end] = self._ec[perm]
+        self._rows2[start:end] = self._rows2[perm]
+        self._permute_codes(start, end, perm)
         cdef intp_t[::1] ids = self._ids
         for s in range(start, end):
             if ids[s] >= 0:
@@ -2261,8 +2316,8 @@ cdef class _HalfspaceCore:
         cdef double* buf
         cdef bint refine
         # leaves of at most leaf_cap points get a refined centre (scratch:
-        # 2 d + 2 leaf_cap doubles per thread)
-        cdef intp_t leaf_cap = min(self.leaf_size, 4096)
+        # 2 d + 2 leaf_cap doubles per thread), in refined segments only
+        cdef intp_t leaf_cap = min(self.leaf_size, 4096) if refined else 0
         with nogil, parallel(num_threads=n_threads):
             buf = <double*>malloc((2 * d + 2 * leaf_cap) * sizeof(double))
             if buf != NULL:
