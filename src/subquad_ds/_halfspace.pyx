@@ -103,7 +103,8 @@ working dtype; ``scale``/``ea``/``ec`` float32; ``ids`` intp;  ``codes``
 u8; ``rows2``: per slot ``s2_p`` and ``c2_p`` as float32, then the dpad
 level-2 codes ``q2_p + 128``, contiguous so that refining a point touches
 one or two cache lines).  Memory per point: ``X`` plus ``2 dpad + 28``
-bytes.  ``ids[s] == -1`` marks a tombstone, whose ``ea`` is NaN (so its
+bytes in the slot arrays, plus the hash map below and the tree nodes
+(about 60-70 bytes more).  ``ids[s] == -1`` marks a tombstone, whose ``ea`` is NaN (so its
 bounds are NaN: it always reaches the verification, which skips it).  ``id2slot``
 (C++ hash map) maps every live id to its slot; ``ids[id2slot[i]] == i``.
 Codes are stored as ``q + 128`` in blocks of 16 slots: the codes of slot s
