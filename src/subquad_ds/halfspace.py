@@ -249,7 +249,7 @@ class HalfspaceIndex:
                     or np.any(np.diff(indptr) < 0) or indptr[-1] != indices.shape[0]
                     or data.shape[0] != indices.shape[0]):
                 raise ValueError("W is not a valid CSR matrix")
-            if self.dtype == np.float64 and data.size:
+            if self._max_abs and data.size:
                 rows = np.repeat(np.arange(W.shape[0]), np.diff(indptr))
                 self._check_no_overflow(np.bincount(rows, np.abs(data), W.shape[0]))
             return False, data, indptr, indices, W.shape[0]
@@ -258,7 +258,7 @@ class HalfspaceIndex:
             # fast path for the common single query (still checked for NaN/inf)
             if not np.isfinite(W).all():
                 raise ValueError("W must be finite; found NaN or inf")
-            if self.dtype == np.float64:
+            if self._max_abs:
                 self._check_no_overflow(float(np.abs(W).sum()))
             return True, W.reshape(1, d), None, None, 1
         W = as_float_array(W, "W", dtype=self.dtype, ndim=(1, 2))
@@ -267,7 +267,7 @@ class HalfspaceIndex:
             W = W.reshape(1, -1)
         if W.shape[1] != d:
             raise ValueError(f"W has {W.shape[1]} features; the index has {d}")
-        if self.dtype == np.float64 and W.size:
+        if self._max_abs and W.size:
             self._check_no_overflow(np.abs(W).sum(axis=1))
         return single, W, None, None, W.shape[0]
 
@@ -282,11 +282,11 @@ class HalfspaceIndex:
 
         Every partial sum of ``<p, w>`` is at most ``max|p_j| * ||w||_1`` in
         magnitude (``max|p_j|`` over every point stored since the last
-        rebuild or unpickling).  ``l1_norms``: a float (one query) or an array.  float32
-        indexes never get near the limit (not checked).
+        rebuild or unpickling).  ``l1_norms``: a float (one query) or an
+        array.  Callers skip it when ``_max_abs`` is 0: float32 indexes
+        (which never get near the limit, see ``_entry_bound``) and indexes
+        of zero points.
         """
-        if self._max_abs == 0.0:
-            return
         limit = _MAX_SCORE / self._max_abs
         if isinstance(l1_norms, float):
             if l1_norms <= limit:
