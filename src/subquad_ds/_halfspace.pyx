@@ -220,7 +220,7 @@ import numpy as np
 cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.math cimport sqrt, fabs, nearbyint, nextafterf, INFINITY, HUGE_VAL, NAN
+from libc.math cimport sqrt, fabs, ceil, floor, nearbyint, nextafterf, INFINITY, HUGE_VAL, NAN
 from libc.stdint cimport int8_t, uint8_t, int16_t, int32_t, int64_t, uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
@@ -501,6 +501,213 @@ cdef extern from *:
         *e2 = b - sumq2_128;
     }
 
+    /* ---- leaf-relative nibble codes (see "Leaf-relative codes") --------
+       Two 4-bit planes per slot, blocked by 16 slots: block k of a plane
+       starts at byte k * 8 * dpad8 (dpad8 = d rounded up to a multiple of
+       8); its 64-byte line g holds features 8g..8g+7 of the 16 slots, byte
+       4 r + t carrying feature 8g + t of slot r in its low nibble and
+       feature 8g + 4 + t in its high nibble.  A nibble is u = q + 8 (q in
+       [-8, 7]; padding features are 8).  out[i] = <u_i, qw> is exact in
+       int32 for d <= 16384 (15 * 127 * 16384 < 2^31). */
+    static void sqd_nib_dots_generic(const uint8_t* plane, Py_ssize_t nblk,
+                                     Py_ssize_t dpad8, const int8_t* qw, int32_t* out) {
+        for (Py_ssize_t k = 0; k < nblk; ++k) {
+            const uint8_t* blk = plane + k * 8 * dpad8;
+            int32_t acc[16] = {0};
+            for (Py_ssize_t g = 0; g < dpad8 / 8; ++g)
+                for (int r = 0; r < 16; ++r)
+                    for (int t = 0; t < 4; ++t) {
+                        int32_t byte = (int32_t)blk[g * 64 + r * 4 + t];
+                        acc[r] += (byte & 15) * (int32_t)qw[8 * g + t]
+                                  + (byte >> 4) * (int32_t)qw[8 * g + 4 + t];
+                    }
+            for (int r = 0; r < 16; ++r) out[k * 16 + r] = acc[r];
+        }
+    }
+
+    #if SQD_X86
+    /* AVX2: nibbles unpacked to u8 in [0, 15]; vpmaddubsw pairs stay below
+       2 * 15 * 127 < 2^15 (no saturation for any int8 query code). */
+    __attribute__((target("avx2")))
+    static void sqd_nib_dots_avx2(const uint8_t* plane, Py_ssize_t nblk,
+                                  Py_ssize_t dpad8, const int8_t* qw, int32_t* out) {
+        const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
+        const Py_ssize_t ng = dpad8 / 8;
+        for (Py_ssize_t k = 0; k < nblk; ++k) {
+            const uint8_t* blk = plane + k * 8 * dpad8;
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0;
+            for (Py_ssize_t g = 0; g < ng; ++g) {
+                int32_t q4, r4;
+                std::memcpy(&q4, qw + 8 * g, 4);
+                std::memcpy(&r4, qw + 8 * g + 4, 4);
+                __m256i q = _mm256_set1_epi32(q4), r = _mm256_set1_epi32(r4);
+                __m256i v0 = _mm256_loadu_si256((const __m256i*)(blk + g * 64));
+                __m256i v1 = _mm256_loadu_si256((const __m256i*)(blk + g * 64 + 32));
+                __m256i l0 = _mm256_and_si256(v0, m4);
+                __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4);
+                __m256i l1 = _mm256_and_si256(v1, m4);
+                __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4);
+                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_add_epi16(
+                    _mm256_maddubs_epi16(l0, q), _mm256_maddubs_epi16(h0, r)), ones));
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_add_epi16(
+                    _mm256_maddubs_epi16(l1, q), _mm256_maddubs_epi16(h1, r)), ones));
+            }
+            _mm256_storeu_si256((__m256i*)(out + k * 16), a0);
+            _mm256_storeu_si256((__m256i*)(out + k * 16 + 8), a1);
+        }
+    }
+
+    __attribute__((target("avx512f,avx512bw,avx512vnni")))
+    static void sqd_nib_dots_vnni(const uint8_t* plane, Py_ssize_t nblk,
+                                  Py_ssize_t dpad8, const int8_t* qw, int32_t* out) {
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        const Py_ssize_t ng = dpad8 / 8;
+        for (Py_ssize_t k = 0; k < nblk; ++k) {
+            const uint8_t* blk = plane + k * 8 * dpad8;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+            Py_ssize_t g = 0;
+            for (; g + 2 <= ng; g += 2) {
+                int32_t q0, r0, q1, r1;
+                std::memcpy(&q0, qw + 8 * g, 4);
+                std::memcpy(&r0, qw + 8 * g + 4, 4);
+                std::memcpy(&q1, qw + 8 * g + 8, 4);
+                std::memcpy(&r1, qw + 8 * g + 12, 4);
+                __m512i v0 = _mm512_loadu_si512(blk + g * 64);
+                __m512i v1 = _mm512_loadu_si512(blk + g * 64 + 64);
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v0, m4), _mm512_set1_epi32(q0));
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4),
+                                         _mm512_set1_epi32(r0));
+                a2 = _mm512_dpbusd_epi32(a2, _mm512_and_si512(v1, m4), _mm512_set1_epi32(q1));
+                a3 = _mm512_dpbusd_epi32(a3, _mm512_and_si512(_mm512_srli_epi16(v1, 4), m4),
+                                         _mm512_set1_epi32(r1));
+            }
+            if (g < ng) {
+                int32_t q0, r0;
+                std::memcpy(&q0, qw + 8 * g, 4);
+                std::memcpy(&r0, qw + 8 * g + 4, 4);
+                __m512i v0 = _mm512_loadu_si512(blk + g * 64);
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v0, m4), _mm512_set1_epi32(q0));
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(v0, 4), m4),
+                                         _mm512_set1_epi32(r0));
+            }
+            _mm512_storeu_si512(out + k * 16, _mm512_add_epi32(_mm512_add_epi32(a0, a1),
+                                                               _mm512_add_epi32(a2, a3)));
+        }
+    }
+    __attribute__((target("avx512f,avx512bw,avx512vnni")))
+    static void sqd_nib_dots3_vnni(const uint8_t* hi, const uint8_t* lo, Py_ssize_t dpad8,
+                                   const int8_t* qw, const int8_t* qw2, int32_t* out) {
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        __m512i a = _mm512_setzero_si512(), a2 = a, b = a, b2 = a, c = a, c2 = a;
+        for (Py_ssize_t g = 0; g < dpad8 / 8; ++g) {
+            int32_t q0, q1, r0, r1;
+            std::memcpy(&q0, qw + 8 * g, 4);
+            std::memcpy(&q1, qw + 8 * g + 4, 4);
+            std::memcpy(&r0, qw2 + 8 * g, 4);
+            std::memcpy(&r1, qw2 + 8 * g + 4, 4);
+            __m512i vl = _mm512_loadu_si512(lo + g * 64), vh = _mm512_loadu_si512(hi + g * 64);
+            __m512i l0 = _mm512_and_si512(vl, m4), l1 = _mm512_and_si512(_mm512_srli_epi16(vl, 4), m4);
+            __m512i h0 = _mm512_and_si512(vh, m4), h1 = _mm512_and_si512(_mm512_srli_epi16(vh, 4), m4);
+            __m512i R0 = _mm512_set1_epi32(r0), R1 = _mm512_set1_epi32(r1);
+            a = _mm512_dpbusd_epi32(a, l0, _mm512_set1_epi32(q0));
+            a2 = _mm512_dpbusd_epi32(a2, l1, _mm512_set1_epi32(q1));
+            b = _mm512_dpbusd_epi32(b, l0, R0);
+            b2 = _mm512_dpbusd_epi32(b2, l1, R1);
+            c = _mm512_dpbusd_epi32(c, h0, R0);
+            c2 = _mm512_dpbusd_epi32(c2, h1, R1);
+        }
+        _mm512_storeu_si512(out, _mm512_add_epi32(a, a2));
+        _mm512_storeu_si512(out + 16, _mm512_add_epi32(b, b2));
+        _mm512_storeu_si512(out + 32, _mm512_add_epi32(c, c2));
+    }
+    #endif
+
+    static void sqd_nib_dots(const uint8_t* plane, Py_ssize_t nblk, Py_ssize_t dpad8,
+                             const int8_t* qw, int32_t* out) {
+    #if SQD_X86
+        int isa = sqd_isa();
+        if (isa == 2) { sqd_nib_dots_vnni(plane, nblk, dpad8, qw, out); return; }
+        if (isa == 1) { sqd_nib_dots_avx2(plane, nblk, dpad8, qw, out); return; }
+    #endif
+        sqd_nib_dots_generic(plane, nblk, dpad8, qw, out);
+    }
+
+    /* Stage-1 dots of one block (both planes): out[r] = <lo_r, qw>,
+       out[16 + r] = <lo_r, qw2>, out[32 + r] = <hi_r, qw2>. */
+    static void sqd_nib_dots3(const uint8_t* hi, const uint8_t* lo, Py_ssize_t dpad8,
+                              const int8_t* qw, const int8_t* qw2, int32_t* out) {
+    #if SQD_X86
+        if (sqd_isa() == 2) { sqd_nib_dots3_vnni(hi, lo, dpad8, qw, qw2, out); return; }
+    #endif
+        sqd_nib_dots(lo, 1, dpad8, qw, out);
+        sqd_nib_dots(lo, 1, dpad8, qw2, out + 16);
+        sqd_nib_dots(hi, 1, dpad8, qw2, out + 32);
+    }
+
+
+    /* Nibble dots of the whole blocks covering slots [s0, s1), s1 - s0 <=
+       256, into out (up to 272 entries); returns the position of slot s0. */
+    static Py_ssize_t sqd_nib_range_dots(const uint8_t* plane, Py_ssize_t dpad8, Py_ssize_t s0,
+                                         Py_ssize_t s1, const int8_t* qw, int32_t* out) {
+        Py_ssize_t b0 = s0 >> 4, b1 = ((s1 - 1) >> 4) + 1;
+        sqd_nib_dots(plane + b0 * 8 * dpad8, b1 - b0, dpad8, qw, out);
+        return s0 - b0 * 16;
+    }
+
+    /* Integer screening: of dots[0..n), positions with dots >= hi go to acc,
+       those in [lo, hi) to ver (those below lo are rejected); acc and ver
+       need 16 entries of slack. */
+    static void sqd_screen_int_generic(const int32_t* dots, Py_ssize_t n, int32_t hi,
+                                       int32_t lo, int32_t* acc, Py_ssize_t* n_acc,
+                                       int32_t* ver, Py_ssize_t* n_ver) {
+        Py_ssize_t a = 0, v = 0;
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            int32_t x = dots[i];
+            acc[a] = (int32_t)i; a += (x >= hi);
+            ver[v] = (int32_t)i; v += (x < hi) & (x >= lo);
+        }
+        *n_acc = a;
+        *n_ver = v;
+    }
+
+    #if SQD_X86
+    __attribute__((target("avx512f,popcnt")))
+    static void sqd_screen_int_avx512(const int32_t* dots, Py_ssize_t n, int32_t hi,
+                                      int32_t lo, int32_t* acc, Py_ssize_t* n_acc,
+                                      int32_t* ver, Py_ssize_t* n_ver) {
+        const __m512i vhi = _mm512_set1_epi32(hi), vlo = _mm512_set1_epi32(lo);
+        const __m512i step = _mm512_set1_epi32(16);
+        __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        Py_ssize_t na = 0, nv = 0;
+        for (Py_ssize_t i = 0; i < n; i += 16) {
+            __mmask16 k = (n - i >= 16) ? (__mmask16)0xFFFF
+                                        : (__mmask16)((1u << (n - i)) - 1);
+            __m512i x = _mm512_maskz_loadu_epi32(k, dots + i);
+            __mmask16 ma = _mm512_mask_cmpge_epi32_mask(k, x, vhi);
+            __mmask16 mv = _mm512_mask_cmpge_epi32_mask((__mmask16)(k & ~ma), x, vlo);
+            _mm512_storeu_si512(acc + na, _mm512_maskz_compress_epi32(ma, idx));
+            _mm512_storeu_si512(ver + nv, _mm512_maskz_compress_epi32(mv, idx));
+            na += __builtin_popcount((unsigned)ma);
+            nv += __builtin_popcount((unsigned)mv);
+            idx = _mm512_add_epi32(idx, step);
+        }
+        *n_acc = na;
+        *n_ver = nv;
+    }
+    #endif
+
+    static void sqd_screen_int(const int32_t* dots, Py_ssize_t n, int32_t hi, int32_t lo,
+                               int32_t* acc, Py_ssize_t* n_acc, int32_t* ver,
+                               Py_ssize_t* n_ver) {
+    #if SQD_X86
+        if (sqd_isa() == 2) {
+            sqd_screen_int_avx512(dots, n, hi, lo, acc, n_acc, ver, n_ver);
+            return;
+        }
+    #endif
+        sqd_screen_int_generic(dots, n, hi, lo, acc, n_acc, ver, n_ver);
+    }
+
     /* float32 variant of sqd_classify, twice as wide per vector.  Used only
        when the query's constants are safely inside the float32 range (see
        _prepare_query); every rounding (at most a few ulps of 2^-24 relative
@@ -551,6 +758,15 @@ cdef extern from *:
     static inline void sqd_prefetch_row(const char* row, Py_ssize_t row_bytes) {
     #if defined(__GNUC__)
         for (Py_ssize_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(row + o);
+    #endif
+    }
+
+    /* Prefetch into L2 only (does not hold an L1 miss buffer). */
+    static inline void sqd_prefetch_span_l2(const char* p, Py_ssize_t n) {
+    #if defined(__GNUC__)
+        const uintptr_t end = (uintptr_t)(p + n - 1);
+        for (uintptr_t a = (uintptr_t)p & ~(uintptr_t)63; a <= end; a += 64)
+            __builtin_prefetch((const char*)a, 0, 2);
     #endif
     }
 
@@ -1046,6 +1262,7 @@ cdef extern from *:
                            const int32_t* pos, intp_t n) noexcept nogil
     void sqd_prefetch_row(const char* row, intp_t row_bytes) noexcept nogil
     void sqd_prefetch_span(const char* p, intp_t n) noexcept nogil
+    void sqd_prefetch_span_l2(const char* p, intp_t n) noexcept nogil
     void sqd_split_flags(const unsigned char* flag, intp_t n, int32_t* acc,
                          intp_t* n_acc, int32_t* ver, intp_t* n_ver) noexcept nogil
     int sqd_isa_detected() noexcept nogil
@@ -1054,6 +1271,14 @@ cdef extern from *:
     intp_t sqd_range_dots(const uint8_t* codes, intp_t dpad, intp_t s0, intp_t s1,
                           const int8_t* qw, const int8_t* qw2, int32_t* out,
                           int32_t* out2) noexcept nogil
+    intp_t sqd_nib_range_dots(const uint8_t* plane, intp_t dpad8, intp_t s0, intp_t s1,
+                              const int8_t* qw, int32_t* out) noexcept nogil
+    void sqd_nib_dots(const uint8_t* plane, intp_t nblk, intp_t dpad8, const int8_t* qw,
+                      int32_t* out) noexcept nogil
+    void sqd_nib_dots3(const uint8_t* hi, const uint8_t* lo, intp_t dpad8, const int8_t* qw,
+                       const int8_t* qw2, int32_t* out) noexcept nogil
+    void sqd_screen_int(const int32_t* dots, intp_t n, int32_t hi, int32_t lo, int32_t* acc,
+                        intp_t* n_acc, int32_t* ver, intp_t* n_ver) noexcept nogil
     void sqd_row_dots(const uint8_t* row, intp_t dpad, const int8_t* qw, const int8_t* qw2,
                       int32_t sumq128, int32_t sumq2_128, int32_t* e1,
                       int32_t* e2) noexcept nogil
@@ -1095,6 +1320,13 @@ cdef intp_t VER_OFF = CHUNK + 16            # undecided positions in QueryBuf.po
 cdef intp_t MAX_SCREEN_D = 16384            # integer dots are exact up to this d
 cdef intp_t MAX_DEPTH = 128
 cdef intp_t PREFETCH_AHEAD = 6              # rows in flight while verifying
+cdef double REL_GAIN = 0.5                  # leaf-relative codes used if C1 <= this * mean c_p
+cdef double REL_GROW = 2.0                  # an update beyond this * C1 turns them off
+cdef int DEBUG_REL = 0
+def _debug_rel(int m):
+    global DEBUG_REL
+    DEBUG_REL = m
+cdef double INT_LIM = 1073741824.0          # 2**30 > every integer dot of the relative codes
 
 # Modes of the query kernel.
 cdef enum:
@@ -1120,12 +1352,16 @@ cdef struct CoreView:
     const float* node_center
     const double* node_radius
     const double* node_cnorm
+    const uint8_t* rhi      # leaf-relative codes, high nibble plane (blocked, dpad8 / 2 per slot)
+    const uint8_t* rlo      # low nibble plane (same layout)
+    const float* node_rel   # per node: s4 (0: relative codes off), A0, C0, A1, C1
     const intp_t* seg_node0
     const intp_t* seg_n_nodes
     intp_t n_segs
     intp_t d
     intp_t dpad
     intp_t stride2          # bytes per level-2 row: dpad + 8
+    intp_t dpad8            # d rounded up to a multiple of 8 (nibble planes)
     double gam
 
 
@@ -1146,6 +1382,22 @@ cdef struct QueryBuf:
     double t2          # scale of the second level, t / (2 qmax + 2)
     double wnorm       # upper bound on ||w||
     double A           # multiplier of a_p in the screening bound
+    double enorm1      # upper bound on ||w - t qw|| (one query level: relative codes)
+    double enorm2      # upper bound on ||w - t qw - t2 qw2|| (both levels)
+    int32_t sumq2_8    # 8 * sum(qw2)
+    int32_t sumq8      # 8 * sum(qw): removes the +8 offset of the nibbles
+    # relative-code pipeline: slots awaiting stage 1 (with their stage-0
+    # dots and their leaf's stage-1 thresholds), slots awaiting verification
+    intp_t* r1_slot
+    int32_t* r1_d0
+    intp_t r1_n
+    int64_t r1_hi
+    int64_t r1_lo
+    bint r1_has_dead
+    intp_t r1_s0       # the chunk start of the stage-1 slots (r1_acc is relative to it)
+    int32_t* r1_acc
+    intp_t* r2_slot
+    intp_t r2_n
     double C           # multiplier of c_p in the screening bound
     bint use_f32       # classify in float32 (constants safely in range)
     float t32, t2_32, A32, C32   # float32 copies (A32, C32 rounded up)
@@ -1291,10 +1543,10 @@ cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes
 cdef void _prepare_query(QueryBuf* qb, intp_t d, intp_t dpad, double gam) noexcept nogil:
     """Quantise qb.w to two int8 levels and set the bound multipliers A and C."""
     cdef intp_t j
-    cdef double maxabs = 0.0, v, w2 = 0.0, e2 = 0.0, e, t, t2, wnorm, enorm
+    cdef double maxabs = 0.0, v, w2 = 0.0, e2 = 0.0, e1 = 0.0, e, t, t2, wnorm, enorm
     cdef long qv, sumq = 0, sumq2 = 0
     cdef int qmax = sqd_qmax()
-    for j in range(dpad):
+    for j in range((d + 7) // 8 * 8):      # up to dpad8 (nibble planes)
         qb.qw[j] = 0
         qb.qw2[j] = 0
     for j in range(d):
@@ -1309,6 +1561,7 @@ cdef void _prepare_query(QueryBuf* qb, intp_t d, intp_t dpad, double gam) noexce
         # zero (or denormal-scale) query: no integer screening information
         t = t2 = 0.0
         enorm = wnorm
+        qb.enorm1 = wnorm
     else:
         # w = t qw + t2 qw2 + e2, |w - t qw| <= t / 2 so |qw2| <= qmax + 1
         # before clipping (and clipping only grows e2, which is measured).
@@ -1317,6 +1570,7 @@ cdef void _prepare_query(QueryBuf* qb, intp_t d, intp_t dpad, double gam) noexce
             qb.qw[j] = <int8_t>qv
             sumq += qv
             e = qb.w[j] - t * <double>qv
+            e1 += e * e
             qv = _code(e, t2, qmax)
             qb.qw2[j] = <int8_t>qv
             sumq2 += qv
@@ -1325,10 +1579,15 @@ cdef void _prepare_query(QueryBuf* qb, intp_t d, intp_t dpad, double gam) noexce
         # Each of the four roundings in computing e2_j errs by at most
         # u (|w_j| + t): 8 u (||w|| + t sqrt(d)) bounds the error of the norm.
         enorm = sqrt(e2) * INFL + 8.0 * U64 * (wnorm + t * sqrt(<double>d)) + d * TINY
+        # e1_j = w_j - t qw_j rounds twice, each by at most u (|w_j| + t)
+        qb.enorm1 = sqrt(e1) * INFL + 4.0 * U64 * (wnorm + t * sqrt(<double>d)) + d * TINY
     qb.t = t
     qb.t2 = t2
+    qb.enorm2 = enorm
+    qb.sumq2_8 = <int32_t>(8 * sumq2)
     qb.sumq128 = <int32_t>(128 * sumq)
     qb.sumq2_128 = <int32_t>(128 * sumq2)
+    qb.sumq8 = <int32_t>(8 * sumq)
     qb.wnorm = wnorm
     qb.A = enorm + gam * wnorm
     qb.C = wnorm * INFL + gam * wnorm
@@ -1342,9 +1601,10 @@ cdef void _prepare_query(QueryBuf* qb, intp_t d, intp_t dpad, double gam) noexce
     qb.C32 = _round_up_f32(qb.C)
 
 
-cdef inline void _node_bounds(const CoreView* v, intp_t node, const QueryBuf* qb,
-                              double* lo, double* hi) noexcept nogil:
-    """Rigorous bounds on score(p, w) over the node's ball."""
+cdef inline double _node_bounds(const CoreView* v, intp_t node, const QueryBuf* qb,
+                                double* lo, double* hi) noexcept nogil:
+    """Rigorous bounds on score(p, w) over the node's ball; returns the
+    computed <c, w> (within gam ||c|| ||w|| of the real value)."""
     cdef double cw = sqd_xdot(v.node_center + node * v.d, qb.w, v.d)
     cdef double r = v.node_radius[node]
     cdef double half = r * qb.wnorm
@@ -1352,6 +1612,7 @@ cdef inline void _node_bounds(const CoreView* v, intp_t node, const QueryBuf* qb
     half = (half + slack) * (1.0 + REL) + REL * fabs(cw) + TINY
     lo[0] = cw - half
     hi[0] = cw + half
+    return cw
 
 
 # ---------------------------------------------------------------------------
@@ -1567,6 +1828,195 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
     return cnt
 
 
+
+cdef inline bint _int_thresholds(double cw, double b, double M, double unit, double lim,
+                                 int64_t* hi, int64_t* lo) noexcept nogil:
+    """Integer thresholds for a relative-code screen of ``cw + unit D`` with
+    error bound M (all in real arithmetic): ``D >= hi`` implies
+    ``cw + unit D - M >= b`` and ``D < lo`` implies ``cw + unit D + M < b``,
+    for every integer D with |D| < lim (thresholds are clamped to +-lim).
+    False if they cannot be formed (unit not a safe positive number, NaN)."""
+    cdef double err, xh, xl
+    if not (unit > 1e-280 and unit < 1e280):
+        return False
+    # the two sums round by at most u of their magnitudes each; the
+    # divisions (and unit = s4 t) by u relative: 1e-12 covers them
+    err = REL * (fabs(b) + fabs(cw) + M) + TINY
+    xh = ((b - cw) + M + err) / unit
+    xl = ((b - cw) - M - err) / unit
+    if xh != xh or xl != xl:
+        return False
+    xh += fabs(xh) * 1e-12
+    xl -= fabs(xl) * 1e-12
+    hi[0] = <int64_t>(lim if xh > lim else (-lim if xh < -lim else ceil(xh)))
+    lo[0] = <int64_t>(lim if xl > lim else (-lim if xl < -lim else floor(xl)))
+    return True
+
+
+cdef inline intp_t _emit_slots(const CoreView* v, const floating* X, const QueryBuf* qb,
+                               intp_t s0, const int32_t* pos, intp_t n, bint has_dead,
+                               int mode, vector[intp_t]* out_ids,
+                               vector[double]* out_sc) noexcept nogil:
+    """Report slots s0 + pos[0..n) (surely in the half-space), skipping
+    tombstones when the leaf has any; returns how many were reported."""
+    cdef intp_t i, s, cnt = 0
+    cdef size_t old
+    cdef intp_t* dst
+    if not has_dead and mode == MODE_IDS:
+        old = out_ids.size()
+        out_ids.resize(old + n)
+        dst = out_ids.data() + old
+        for i in range(n):
+            dst[i] = s0 + pos[i]
+        return n
+    for i in range(n):
+        s = s0 + pos[i]
+        if has_dead and v.ids[s] < 0:
+            continue
+        if mode == MODE_SCORES:
+            out_sc.push_back(sqd_xdot(X + s * v.d, qb.w, v.d))
+        if mode != MODE_COUNT:
+            out_ids.push_back(s)
+        cnt += 1
+    return cnt
+
+
+cdef intp_t _rel_verify(const CoreView* v, const floating* X, QueryBuf* qb, double b,
+                        int mode, vector[intp_t]* out_ids,
+                        vector[double]* out_sc) noexcept nogil:
+    """Verify exactly the slots queued by stage 1 (their rows were
+    prefetched one chunk earlier); empties the queue."""
+    cdef intp_t i, s, cnt = 0, d = v.d
+    cdef double score
+    if DEBUG_REL == 2:
+        qb.r2_n = 0
+        return 0
+    for i in range(qb.r2_n):
+        s = qb.r2_slot[i]
+        if v.ids[s] < 0:
+            continue
+        qb.n_verified += 1
+        score = sqd_xdot(X + s * d, qb.w, d)
+        if score >= b:
+            if mode == MODE_SCORES:
+                out_sc.push_back(score)
+            if mode != MODE_COUNT:
+                out_ids.push_back(s)
+            cnt += 1
+    qb.r2_n = 0
+    return cnt
+
+
+cdef intp_t _rel_stage1(const CoreView* v, const floating* X, QueryBuf* qb, int mode,
+                        vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
+    """Stage 1 of the slots left undecided by stage 0 one chunk earlier
+    (their low-plane blocks prefetched then): with q8 = 16 q_hi + q_lo and
+    K = 2 qmax + 2 (so t = K t2), F = <q8, K qw + qw2> is exact in int64.
+    Accepted slots are reported, undecided ones queued for verification
+    (rows prefetched); empties the stage-1 queue, which holds slots of one
+    leaf chunk (thresholds r1_hi, r1_lo)."""
+    cdef intp_t i = 0, j, s, blk, n = qb.r1_n, n_acc = 0, nv0 = qb.r2_n, nv = qb.r2_n
+    cdef intp_t base = qb.r1_s0, dpad8 = v.dpad8
+    cdef int32_t sub = qb.sumq8, sub2 = qb.sumq2_8, r
+    cdef int64_t e, hi = qb.r1_hi, lo = qb.r1_lo, K = 2 * sqd_qmax() + 2
+    cdef const intp_t* slot = qb.r1_slot
+    cdef const int32_t* d0 = qb.r1_d0
+    cdef int32_t* dots = qb.dots2
+    cdef int32_t* acc = qb.r1_acc
+    cdef intp_t* ver = qb.r2_slot
+    while i < n:
+        blk = slot[i] >> 4
+        # (the low plane was prefetched, the high one read by stage 0)
+        sqd_nib_dots3(v.rhi + blk * 8 * dpad8, v.rlo + blk * 8 * dpad8, dpad8, qb.qw, qb.qw2,
+                      dots)
+        while i < n and (slot[i] >> 4) == blk:
+            s = slot[i]
+            r = s & 15
+            e = (K * (16 * <int64_t>d0[i] + (dots[r] - sub))
+                 + 16 * <int64_t>(dots[32 + r] - sub2) + (dots[16 + r] - sub2))
+            acc[n_acc] = <int32_t>(s - base)
+            n_acc += e >= hi
+            ver[nv] = s
+            nv += (e < hi) & (e >= lo)
+            i += 1
+    for j in range(nv0, nv):
+        sqd_prefetch_span_l2(<const char*>(X + ver[j] * v.d), v.d * sizeof(floating))
+    qb.r2_n = nv
+    qb.n_refined += n
+    qb.r1_n = 0
+    return _emit_slots(v, X, qb, base, acc, n_acc, qb.r1_has_dead, mode, out_ids, out_sc)
+
+
+cdef intp_t _rel_flush(const CoreView* v, const floating* X, QueryBuf* qb, double b,
+                       int mode, vector[intp_t]* out_ids,
+                       vector[double]* out_sc) noexcept nogil:
+    """Finish the relative-code pipeline (end of a query)."""
+    cdef intp_t cnt = _rel_verify(v, X, qb, b, mode, out_ids, out_sc)
+    cnt += _rel_stage1(v, X, qb, mode, out_ids, out_sc)
+    return cnt + _rel_verify(v, X, qb, b, mode, out_ids, out_sc)
+
+
+cdef intp_t _scan_leaf_rel(const CoreView* v, const floating* X, QueryBuf* qb, intp_t node,
+                           double cw, double b, int mode, vector[intp_t]* out_ids,
+                           vector[double]* out_sc) noexcept nogil:
+    """Screen a leaf through its leaf-relative codes: stage 0 here (high
+    nibbles, integer thresholds); the undecided slots go through a pipeline
+    in which each step runs one chunk later than the one before, so that the
+    memory it reads has arrived: stage 1 (both nibbles, the blocks holding
+    undecided slots), then exact verification.  Returns the count reported
+    so far, or -1 (nothing done) if the thresholds cannot be formed."""
+    cdef const float* rel = v.node_rel + 5 * node
+    cdef double s4 = rel[0]
+    cdef double slack = v.gam * (2.0 * v.node_cnorm[node] + v.node_radius[node]) * qb.wnorm
+    cdef double M0 = ((<double>rel[1] * qb.enorm1 + <double>rel[2] * qb.wnorm + slack)
+                      * (1.0 + REL) + TINY)
+    cdef double M1 = ((<double>rel[3] * qb.enorm2 + <double>rel[4] * qb.wnorm + slack)
+                      * (1.0 + REL) + TINY)
+    cdef int64_t hi0, lo0, hi1, lo1
+    cdef int32_t sub = qb.sumq8
+    cdef intp_t start = v.node_start[node], end = v.node_end[node]
+    cdef intp_t s0, s1, off, n_acc, n_ver, i, s, blk, cnt = 0
+    cdef bint has_dead = v.node_alive[node] < end - start
+    cdef int32_t* acc = qb.pos
+    cdef int32_t* ver = qb.pos + VER_OFF
+    if qb.t == 0.0:
+        return -1
+    # stage 0: |D0| <= 7 * 127 * 16384 < 2**30; stage 1: |F| <= 257 * 127 *
+    # 127 * 16384 < 2**40 (K = 2 qmax + 2 <= 256, |q8| <= 127)
+    if not _int_thresholds(cw, b, M0, s4 * qb.t, INT_LIM, &hi0, &lo0):
+        return -1
+    if not _int_thresholds(cw, b, M1, (s4 / 16.0) * qb.t2, 1099511627776.0, &hi1, &lo1):
+        return -1
+    s0 = start
+    while s0 < end:
+        s1 = min(s0 + CHUNK, end)
+        off = sqd_nib_range_dots(v.rhi, v.dpad8, s0, s1, qb.qw, qb.dots)
+        qb.n_screened += s1 - s0
+        # stage 0: the dots carry +8 per nibble; |hi0|, |lo0| <= 2**30 and
+        # |sub| < 2**24, so the shifted thresholds fit int32
+        sqd_screen_int(qb.dots + off, s1 - s0, <int32_t>hi0 + sub, <int32_t>lo0 + sub, acc, &n_acc,
+                       ver, &n_ver)
+        cnt += _emit_slots(v, X, qb, s0, acc, n_acc, has_dead, mode, out_ids, out_sc)
+        # the pipeline advances: verify, then stage 1 of the previous chunk
+        cnt += _rel_verify(v, X, qb, b, mode, out_ids, out_sc)
+        cnt += _rel_stage1(v, X, qb, mode, out_ids, out_sc)
+        blk = -1
+        for i in range(n_ver):
+            s = s0 + ver[i]
+            qb.r1_slot[i] = s
+            qb.r1_d0[i] = qb.dots[off + ver[i]] - sub
+            if (s >> 4) != blk:
+                blk = s >> 4
+                sqd_prefetch_span_l2(<const char*>(v.rlo + blk * 8 * v.dpad8), 8 * v.dpad8)
+        qb.r1_n = n_ver
+        qb.r1_hi = hi1
+        qb.r1_lo = lo1
+        qb.r1_has_dead = has_dead
+        qb.r1_s0 = s0
+        s0 = s1
+    return cnt
+
+
 cdef intp_t _report_range(const CoreView* v, const floating* X, QueryBuf* qb,
                           intp_t start, intp_t end, int mode,
                           vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
@@ -1583,6 +2033,13 @@ cdef intp_t _report_range(const CoreView* v, const floating* X, QueryBuf* qb,
     return cnt
 
 
+cdef inline void _prefetch_node(const CoreView* v, intp_t node) noexcept nogil:
+    sqd_prefetch_span_l2(<const char*>(v.node_center + node * v.d), v.d * sizeof(float))
+    if v.node_right[node] < 0 and v.node_rel[5 * node] > 0.0:
+        sqd_prefetch_span_l2(<const char*>(v.rhi + (v.node_start[node] >> 4) * 8 * v.dpad8),
+                             min(8 * v.dpad8, 512))
+
+
 cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, double b,
                        int mode, vector[intp_t]* out_ids,
                        vector[double]* out_sc) noexcept nogil:
@@ -1591,10 +2048,11 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
     cdef intp_t pend_start = 0, pend_end = 0     # pending run of leaves to screen
     cdef intp_t first = out_ids.size()
     cdef intp_t* res
-    cdef double lo, hi
+    cdef double lo, hi, cw
+    cdef intp_t rcnt
     _prepare_query(qb, v.d, v.dpad, v.gam)
     qb.n_nodes = qb.n_screened = qb.n_refined = qb.n_verified = qb.n_bulk = 0
-    qb.n_pend = 0
+    qb.n_pend = qb.r1_n = qb.r2_n = 0
     for seg in range(v.n_segs):
         node0 = v.seg_node0[seg]
         n_nodes = v.seg_n_nodes[seg]
@@ -1605,7 +2063,7 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
             node = node0 + qb.stack[top]
             if v.node_alive[node] == 0:
                 continue
-            _node_bounds(v, node, qb, &lo, &hi)
+            cw = _node_bounds(v, node, qb, &lo, &hi)
             qb.n_nodes += 1
             if hi < b:
                 continue
@@ -1618,6 +2076,13 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
                                          mode, out_ids, out_sc)
                 continue
             if v.node_right[node] < 0:
+                if v.node_rel[5 * node] > 0.0:
+                    # leaf-relative codes (this leaf's points lie close to
+                    # its centre); -1: this query cannot use them
+                    rcnt = _scan_leaf_rel(v, X, qb, node, cw, b, mode, out_ids, out_sc)
+                    if rcnt >= 0:
+                        cnt += rcnt
+                        continue
                 # Leaves come in slot order: runs of adjacent leaves are
                 # screened in one pass (long chunks vectorise better).
                 if v.node_start[node] != pend_end:
@@ -1630,9 +2095,14 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
             qb.stack[top + 1] = qb.stack[top] + 1           # left child, visited first
             qb.stack[top] = v.node_right[node]
             top += 2
+            # both children will be bounded: fetch their centres into L2, and
+            # the start of a relative leaf's high plane
+            _prefetch_node(v, node + 1)
+            _prefetch_node(v, node0 + v.node_right[node])
         if pend_end > pend_start:
             cnt += _scan_range(v, X, qb, pend_start, pend_end, b, mode, out_ids, out_sc)
         pend_start = pend_end = 0
+    cnt += _rel_flush(v, X, qb, b, mode, out_ids, out_sc)
     # the kernels report slots: one pass in slot order (mostly increasing,
     # which the hardware prefetcher follows) turns them into ids
     if mode != MODE_COUNT:
@@ -1743,14 +2213,19 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     if qb == NULL:
         return NULL
     qb.w = <double*>malloc((d + 1) * sizeof(double))
-    qb.qw = <int8_t*>malloc((d + 4) * sizeof(int8_t))
-    qb.qw2 = <int8_t*>malloc((d + 4) * sizeof(int8_t))
+    qb.qw = <int8_t*>malloc((d + 8) * sizeof(int8_t))
+    qb.qw2 = <int8_t*>malloc((d + 8) * sizeof(int8_t))
     qb.dots = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
     qb.dots2 = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
     qb.pend = <intp_t*>malloc(CHUNK * sizeof(intp_t))
     qb.pend_d1 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
     qb.pend_d2 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
     qb.n_pend = 0
+    qb.r1_slot = <intp_t*>malloc(CHUNK * sizeof(intp_t))
+    qb.r1_d0 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.r2_slot = <intp_t*>malloc(CHUNK * sizeof(intp_t))
+    qb.r1_acc = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.r1_n = qb.r2_n = 0
     qb.flag = <unsigned char*>malloc(CHUNK + 8)
     qb.pos = <int32_t*>malloc((VER_OFF + CHUNK + 16) * sizeof(int32_t))
     # the stack holds MAX_DEPTH node indices, then MAX_DEPTH doubles (search)
@@ -1762,6 +2237,8 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     if (qb.w == NULL or qb.qw == NULL or qb.qw2 == NULL or qb.dots == NULL
             or qb.dots2 == NULL or qb.flag == NULL
             or qb.pend == NULL or qb.pend_d1 == NULL or qb.pend_d2 == NULL
+            or qb.r1_slot == NULL or qb.r1_d0 == NULL or qb.r2_slot == NULL
+            or qb.r1_acc == NULL
             or qb.pos == NULL
             or qb.stack == NULL
             or qb.hscore == NULL or qb.hid == NULL):
@@ -1781,6 +2258,10 @@ cdef void _free_qbuf(QueryBuf* qb) noexcept nogil:
     free(qb.pend)
     free(qb.pend_d1)
     free(qb.pend_d2)
+    free(qb.r1_slot)
+    free(qb.r1_d0)
+    free(qb.r2_slot)
+    free(qb.r1_acc)
     free(qb.flag)
     free(qb.pos)
     free(qb.stack)
@@ -1899,6 +2380,91 @@ cdef inline double _dist2_to(const floating* x, const float* c, intp_t d) noexce
     return (s0 + s1) + (s2 + s3)
 
 
+
+cdef inline void _rel_codes(const floating* p, const float* c, intp_t d, intp_t dpad8,
+                            double s4, intp_t slot, uint8_t* rhi, uint8_t* rlo,
+                            double* out) noexcept nogil:
+    """Leaf-relative codes of one point p with leaf centre c and scale s4
+    (written into both nibble planes at ``slot``); out = its A0, C0, A1, C1.
+
+    r = p - c = s4 q_hi + e0 (q_hi in [-7, 7]) and e0 = s8 q_lo + e1
+    (s8 = s4 / 16, q_lo in [-8, 7]), so r = s8 (16 q_hi + q_lo) + e1.  The
+    computed r, e0 and e1 each err by at most u relative (s q is exact), and
+    |e0_j|, |e1_j| <= |r_j|: 4 u ||r|| covers the error of both norms.
+    """
+    cdef intp_t j, byte
+    cdef double r, e0, e1, s8 = s4 / 16.0, qh2 = 0.0, q82 = 0.0, n0 = 0.0, n1 = 0.0, nr = 0.0
+    cdef int qh, ql
+    cdef intp_t base = (slot >> 4) * 8 * dpad8 + (slot & 15) * 4
+    cdef uint8_t sh
+    for j in range(d, dpad8):                    # padding features: q = 0
+        byte = base + (j >> 3) * 64 + (j & 3)
+        sh = 4 if (j & 4) else 0
+        rhi[byte] = <uint8_t>((rhi[byte] & (0xF0 >> sh)) | (8 << sh))
+        rlo[byte] = <uint8_t>((rlo[byte] & (0xF0 >> sh)) | (8 << sh))
+    for j in range(d):
+        r = <double>p[j] - <double>c[j]
+        qh = _code(r, s4, 7)
+        e0 = r - s4 * <double>qh
+        ql = _code(e0, s8, 8)
+        if ql > 7:
+            ql = 7
+        e1 = e0 - s8 * <double>ql
+        qh2 += <double>(qh * qh)
+        q82 += <double>((16 * qh + ql) * (16 * qh + ql))
+        n0 += e0 * e0
+        n1 += e1 * e1
+        nr += r * r
+        byte = base + (j >> 3) * 64 + (j & 3)
+        sh = 4 if (j & 4) else 0
+        rhi[byte] = <uint8_t>((rhi[byte] & (0xF0 >> sh)) | ((qh + 8) << sh))
+        rlo[byte] = <uint8_t>((rlo[byte] & (0xF0 >> sh)) | ((ql + 8) << sh))
+    out[0] = s4 * sqrt(qh2) * INFL
+    out[1] = sqrt(n0) * INFL + 4.0 * U64 * sqrt(nr) + d * TINY
+    out[2] = s8 * sqrt(q82) * INFL
+    out[3] = sqrt(n1) * INFL + 4.0 * U64 * sqrt(nr) + d * TINY
+
+
+cdef void _encode_leaf_rel(const floating* X, const intp_t* ids, const float* ec, intp_t d,
+                           intp_t dpad8, intp_t start, intp_t end, const float* c,
+                           uint8_t* rhi, uint8_t* rlo, float* rel) noexcept nogil:
+    """Leaf-relative codes of the live slots of a leaf and its constants
+    rel = (s4, A0, C0, A1, C1) (maxima over the live slots, rounded up);
+    s4 = 0 (codes unused) unless they beat the absolute codes clearly:
+    C1 <= REL_GAIN * mean(c_p)."""
+    cdef intp_t s, j, n_live = 0
+    cdef double maxabs = 0.0, x, sum_ec = 0.0, s4
+    cdef double m[4]
+    cdef double out[4]
+    cdef float s4f
+    rel[0] = 0.0
+    for s in range(start, end):
+        if ids[s] < 0:
+            continue
+        n_live += 1
+        sum_ec += ec[s]
+        for j in range(d):
+            x = fabs(<double>X[s * d + j] - <double>c[j])
+            if x > maxabs:
+                maxabs = x
+    s4f = <float>(maxabs / 7.0)
+    # s4 / 16 must stay a normal float32; huge scales are not worth it
+    if n_live == 0 or d > MAX_SCREEN_D or not (s4f >= 16.0 * FLT_MIN and s4f < 1e30):
+        return
+    s4 = <double>s4f
+    m[0] = m[1] = m[2] = m[3] = 0.0
+    for s in range(start, end):
+        if ids[s] < 0:
+            continue
+        _rel_codes(X + s * d, c, d, dpad8, s4, s, rhi, rlo, out)
+        for j in range(4):
+            if out[j] > m[j]:
+                m[j] = out[j]
+    for j in range(4):
+        rel[j + 1] = _round_up_f32(m[j])
+    if m[3] <= REL_GAIN * sum_ec / n_live:
+        rel[0] = s4f
+
 cdef void _node_stats(const floating* X, const intp_t* ids, intp_t d, intp_t start,
                       intp_t end, bint refine, float* center, double* radius,
                       double* cnorm, intp_t* alive, double* buf) noexcept nogil:
@@ -1980,6 +2546,7 @@ cdef class _HalfspaceCore:
 
     cdef readonly intp_t d
     cdef readonly intp_t dpad
+    cdef readonly intp_t dpad8
     cdef readonly intp_t leaf_size
     cdef readonly object dtype
     cdef readonly intp_t n_slots
@@ -1995,6 +2562,8 @@ cdef class _HalfspaceCore:
     cdef object _ea
     cdef object _ec
     cdef object _rows2
+    cdef object _rhi
+    cdef object _rlo
     cdef object _ids
     # node arrays (capacity nodes)
     cdef object _node_start
@@ -2004,6 +2573,7 @@ cdef class _HalfspaceCore:
     cdef object _node_center
     cdef object _node_radius
     cdef object _node_cnorm
+    cdef object _node_rel
     cdef intp_t n_nodes_used
     cdef vector[intp_t] seg_start
     cdef vector[intp_t] seg_end
@@ -2015,6 +2585,7 @@ cdef class _HalfspaceCore:
     def __init__(self, intp_t d, intp_t leaf_size, dtype):
         self.d = d
         self.dpad = (d + 3) // 4 * 4
+        self.dpad8 = (d + 7) // 8 * 8
         self.leaf_size = leaf_size
         self.dtype = np.dtype(dtype)
         self.is32 = self.dtype == np.float32
@@ -2030,6 +2601,8 @@ cdef class _HalfspaceCore:
         self._ea = np.empty(0, dtype=np.float32)
         self._ec = np.empty(0, dtype=np.float32)
         self._rows2 = np.empty((0, self.dpad + 8), dtype=np.uint8)
+        self._rhi = np.empty(0, dtype=np.uint8)
+        self._rlo = np.empty(0, dtype=np.uint8)
         self._ids = np.empty(0, dtype=np.intp)
         self._node_start = np.empty(0, dtype=np.intp)
         self._node_end = np.empty(0, dtype=np.intp)
@@ -2038,6 +2611,7 @@ cdef class _HalfspaceCore:
         self._node_center = np.empty((0, d), dtype=np.float32)
         self._node_radius = np.empty(0, dtype=np.float64)
         self._node_cnorm = np.empty(0, dtype=np.float64)
+        self._node_rel = np.empty((0, 5), dtype=np.float32)
 
     # -- bookkeeping --------------------------------------------------------
 
@@ -2057,12 +2631,16 @@ cdef class _HalfspaceCore:
         v.node_center = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._node_center)
         v.node_radius = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self._node_radius)
         v.node_cnorm = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self._node_cnorm)
+        v.rhi = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>self._rhi)
+        v.rlo = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>self._rlo)
+        v.node_rel = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._node_rel)
         v.seg_node0 = self.seg_node0.data()
         v.seg_n_nodes = self.seg_n_nodes.data()
         v.n_segs = <intp_t>self.seg_start.size()
         v.d = self.d
         v.dpad = self.dpad
         v.stride2 = self.dpad + 8
+        v.dpad8 = self.dpad8
         v.gam = self.gam
         return v
 
@@ -2089,11 +2667,17 @@ cdef class _HalfspaceCore:
             self._ea = self._fresh_slots(self._ea, (new_cap,), used)
             self._ec = self._fresh_slots(self._ec, (new_cap,), used)
             self._rows2 = self._fresh_slots(self._rows2, (new_cap, self.dpad + 8), used)
+            self._rhi = self._fresh_slots(self._rhi, (new_cap * self.dpad8 // 2,),
+                                          (used + 15) // 16 * 8 * self.dpad8)
+            self._rlo = self._fresh_slots(self._rlo, (new_cap * self.dpad8 // 2,),
+                                          (used + 15) // 16 * 8 * self.dpad8)
             self._ids = self._fresh_slots(self._ids, (new_cap,), used)
             return
         for a, shape in ((self._X, (new_cap, self.d)), (self._codes, (new_cap * self.dpad,)),
                          (self._scale, (new_cap,)), (self._ea, (new_cap,)),
                          (self._ec, (new_cap,)), (self._rows2, (new_cap, self.dpad + 8)),
+                         (self._rhi, (new_cap * self.dpad8 // 2,)),
+                         (self._rlo, (new_cap * self.dpad8 // 2,)),
                          (self._ids, (new_cap,))):
             # Not advised again here: advising the grown arrays at every
             # growth step cost 3-5 us per single add, amortised, at d = 128
@@ -2121,6 +2705,7 @@ cdef class _HalfspaceCore:
         self._node_center = _grow(self._node_center, new_cap, used)
         self._node_radius = _grow(self._node_radius, new_cap, used)
         self._node_cnorm = _grow(self._node_cnorm, new_cap, used)
+        self._node_rel = _grow(self._node_rel, new_cap, used)
 
     def has_ids(self, const intp_t[::1] ids):
         """Boolean mask: which ids are live."""
@@ -2338,10 +2923,39 @@ cdef class _HalfspaceCore:
                 alloc_failed_ptr[0] = 1
         if alloc_failed:
             raise MemoryError()
+        self._encode_leaves_rel(node0, n_nodes, refined)
         self.seg_n_nodes[k] = n_nodes
         self.seg_stale[k] = 0
         self.n_nodes_used = self.seg_node0.back() + self.seg_n_nodes.back()
         self.n_rebuilds += 1
+
+    cdef _encode_leaves_rel(self, intp_t node0, intp_t n_nodes, bint refined):
+        """Leaf-relative codes of the leaves among nodes node0.. (refined
+        segments only: the small tail segments that single adds rebuild
+        over and over use the absolute codes alone)."""
+        cdef CoreView v = self._view()
+        cdef float* rel = <float*>v.node_rel
+        cdef intp_t i, node
+        cdef int n_threads = 1 if n_nodes < 256 else omp_get_max_threads()
+        for i in range(n_nodes):
+            rel[5 * (node0 + i)] = 0.0
+        if not refined:
+            return
+        with nogil, parallel(num_threads=n_threads):
+            for i in prange(n_nodes, schedule="dynamic"):
+                node = node0 + i
+                if v.node_right[node] >= 0:
+                    continue
+                if self.is32:
+                    _encode_leaf_rel(<const float*>v.X, v.ids, v.ec, v.d, v.dpad8,
+                                     v.node_start[node], v.node_end[node],
+                                     v.node_center + node * v.d, <uint8_t*>v.rhi,
+                                     <uint8_t*>v.rlo, rel + 5 * node)
+                else:
+                    _encode_leaf_rel(<const double*>v.X, v.ids, v.ec, v.d, v.dpad8,
+                                     v.node_start[node], v.node_end[node],
+                                     v.node_center + node * v.d, <uint8_t*>v.rhi,
+                                     <uint8_t*>v.rlo, rel + 5 * node)
 
     cdef _push_segment(self, intp_t start, intp_t end):
         cdef intp_t node0 = 0
@@ -2453,6 +3067,7 @@ cdef class _HalfspaceCore:
                 nr[node] = r
         (<intp_t*>v.node_end)[node] = end
         (<intp_t*>v.node_alive)[node] += end - start
+        (<float*>v.node_rel)[5 * node] = 0.0     # new slots have no relative codes
         self.seg_end[k] = end
 
     cdef intp_t _segment_of(self, intp_t slot):
@@ -2539,6 +3154,7 @@ cdef class _HalfspaceCore:
                 if r > nr[node0 + local]:
                     nr[node0 + local] = r
                 if nright[node0 + local] < 0:
+                    self._update_rel(&v, node0 + local, slot)
                     break
                 if slot < ne[node0 + local + 1]:
                     local = local + 1
@@ -2553,6 +3169,28 @@ cdef class _HalfspaceCore:
             # front), so rebuilding the tail from k costs O(size of k).
             self._rebuild_tail(min(rebuild))
             self._merge_tail()
+
+    cdef void _update_rel(self, const CoreView* v, intp_t node, intp_t slot) noexcept nogil:
+        """Re-encode an updated slot against its leaf's relative codes,
+        growing the leaf's constants, or turn them off for the leaf if the
+        point moved far from the centre."""
+        cdef float* rel = <float*>v.node_rel + 5 * node
+        cdef double out[4]
+        cdef intp_t j
+        if rel[0] == 0.0:
+            return
+        if self.is32:
+            _rel_codes(<const float*>v.X + slot * v.d, v.node_center + node * v.d, v.d,
+                       v.dpad8, rel[0], slot, <uint8_t*>v.rhi, <uint8_t*>v.rlo, out)
+        else:
+            _rel_codes(<const double*>v.X + slot * v.d, v.node_center + node * v.d, v.d,
+                       v.dpad8, rel[0], slot, <uint8_t*>v.rhi, <uint8_t*>v.rlo, out)
+        if not (out[3] <= REL_GROW * rel[4]):
+            rel[0] = 0.0
+            return
+        for j in range(4):
+            if out[j] > rel[j + 1]:
+                rel[j + 1] = _round_up_f32(out[j])
 
     # -- queries ------------------------------------------------------------
 
@@ -2710,7 +3348,36 @@ cdef class _HalfspaceCore:
         return {"start": self._node_start[:n].copy(), "end": self._node_end[:n].copy(),
                 "right": self._node_right[:n].copy(), "alive": self._node_alive[:n].copy(),
                 "center": self._node_center[:n].copy(), "radius": self._node_radius[:n].copy(),
+                "rel": self._node_rel[:n].copy(),
                 "segments": segs}
+
+    def rel_codes(self, intp_t slot):
+        """Signed (q_hi, q_lo) leaf-relative codes of a slot (tests)."""
+        cdef intp_t j, byte, dp8 = self.dpad8
+        hi = np.empty(self.d, dtype=np.int64)
+        lo = np.empty(self.d, dtype=np.int64)
+        rhi, rlo = self._rhi, self._rlo
+        for j in range(self.d):
+            byte = (slot >> 4) * 8 * dp8 + (j >> 3) * 64 + (slot & 15) * 4 + (j & 3)
+            sh = 4 if (j & 4) else 0
+            hi[j] = ((int(rhi[byte]) >> sh) & 15) - 8
+            lo[j] = ((int(rlo[byte]) >> sh) & 15) - 8
+        return hi, lo
+
+    def _check_rel(self, intp_t node):
+        s4, A0, C0, A1, C1 = (float(x) for x in self._node_rel[node])
+        c = self._node_center[node].astype(np.float64)
+        for s in range(self._node_start[node], self._node_end[node]):
+            if self._ids[s] < 0:
+                continue
+            hi, lo = self.rel_codes(s)
+            if hi.min() < -7 or hi.max() > 7:
+                raise AssertionError("high nibble code out of range")
+            r = self._X[s].astype(np.float64) - c
+            q8 = 16 * hi + lo
+            if (np.linalg.norm(r - s4 * hi) > C0 or np.linalg.norm(r - s4 / 16 * q8) > C1
+                    or np.linalg.norm(s4 * hi) > A0 or np.linalg.norm(s4 / 16 * q8) > A1):
+                raise AssertionError("relative-code constants do not cover slot %d" % s)
 
     def check_invariants(self):
         """Verify every structural invariant; raises AssertionError (tests only)."""
@@ -2753,6 +3420,8 @@ cdef class _HalfspaceCore:
                     dist = np.sqrt(((pts - self._node_center[node0 + i]) ** 2).sum(axis=1))
                     if dist.max() > self._node_radius[node0 + i]:
                         raise AssertionError("radius does not cover the node")
+                if r < 0 and self._node_rel[node0 + i, 0] > 0:
+                    self._check_rel(node0 + i)
         if prev_end != self.n_slots:
             raise AssertionError("segments do not cover the slots")
         return True
