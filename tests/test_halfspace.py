@@ -702,3 +702,104 @@ def test_float32_indexes_never_reach_the_overflow_check(rng):
     w = np.full(4, 3e38, dtype=np.float32)
     s = X.astype(np.float64) @ w.astype(np.float64)
     np.testing.assert_array_equal(np.sort(index.query(w, 0.0)), np.flatnonzero(s >= 0))
+
+
+# -- leaf-relative codes ------------------------------------------------------
+
+def _relative_leaves(index):
+    t = index._core.tree_arrays()
+    return int(((t["right"] < 0) & (t["rel"][:, 0] > 0)).sum())
+
+
+def test_relative_codes_are_used_on_clustered_data_only(dtype, rng, kernel):
+    # Tight clusters: (almost) every leaf screens through codes relative to
+    # its centre; Gaussian data keep the absolute codes.  Both are exact.
+    X = clustered(rng, 6000, 40, n_clusters=24, spread=0.1).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=64)
+    t = index._core.tree_arrays()
+    assert _relative_leaves(index) >= 0.9 * (t["right"] < 0).sum()
+    index._core.check_invariants()
+    W = rng.normal(size=(6, 40)).astype(dtype)
+    check_against_oracle(index, W, _thresholds(X, W, [0.001, 0.01, 0.1, 0.5], rng), k=5)
+    G = rng.normal(size=(6000, 40)).astype(dtype)
+    assert _relative_leaves(HalfspaceIndex(G, leaf_size=64)) == 0
+
+
+@pytest.mark.parametrize("log2_scale", [-90, -20, 0, 30, 90])
+@pytest.mark.parametrize("rel_spread", [14, 10, 7])
+def test_adversarial_relative_band_edges(dtype, rng, log2_scale, rel_spread, kernel):
+    # A few tight clusters of points on a 2**-20 (float32) or 2**-40
+    # (float64) relative grid, so that every score is exact: thresholds at,
+    # one unit above and one unit below scores sweep across the edges of the
+    # stage-0 and stage-1 bands of the relative codes, at scales 2**-90 ..
+    # 2**90.  Stage 1 must decide points, not only the exact dots.
+    d = 24
+    bits = 20 if dtype == np.float32 else 40
+    spread = 2 ** (bits - rel_spread)
+    centres = rng.integers(2 ** (bits - 2), 2 ** (bits - 1), size=(4, d)) \
+        * rng.choice([-1, 1], (4, d))
+    n = 1200
+    Xi = centres[rng.integers(4, size=n)] + rng.integers(-spread, spread + 1, size=(n, d))
+    w = rng.integers(-31, 32, size=d).astype(np.float64)
+    scale = 2.0 ** log2_scale
+    X = (Xi.astype(np.float64) * scale).astype(dtype)
+    assert np.array_equal(X.astype(np.float64) / scale, Xi)      # exact
+    index = HalfspaceIndex(X, leaf_size=32)
+    rel_used = 2.0 ** -100 < np.abs(X).max() < 2.0 ** 100        # float32-safe scales
+    if rel_used:
+        assert _relative_leaves(index) > 0
+    s = (Xi.astype(np.float64) @ w) * scale                      # exact scores
+    refined = verified = 0
+    for v in np.quantile(s, [0.05, 0.2, 0.5, 0.8, 0.95], method="lower"):
+        for b in (v, np.nextafter(v, np.inf), np.nextafter(v, -np.inf)):
+            ref = np.flatnonzero(s >= b)
+            np.testing.assert_array_equal(np.sort(index.query(w.astype(dtype), b)), ref)
+            assert index.query_count(w.astype(dtype), b) == ref.shape[0]
+            sc, got = index.query(w.astype(dtype), b, return_scores=True)
+            np.testing.assert_array_equal(np.sort(got), ref)
+            st = index._core.query_stats(w, b)
+            assert st["count"] == ref.shape[0]
+            refined += st["refined"]
+            verified += st["verified"]
+    assert verified <= refined
+    if rel_used and rel_spread >= 10:
+        assert verified < refined
+
+
+def test_relative_leaves_with_tombstones(dtype, rng, kernel):
+    # Removed points of relative leaves whose scores lie far above b (decided
+    # by stage 0) or near it (stage 1, verification) never come back.
+    X = clustered(rng, 4000, 32, n_clusters=10, spread=0.1).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=64)
+    assert _relative_leaves(index) > 0
+    w = rng.normal(size=32).astype(dtype)
+    s = X.astype(np.float64) @ w.astype(np.float64)
+    b = float(np.quantile(s, 0.7))
+    gone = np.concatenate([np.flatnonzero(s >= b)[::3], np.flatnonzero(s < b)[::5]])
+    index.remove(gone)
+    keep = np.setdiff1d(np.arange(4000), gone)
+    for bb in (b, float(np.quantile(s, 0.95)), float(s.max()) + 1):
+        ref = keep[s[keep] >= bb]
+        np.testing.assert_array_equal(np.sort(index.query(w, bb)), ref)
+        assert index.query_count(w, bb) == ref.shape[0]
+        scores, ids = index.query(w, bb, return_scores=True)
+        assert ids.shape == ref.shape
+
+
+def test_updates_grow_or_retire_relative_constants(dtype, rng):
+    # Small moves re-encode the point against its leaf and grow the leaf's
+    # constants; a move far from the centre turns the leaf's relative codes
+    # off.  Either way the index stays exact and its invariants hold.
+    X = clustered(rng, 3000, 24, n_clusters=6, spread=0.1).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=64)
+    before = _relative_leaves(index)
+    assert before > 0
+    ids = rng.choice(3000, size=200, replace=False)
+    index.update(ids[:150], (X[ids[:150]] + 0.02 * rng.normal(size=(150, 24))).astype(dtype))
+    index._core.check_invariants()
+    index.update(ids[150:], (X[ids[150:]] + 5.0 * rng.normal(size=(50, 24))).astype(dtype))
+    index._core.check_invariants()
+    assert _relative_leaves(index) < before
+    Xl, _ = _live(index)
+    W = rng.normal(size=(5, 24)).astype(dtype)
+    check_against_oracle(index, W, _thresholds(Xl, W, [0.01, 0.1, 0.5], rng), k=3)

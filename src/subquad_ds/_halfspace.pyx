@@ -1862,6 +1862,8 @@ cdef inline intp_t _emit_slots(const CoreView* v, const floating* X, const Query
     cdef intp_t i, s, cnt = 0
     cdef size_t old
     cdef intp_t* dst
+    if not has_dead and mode == MODE_COUNT:
+        return n
     if not has_dead and mode == MODE_IDS:
         old = out_ids.size()
         out_ids.resize(old + n)
@@ -2450,6 +2452,11 @@ cdef void _encode_leaf_rel(const floating* X, const intp_t* ids, const float* ec
     s4f = <float>(maxabs / 7.0)
     # s4 / 16 must stay a normal float32; huge scales are not worth it
     if n_live == 0 or d > MAX_SCREEN_D or not (s4f >= 16.0 * FLT_MIN and s4f < 1e30):
+        return
+    # A typical ||e1|| is (s4 / 16) sqrt(d / 12) (rounding errors uniform
+    # in half a step), and C1 is a maximum: if that alone fails the gain
+    # test, skip the encoding (Gaussian-like leaves, most of the time).
+    if (s4f / 16.0) * sqrt(d / 12.0) > REL_GAIN * sum_ec / n_live:
         return
     s4 = <double>s4f
     m[0] = m[1] = m[2] = m[3] = 0.0
