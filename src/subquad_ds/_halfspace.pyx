@@ -632,16 +632,23 @@ cdef extern from *:
         sqd_nib_dots_generic(plane, nblk, dpad8, qw, out);
     }
 
-    /* Stage-1 dots of one block (both planes): out[r] = <lo_r, qw>,
-       out[16 + r] = <lo_r, qw2>, out[32 + r] = <hi_r, qw2>. */
-    static void sqd_nib_dots3(const uint8_t* hi, const uint8_t* lo, Py_ssize_t dpad8,
-                              const int8_t* qw, const int8_t* qw2, int32_t* out) {
+    /* Stage-1 dots of nblk consecutive blocks (both planes): for block k,
+       out[48 k + r] = <lo_r, qw>, out[48 k + 16 + r] = <lo_r, qw2>,
+       out[48 k + 32 + r] = <hi_r, qw2>. */
+    static void sqd_nib_dots3(const uint8_t* hi, const uint8_t* lo, Py_ssize_t nblk,
+                              Py_ssize_t dpad8, const int8_t* qw, const int8_t* qw2,
+                              int32_t* out) {
+        for (Py_ssize_t k = 0; k < nblk; ++k) {
+            const uint8_t* h = hi + k * 8 * dpad8;
+            const uint8_t* l = lo + k * 8 * dpad8;
+            int32_t* o = out + 48 * k;
     #if SQD_X86
-        if (sqd_isa() == 2) { sqd_nib_dots3_vnni(hi, lo, dpad8, qw, qw2, out); return; }
+            if (sqd_isa() == 2) { sqd_nib_dots3_vnni(h, l, dpad8, qw, qw2, o); continue; }
     #endif
-        sqd_nib_dots(lo, 1, dpad8, qw, out);
-        sqd_nib_dots(lo, 1, dpad8, qw2, out + 16);
-        sqd_nib_dots(hi, 1, dpad8, qw2, out + 32);
+            sqd_nib_dots(l, 1, dpad8, qw, o);
+            sqd_nib_dots(l, 1, dpad8, qw2, o + 16);
+            sqd_nib_dots(h, 1, dpad8, qw2, o + 32);
+        }
     }
 
 
@@ -1275,8 +1282,8 @@ cdef extern from *:
                               const int8_t* qw, int32_t* out) noexcept nogil
     void sqd_nib_dots(const uint8_t* plane, intp_t nblk, intp_t dpad8, const int8_t* qw,
                       int32_t* out) noexcept nogil
-    void sqd_nib_dots3(const uint8_t* hi, const uint8_t* lo, intp_t dpad8, const int8_t* qw,
-                       const int8_t* qw2, int32_t* out) noexcept nogil
+    void sqd_nib_dots3(const uint8_t* hi, const uint8_t* lo, intp_t nblk, intp_t dpad8,
+                       const int8_t* qw, const int8_t* qw2, int32_t* out) noexcept nogil
     void sqd_screen_int(const int32_t* dots, intp_t n, int32_t hi, int32_t lo, int32_t* acc,
                         intp_t* n_acc, int32_t* ver, intp_t* n_ver) noexcept nogil
     void sqd_row_dots(const uint8_t* row, intp_t dpad, const int8_t* qw, const int8_t* qw2,
@@ -1374,6 +1381,7 @@ cdef struct QueryBuf:
     int32_t sumq2_128  # 128 * sum(qw2)
     int32_t* dots      # integer dots <q_p + 128, qw> of one leaf chunk (CHUNK + 16)
     int32_t* dots2     # integer dots <q_p + 128, qw2> of one leaf chunk (CHUNK + 16)
+    int32_t* dots3     # stage-1 dots of the relative codes, 48 per block (3 (CHUNK + 16))
     intp_t doff        # position of the chunk's first slot in dots and dots2
     unsigned char* flag  # screening decisions of one chunk (CHUNK)
     int32_t* pos         # positions of accepted (at 0), undecided (at VER_OFF) points
@@ -1923,19 +1931,40 @@ cdef intp_t _rel_stage1(const CoreView* v, const floating* X, QueryBuf* qb, int 
     cdef int64_t e, hi = qb.r1_hi, lo = qb.r1_lo, K = 2 * sqd_qmax() + 2
     cdef const intp_t* slot = qb.r1_slot
     cdef const int32_t* d0 = qb.r1_d0
-    cdef int32_t* dots = qb.dots2
+    cdef int32_t* dots = qb.dots3
+    cdef int32_t* o
+    cdef intp_t b0, b1, n_blk
+    cdef bint span
     cdef int32_t* acc = qb.r1_acc
     cdef intp_t* ver = qb.r2_slot
+    if n == 0:
+        return 0
+    # the blocks holding these slots (the low plane was prefetched, the high
+    # one read by stage 0): one call over their whole span if they fill at
+    # least half of it, else one call per block
+    b0 = slot[0] >> 4
+    b1 = (slot[n - 1] >> 4) + 1
+    n_blk = 1
+    for i in range(1, n):
+        n_blk += (slot[i] >> 4) != (slot[i - 1] >> 4)
+    span = 2 * n_blk >= b1 - b0
+    if span:
+        sqd_nib_dots3(v.rhi + b0 * 8 * dpad8, v.rlo + b0 * 8 * dpad8, b1 - b0, dpad8, qb.qw,
+                      qb.qw2, dots)
+    i = 0
     while i < n:
         blk = slot[i] >> 4
-        # (the low plane was prefetched, the high one read by stage 0)
-        sqd_nib_dots3(v.rhi + blk * 8 * dpad8, v.rlo + blk * 8 * dpad8, dpad8, qb.qw, qb.qw2,
-                      dots)
+        if span:
+            o = dots + 48 * (blk - b0)
+        else:
+            o = dots
+            sqd_nib_dots3(v.rhi + blk * 8 * dpad8, v.rlo + blk * 8 * dpad8, 1, dpad8, qb.qw,
+                          qb.qw2, o)
         while i < n and (slot[i] >> 4) == blk:
             s = slot[i]
             r = s & 15
-            e = (K * (16 * <int64_t>d0[i] + (dots[r] - sub))
-                 + 16 * <int64_t>(dots[32 + r] - sub2) + (dots[16 + r] - sub2))
+            e = (K * (16 * <int64_t>d0[i] + (o[r] - sub))
+                 + 16 * <int64_t>(o[32 + r] - sub2) + (o[16 + r] - sub2))
             acc[n_acc] = <int32_t>(s - base)
             n_acc += e >= hi
             ver[nv] = s
@@ -2219,6 +2248,7 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     qb.qw2 = <int8_t*>malloc((d + 8) * sizeof(int8_t))
     qb.dots = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
     qb.dots2 = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
+    qb.dots3 = <int32_t*>malloc(3 * (CHUNK + 16) * sizeof(int32_t))
     qb.pend = <intp_t*>malloc(CHUNK * sizeof(intp_t))
     qb.pend_d1 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
     qb.pend_d2 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
@@ -2237,7 +2267,7 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     qb.k = k
     qb.hsize = 0
     if (qb.w == NULL or qb.qw == NULL or qb.qw2 == NULL or qb.dots == NULL
-            or qb.dots2 == NULL or qb.flag == NULL
+            or qb.dots2 == NULL or qb.dots3 == NULL or qb.flag == NULL
             or qb.pend == NULL or qb.pend_d1 == NULL or qb.pend_d2 == NULL
             or qb.r1_slot == NULL or qb.r1_d0 == NULL or qb.r2_slot == NULL
             or qb.r1_acc == NULL
@@ -2257,6 +2287,7 @@ cdef void _free_qbuf(QueryBuf* qb) noexcept nogil:
     free(qb.qw2)
     free(qb.dots)
     free(qb.dots2)
+    free(qb.dots3)
     free(qb.pend)
     free(qb.pend_d1)
     free(qb.pend_d2)
