@@ -124,9 +124,9 @@ class HalfspaceIndex:
     2 n d one-byte integer multiply-adds (n d bytes read), plus O(d) per
     point whose error bound straddles ``b`` and O(1) per reported point;
     with pruning, only the leaves that straddle the hyperplane are
-    screened.  Memory: per point, the point itself plus ``2 d' + 28`` bytes
-    (``d'`` = d rounded up to a multiple of 4), plus about 60-70 bytes for
-    the id hash map and the tree nodes.
+    screened.  Memory: per point, the point itself plus ``2 d' + d'' + 28``
+    bytes (``d'``, ``d''`` = d rounded up to a multiple of 4, of 8), plus
+    about 60-70 bytes for the id hash map and the tree nodes.
 
     **When it pays.**  Clustered or low-intrinsic-dimension data (the tree
     skips and reports whole subtrees), selective queries, and workloads that
