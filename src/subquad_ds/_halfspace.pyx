@@ -266,9 +266,9 @@ only the leaves straddling the hyperplane are screened, and subtrees inside
 it are reported in O(1) per point.  Leaves are screened in chunks of 256
 slots; the level-2 rows of a chunk's undecided slots are prefetched when it
 is screened and refined after the next chunk is screened, so that they have
-arrived.  The kernels report slots, which are turned into ids in one pass
-at the end of the query (in slot order, which the hardware prefetcher
-follows).  Batches run one query per OpenMP thread
+arrived.  The kernels report ids as they accept slots (a leaf's ids are
+read in slot order; a separate slot-to-id pass at the end of the query was
+5-7% slower at d = 32).  Batches run one query per OpenMP thread
 iteration with the GIL released; each query fills its own result vectors,
 which are concatenated into CSR in query order (deterministic output for
 any thread count).  Sparse (CSR) queries are densified per thread in O(d +
@@ -1809,8 +1809,7 @@ cdef intp_t _refine_pending(const CoreView* v, const floating* X, QueryBuf* qb, 
                             int mode, vector[intp_t]* out_ids,
                             vector[double]* out_sc) noexcept nogil:
     """Decide the pending slots (undecided by their level-1 codes, level-2
-    rows prefetched): refine them, verify exactly what is left.  Reports
-    slots (converted to ids by _query_one)."""
+    rows prefetched): refine them, verify exactly what is left."""
     cdef intp_t i, s, n_left = 0, cnt = 0, n = qb.n_pend, d = v.d
     cdef int f
     cdef double score
@@ -1824,7 +1823,7 @@ cdef intp_t _refine_pending(const CoreView* v, const floating* X, QueryBuf* qb, 
                 if mode == MODE_SCORES:
                     out_sc.push_back(sqd_xdot(X + s * d, qb.w, d))
                 if mode != MODE_COUNT:
-                    out_ids.push_back(s)
+                    out_ids.push_back(v.ids[s])
                 cnt += 1
             pend[n_left] = s
             n_left += (f == 1)
@@ -1847,7 +1846,7 @@ cdef intp_t _refine_pending(const CoreView* v, const floating* X, QueryBuf* qb, 
             if mode == MODE_SCORES:
                 out_sc.push_back(score)
             if mode != MODE_COUNT:
-                out_ids.push_back(s)
+                out_ids.push_back(v.ids[s])
             cnt += 1
     qb.n_pend = 0
     return cnt
@@ -1858,8 +1857,7 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
                         vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
     """Screen slots [start, end) through their codes; refine the band with
     the level-2 codes, one chunk later (so that their rows, prefetched when
-    the chunk is screened, have arrived); verify what is left exactly.
-    Reports slots (converted to ids by _query_one)."""
+    the chunk is screened, have arrived); verify what is left exactly."""
     cdef intp_t d = v.d, s0, s1, s, cnt = 0, n_acc, n_ver, i
     cdef size_t old
     cdef intp_t* dst
@@ -1878,7 +1876,7 @@ cdef intp_t _scan_range(const CoreView* v, const floating* X, QueryBuf* qb,
             out_ids.resize(old + n_acc)
             dst = out_ids.data() + old
             for i in range(n_acc):
-                dst[i] = s0 + qb.pos[i]
+                dst[i] = v.ids[s0 + qb.pos[i]]
             if mode == MODE_SCORES:
                 sqd_prefetch_rows(<const char*>X, d * sizeof(floating), s0, qb.pos, n_acc)
                 for i in range(n_acc):
@@ -1941,7 +1939,7 @@ cdef inline intp_t _emit_slots(const CoreView* v, const floating* X, const Query
         out_ids.resize(old + n)
         dst = out_ids.data() + old
         for i in range(n):
-            dst[i] = s0 + pos[i]
+            dst[i] = v.ids[s0 + pos[i]]
         return n
     for i in range(n):
         s = s0 + pos[i]
@@ -1950,7 +1948,7 @@ cdef inline intp_t _emit_slots(const CoreView* v, const floating* X, const Query
         if mode == MODE_SCORES:
             out_sc.push_back(sqd_xdot(X + s * v.d, qb.w, v.d))
         if mode != MODE_COUNT:
-            out_ids.push_back(s)
+            out_ids.push_back(v.ids[s])
         cnt += 1
     return cnt
 
@@ -1975,7 +1973,7 @@ cdef intp_t _rel_verify(const CoreView* v, const floating* X, QueryBuf* qb, doub
             if mode == MODE_SCORES:
                 out_sc.push_back(score)
             if mode != MODE_COUNT:
-                out_ids.push_back(s)
+                out_ids.push_back(v.ids[s])
             cnt += 1
     qb.r2_n = 0
     return cnt
@@ -2116,14 +2114,14 @@ cdef intp_t _report_range(const CoreView* v, const floating* X, QueryBuf* qb,
                           intp_t start, intp_t end, int mode,
                           vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
     """Report every live slot of [start, end) (its node is inside the
-    half-space), as slots (converted to ids by _query_one)."""
+    half-space)."""
     cdef intp_t s, cnt = 0
     for s in range(start, end):
         if v.ids[s] < 0:
             continue
         if mode == MODE_SCORES:
             out_sc.push_back(sqd_xdot(X + s * v.d, qb.w, v.d))
-        out_ids.push_back(s)
+        out_ids.push_back(v.ids[s])
         cnt += 1
     return cnt
 
@@ -2139,10 +2137,8 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
                        int mode, vector[intp_t]* out_ids,
                        vector[double]* out_sc) noexcept nogil:
     """Report (or count) the points with score >= b; qb.w must be set."""
-    cdef intp_t seg, node0, n_nodes, node, top, cnt = 0, i, n_out
+    cdef intp_t seg, node0, n_nodes, node, top, cnt = 0
     cdef intp_t pend_start = 0, pend_end = 0     # pending run of leaves to screen
-    cdef intp_t first = out_ids.size()
-    cdef intp_t* res
     cdef double lo, hi, cw
     cdef intp_t rcnt
     _prepare_query(qb, v.d, v.dpad, v.gam)
@@ -2198,13 +2194,6 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
             cnt += _scan_range(v, X, qb, pend_start, pend_end, b, mode, out_ids, out_sc)
         pend_start = pend_end = 0
     cnt += _rel_flush(v, X, qb, b, mode, out_ids, out_sc)
-    # the kernels report slots: one pass in slot order (mostly increasing,
-    # which the hardware prefetcher follows) turns them into ids
-    if mode != MODE_COUNT:
-        res = out_ids.data()
-        n_out = out_ids.size()
-        for i in range(first, n_out):
-            res[i] = v.ids[res[i]]
     return cnt
 
 
