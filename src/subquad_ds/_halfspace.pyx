@@ -779,6 +779,97 @@ cdef extern from *:
         sqd_screen_int_generic(dots, n, hi, lo, acc, n_acc, ver, n_ver);
     }
 
+    /* Stage-1 decisions of the relative codes for n slots (ascending, in
+       blocks b0..): slot i has stage-0 dot d0[i] (signed) and block dots
+       o[48 k + r] = <lo, qw>, o[48 k + 16 + r] = <lo, qw2>, o[48 k + 32 + r]
+       = <hi, qw2> (k = (slot >> 4) - b0, r = slot & 15, +8 offsets removed
+       with sub, sub2); F = K (16 d0 + lo1) + 16 hi2 + lo2.  F >= hi: slot -
+       base goes to acc; lo <= F < hi: slot goes to ver.  acc and ver need 16
+       entries of slack. */
+    static void sqd_stage1_generic(const Py_ssize_t* slot, const int32_t* d0, Py_ssize_t n,
+                                   const int32_t* o, Py_ssize_t b0, int32_t sub, int32_t sub2,
+                                   int64_t K, int64_t hi, int64_t lo, Py_ssize_t base,
+                                   int32_t* acc, Py_ssize_t* n_acc, Py_ssize_t* ver,
+                                   Py_ssize_t* n_ver) {
+        Py_ssize_t a = 0, v = *n_ver;
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            Py_ssize_t s = slot[i];
+            const int32_t* ob = o + 48 * ((s >> 4) - b0) + (s & 15);
+            int64_t e = K * (16 * (int64_t)d0[i] + (ob[0] - sub))
+                        + 16 * (int64_t)(ob[32] - sub2) + (ob[16] - sub2);
+            acc[a] = (int32_t)(s - base);
+            a += e >= hi;
+            ver[v] = s;
+            v += (e < hi) & (e >= lo);
+        }
+        *n_acc = a;
+        *n_ver = v;
+    }
+
+    #if SQD_X86
+    /* The same, 8 slots per step: the integers A = 16 d0 + lo1 and B = 16
+       hi2 + lo2 are below 2^31 and F = K A + B below 2^40, so float64
+       holds all of them exactly (the fused multiply-add rounds once, an
+       exact result). */
+    __attribute__((target("avx512f,avx512vl,avx512dq,popcnt")))
+    static void sqd_stage1_avx512(const Py_ssize_t* slot, const int32_t* d0, Py_ssize_t n,
+                                  const int32_t* o, Py_ssize_t b0, int32_t sub, int32_t sub2,
+                                  int64_t K, int64_t hi, int64_t lo, Py_ssize_t base,
+                                  int32_t* acc, Py_ssize_t* n_acc, Py_ssize_t* ver,
+                                  Py_ssize_t* n_ver) {
+        const __m512i vb0 = _mm512_set1_epi64(b0), v15 = _mm512_set1_epi64(15);
+        const __m512i vbase = _mm512_set1_epi64(base);
+        const __m256i vsub = _mm256_set1_epi32(sub), vsub2 = _mm256_set1_epi32(sub2);
+        const __m256i v16 = _mm256_set1_epi32(16), v32 = _mm256_set1_epi32(32);
+        const __m512d vK = _mm512_set1_pd((double)K);
+        const __m512d vhi = _mm512_set1_pd((double)hi), vlo = _mm512_set1_pd((double)lo);
+        Py_ssize_t a = 0, v = *n_ver;
+        for (Py_ssize_t i = 0; i < n; i += 8) {
+            __mmask8 k = (n - i >= 8) ? (__mmask8)0xFF : (__mmask8)((1u << (n - i)) - 1);
+            __m512i sl = _mm512_maskz_loadu_epi64(k, slot + i);
+            __m512i blk = _mm512_sub_epi64(_mm512_srli_epi64(sl, 4), vb0);
+            __m512i idx64 = _mm512_add_epi64(_mm512_mullo_epi64(blk, _mm512_set1_epi64(48)),
+                                             _mm512_and_si512(sl, v15));
+            __m256i idx = _mm512_cvtepi64_epi32(idx64);
+            __m256i z = _mm256_setzero_si256();
+            __m256i l1 = _mm256_mmask_i32gather_epi32(z, k, idx, o, 4);
+            __m256i l2 = _mm256_mmask_i32gather_epi32(z, k, _mm256_add_epi32(idx, v16), o, 4);
+            __m256i h2 = _mm256_mmask_i32gather_epi32(z, k, _mm256_add_epi32(idx, v32), o, 4);
+            __m256i dd = _mm256_maskz_loadu_epi32(k, d0 + i);
+            __m256i A = _mm256_add_epi32(_mm256_slli_epi32(dd, 4), _mm256_sub_epi32(l1, vsub));
+            __m256i B = _mm256_add_epi32(_mm256_slli_epi32(_mm256_sub_epi32(h2, vsub2), 4),
+                                         _mm256_sub_epi32(l2, vsub2));
+            __m512d e = _mm512_fmadd_pd(vK, _mm512_cvtepi32_pd(A), _mm512_cvtepi32_pd(B));
+            __mmask8 ma = _mm512_mask_cmp_pd_mask(k, e, vhi, _CMP_GE_OQ);
+            __mmask8 mv = _mm512_mask_cmp_pd_mask((__mmask8)(k & ~ma), e, vlo, _CMP_GE_OQ);
+            __m256i rel = _mm512_cvtepi64_epi32(_mm512_sub_epi64(sl, vbase));
+            _mm256_storeu_si256((__m256i*)(acc + a), _mm256_maskz_compress_epi32(ma, rel));
+            _mm512_storeu_si512(ver + v, _mm512_maskz_compress_epi64(mv, sl));
+            a += __builtin_popcount((unsigned)ma);
+            v += __builtin_popcount((unsigned)mv);
+        }
+        *n_acc = a;
+        *n_ver = v;
+    }
+    #endif
+
+    static void sqd_stage1(const Py_ssize_t* slot, const int32_t* d0, Py_ssize_t n,
+                           const int32_t* o, Py_ssize_t b0, int32_t sub, int32_t sub2,
+                           int64_t K, int64_t hi, int64_t lo, Py_ssize_t base, int32_t* acc,
+                           Py_ssize_t* n_acc, Py_ssize_t* ver, Py_ssize_t* n_ver) {
+    #if SQD_X86
+        static const bool vl = __builtin_cpu_supports("avx512vl")
+                               && __builtin_cpu_supports("avx512dq");
+        if (sqd_isa() == 2 && vl) {
+            sqd_stage1_avx512(slot, d0, n, o, b0, sub, sub2, K, hi, lo, base, acc, n_acc,
+                              ver, n_ver);
+            return;
+        }
+    #endif
+        sqd_stage1_generic(slot, d0, n, o, b0, sub, sub2, K, hi, lo, base, acc, n_acc, ver,
+                           n_ver);
+    }
+
     /* float32 variant of sqd_classify, twice as wide per vector.  Used only
        when the query's constants are safely inside the float32 range (see
        _prepare_query); every rounding (at most a few ulps of 2^-24 relative
@@ -1350,6 +1441,10 @@ cdef extern from *:
                        const int8_t* qw, const int8_t* qw2, int32_t* out) noexcept nogil
     void sqd_screen_int(const int32_t* dots, intp_t n, int32_t hi, int32_t lo, int32_t* acc,
                         intp_t* n_acc, int32_t* ver, intp_t* n_ver) noexcept nogil
+    void sqd_stage1(const intp_t* slot, const int32_t* d0, intp_t n, const int32_t* o,
+                    intp_t b0, int32_t sub, int32_t sub2, int64_t K, int64_t hi, int64_t lo,
+                    intp_t base, int32_t* acc, intp_t* n_acc, intp_t* ver,
+                    intp_t* n_ver) noexcept nogil
     void sqd_row_dots(const uint8_t* row, intp_t dpad, const int8_t* qw, const int8_t* qw2,
                       int32_t sumq128, int32_t sumq2_128, int32_t* e1,
                       int32_t* e2) noexcept nogil
@@ -1987,16 +2082,11 @@ cdef intp_t _rel_stage1(const CoreView* v, const floating* X, QueryBuf* qb, int 
     Accepted slots are reported, undecided ones queued for verification
     (rows prefetched); empties the stage-1 queue, which holds slots of one
     leaf chunk (thresholds r1_hi, r1_lo)."""
-    cdef intp_t i = 0, j, s, blk, n = qb.r1_n, n_acc = 0, nv0 = qb.r2_n, nv = qb.r2_n
-    cdef intp_t base = qb.r1_s0, dpad8 = v.dpad8
-    cdef int32_t sub = qb.sumq8, sub2 = qb.sumq2_8, r
-    cdef int64_t e, hi = qb.r1_hi, lo = qb.r1_lo, K = 2 * sqd_qmax() + 2
+    cdef intp_t i, j, blk, n = qb.r1_n, n_acc = 0, nv0 = qb.r2_n, nv = qb.r2_n
+    cdef intp_t base = qb.r1_s0, dpad8 = v.dpad8, b0, b1, n_blk
+    cdef int64_t K = 2 * sqd_qmax() + 2
     cdef const intp_t* slot = qb.r1_slot
-    cdef const int32_t* d0 = qb.r1_d0
     cdef int32_t* dots = qb.dots3
-    cdef int32_t* o
-    cdef intp_t b0, b1, n_blk
-    cdef bint span
     cdef int32_t* acc = qb.r1_acc
     cdef intp_t* ver = qb.r2_slot
     if n == 0:
@@ -2009,29 +2099,18 @@ cdef intp_t _rel_stage1(const CoreView* v, const floating* X, QueryBuf* qb, int 
     n_blk = 1
     for i in range(1, n):
         n_blk += (slot[i] >> 4) != (slot[i - 1] >> 4)
-    span = 2 * n_blk >= b1 - b0
-    if span:
+    if 2 * n_blk >= b1 - b0:
         sqd_nib_dots3(v.rhi + b0 * 8 * dpad8, v.rlo + b0 * 8 * dpad8, b1 - b0, dpad8, qb.qw,
                       qb.qw2, dots)
-    i = 0
-    while i < n:
-        blk = slot[i] >> 4
-        if span:
-            o = dots + 48 * (blk - b0)
-        else:
-            o = dots
-            sqd_nib_dots3(v.rhi + blk * 8 * dpad8, v.rlo + blk * 8 * dpad8, 1, dpad8, qb.qw,
-                          qb.qw2, o)
-        while i < n and (slot[i] >> 4) == blk:
-            s = slot[i]
-            r = s & 15
-            e = (K * (16 * <int64_t>d0[i] + (o[r] - sub))
-                 + 16 * <int64_t>(o[32 + r] - sub2) + (o[16 + r] - sub2))
-            acc[n_acc] = <int32_t>(s - base)
-            n_acc += e >= hi
-            ver[nv] = s
-            nv += (e < hi) & (e >= lo)
-            i += 1
+    else:
+        blk = -1
+        for i in range(n):
+            if (slot[i] >> 4) != blk:
+                blk = slot[i] >> 4
+                sqd_nib_dots3(v.rhi + blk * 8 * dpad8, v.rlo + blk * 8 * dpad8, 1, dpad8,
+                              qb.qw, qb.qw2, dots + 48 * (blk - b0))
+    sqd_stage1(slot, qb.r1_d0, n, dots, b0, qb.sumq8, qb.sumq2_8, K, qb.r1_hi, qb.r1_lo, base,
+               acc, &n_acc, ver, &nv)
     for j in range(nv0, nv):
         sqd_prefetch_span_l2(<const char*>(X + ver[j] * v.d), v.d * sizeof(floating))
     qb.r2_n = nv
@@ -2308,8 +2387,8 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     qb.n_pend = 0
     qb.r1_slot = <intp_t*>malloc(CHUNK * sizeof(intp_t))
     qb.r1_d0 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
-    qb.r2_slot = <intp_t*>malloc(CHUNK * sizeof(intp_t))
-    qb.r1_acc = <int32_t*>malloc(CHUNK * sizeof(int32_t))
+    qb.r2_slot = <intp_t*>malloc((CHUNK + 16) * sizeof(intp_t))
+    qb.r1_acc = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
     qb.r1_n = qb.r2_n = 0
     qb.flag = <unsigned char*>malloc(CHUNK + 8)
     qb.pos = <int32_t*>malloc((VER_OFF + CHUNK + 16) * sizeof(int32_t))
