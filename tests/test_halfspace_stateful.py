@@ -21,91 +21,107 @@ def points(n):
     return hynp.arrays(np.float64, (n, D), elements=st.one_of(coord, floats))
 
 
-class HalfspaceMachine(RuleBasedStateMachine):
-    dtype = np.float64
-
-    @initialize(X=st.integers(0, 12).flatmap(points), leaf_size=st.sampled_from([1, 2, 5]))
-    def init(self, X, leaf_size):
-        X = X.astype(self.dtype)
-        self.index = HalfspaceIndex(X, leaf_size=leaf_size)
-        self.model = {i: X[i].astype(np.float64) for i in range(X.shape[0])}
-        self.next_id = X.shape[0]
-
-    def _live(self):
-        ids = np.array(sorted(self.model), dtype=np.intp)
-        X = np.array([self.model[i] for i in ids]).reshape(-1, D)
-        return ids, X
-
-    @rule(X=st.integers(0, 9).flatmap(points))
-    def add(self, X):
-        X = X.astype(self.dtype)
-        ids = self.index.add(X)
-        np.testing.assert_array_equal(ids, np.arange(self.next_id, self.next_id + len(X)))
-        for i, x in zip(ids, X):
-            self.model[int(i)] = x.astype(np.float64)
-        self.next_id += len(X)
-
-    @rule(data=st.data())
-    def remove(self, data):
-        assume(self.model)
-        ids = data.draw(st.lists(st.sampled_from(sorted(self.model)), unique=True,
-                                 max_size=8))
-        assert self.index.remove(ids) == len(ids)
-        for i in ids:
-            del self.model[i]
-
-    @rule(data=st.data())
-    def update(self, data):
-        assume(self.model)
-        ids = data.draw(st.lists(st.sampled_from(sorted(self.model)), unique=True,
-                                 min_size=1, max_size=6))
-        X = data.draw(points(len(ids))).astype(self.dtype)
-        self.index.update(ids, X)
-        for i, x in zip(ids, X):
-            self.model[i] = x.astype(np.float64)
-
-    @rule(W=hynp.arrays(np.float64, (3, D), elements=coord),
-          b=st.lists(coord, min_size=3, max_size=3))
-    def query(self, W, b):
-        ids, X = self._live()
-        ref_ptr, ref_idx, _ = halfspace_bruteforce(X, ids, W, b)
-        indptr, indices = self.index.query(W.astype(self.dtype), b)
-        np.testing.assert_array_equal(indptr, ref_ptr)
-        for q in range(3):
-            np.testing.assert_array_equal(np.sort(indices[indptr[q]:indptr[q + 1]]),
-                                          ref_idx[ref_ptr[q]:ref_ptr[q + 1]])
-        np.testing.assert_array_equal(self.index.query_count(W, b), np.diff(ref_ptr))
-
-    @rule(w=hynp.arrays(np.float64, (D,), elements=coord), k=st.integers(0, 6))
-    def search(self, w, k):
-        ids, X = self._live()
-        s, i = self.index.search(w.astype(self.dtype), k)
-        ref_s, ref_i = topk_bruteforce(X, ids, w, k)
-        np.testing.assert_array_equal(i, ref_i[0])
-
-    @rule()
-    def rebuild(self):
-        self.index.rebuild()
-
-    @invariant()
-    def consistent(self):
-        if not hasattr(self, "index"):
-            return
-        assert len(self.index) == len(self.model)
-        ids, X = self._live()
-        np.testing.assert_array_equal(self.index.ids, ids)
-        if ids.size:
-            np.testing.assert_array_equal(self.index.get(ids), X.astype(self.dtype))
-        self.index._core.check_invariants()
+# Tight clusters: a few dyadic centres plus offsets of at most 8/1024 per
+# coordinate (still exact), so that leaves of two or more points get
+# leaf-relative codes (single-point leaves have nothing to encode).
+CENTRES = np.array([[2.0, -1.5, 0.5], [-1.0, 1.0, 2.0], [0.25, -2.0, -0.75]])
 
 
-class HalfspaceMachine32(HalfspaceMachine):
-    dtype = np.float32
+def clustered_points(n):
+    return st.tuples(
+        hynp.arrays(np.intp, (n,), elements=st.integers(0, len(CENTRES) - 1)),
+        hynp.arrays(np.float64, (n, D), elements=st.integers(-8, 8).map(lambda v: v / 1024)),
+    ).map(lambda t: CENTRES[t[0]] + t[1])
 
 
-TestHalfspace64 = HalfspaceMachine.TestCase
-TestHalfspace64.settings = settings(max_examples=40, stateful_step_count=40,
-                                    deadline=None)
-TestHalfspace32 = HalfspaceMachine32.TestCase
-TestHalfspace32.settings = settings(max_examples=40, stateful_step_count=40,
-                                    deadline=None)
+def make_machine(points, dtype):
+    """A state machine drawing its points from ``points`` into an index of ``dtype``."""
+
+    class HalfspaceMachine(RuleBasedStateMachine):
+
+        @initialize(X=st.integers(0, 12).flatmap(points), leaf_size=st.sampled_from([1, 2, 5]))
+        def init(self, X, leaf_size):
+            X = X.astype(dtype)
+            self.index = HalfspaceIndex(X, leaf_size=leaf_size)
+            self.model = {i: X[i].astype(np.float64) for i in range(X.shape[0])}
+            self.next_id = X.shape[0]
+
+        def _live(self):
+            ids = np.array(sorted(self.model), dtype=np.intp)
+            X = np.array([self.model[i] for i in ids]).reshape(-1, D)
+            return ids, X
+
+        @rule(X=st.integers(0, 9).flatmap(points))
+        def add(self, X):
+            X = X.astype(dtype)
+            ids = self.index.add(X)
+            np.testing.assert_array_equal(ids, np.arange(self.next_id, self.next_id + len(X)))
+            for i, x in zip(ids, X):
+                self.model[int(i)] = x.astype(np.float64)
+            self.next_id += len(X)
+
+        @rule(data=st.data())
+        def remove(self, data):
+            assume(self.model)
+            ids = data.draw(st.lists(st.sampled_from(sorted(self.model)), unique=True,
+                                     max_size=8))
+            assert self.index.remove(ids) == len(ids)
+            for i in ids:
+                del self.model[i]
+
+        @rule(data=st.data())
+        def update(self, data):
+            assume(self.model)
+            ids = data.draw(st.lists(st.sampled_from(sorted(self.model)), unique=True,
+                                     min_size=1, max_size=6))
+            X = data.draw(points(len(ids))).astype(dtype)
+            self.index.update(ids, X)
+            for i, x in zip(ids, X):
+                self.model[i] = x.astype(np.float64)
+
+        @rule(W=hynp.arrays(np.float64, (3, D), elements=coord),
+              b=st.lists(coord, min_size=3, max_size=3))
+        def query(self, W, b):
+            ids, X = self._live()
+            ref_ptr, ref_idx, _ = halfspace_bruteforce(X, ids, W, b)
+            indptr, indices = self.index.query(W.astype(dtype), b)
+            np.testing.assert_array_equal(indptr, ref_ptr)
+            for q in range(3):
+                np.testing.assert_array_equal(np.sort(indices[indptr[q]:indptr[q + 1]]),
+                                              ref_idx[ref_ptr[q]:ref_ptr[q + 1]])
+            np.testing.assert_array_equal(self.index.query_count(W, b), np.diff(ref_ptr))
+
+        @rule(w=hynp.arrays(np.float64, (D,), elements=coord), k=st.integers(0, 6))
+        def search(self, w, k):
+            ids, X = self._live()
+            s, i = self.index.search(w.astype(dtype), k)
+            ref_s, ref_i = topk_bruteforce(X, ids, w, k)
+            np.testing.assert_array_equal(i, ref_i[0])
+
+        @rule()
+        def rebuild(self):
+            self.index.rebuild()
+
+        @invariant()
+        def consistent(self):
+            if not hasattr(self, "index"):
+                return
+            assert len(self.index) == len(self.model)
+            ids, X = self._live()
+            np.testing.assert_array_equal(self.index.ids, ids)
+            if ids.size:
+                np.testing.assert_array_equal(self.index.get(ids), X.astype(dtype))
+            self.index._core.check_invariants()
+
+    return HalfspaceMachine
+
+
+_SETTINGS = settings(max_examples=40, stateful_step_count=40, deadline=None)
+TestHalfspace64 = make_machine(points, np.float64).TestCase
+TestHalfspace64.settings = _SETTINGS
+TestHalfspace32 = make_machine(points, np.float32).TestCase
+TestHalfspace32.settings = _SETTINGS
+TestClusteredHalfspace64 = make_machine(clustered_points, np.float64).TestCase
+TestClusteredHalfspace64.settings = _SETTINGS
+TestClusteredHalfspace32 = make_machine(clustered_points, np.float32).TestCase
+TestClusteredHalfspace32.settings = _SETTINGS

@@ -1488,10 +1488,6 @@ cdef intp_t MAX_DEPTH = 128
 cdef intp_t PREFETCH_AHEAD = 6              # rows in flight while verifying
 cdef double REL_GAIN = 0.5                  # leaf-relative codes used if C1 <= this * mean c_p
 cdef double REL_GROW = 2.0                  # an update beyond this * C1 turns them off
-cdef int DEBUG_REL = 0
-def _debug_rel(int m):
-    global DEBUG_REL
-    DEBUG_REL = m
 cdef double INT_LIM = 1073741824.0          # 2**30 > every integer dot of the relative codes
 
 # Modes of the query kernel.
@@ -2055,9 +2051,6 @@ cdef intp_t _rel_verify(const CoreView* v, const floating* X, QueryBuf* qb, doub
     prefetched one chunk earlier); empties the queue."""
     cdef intp_t i, s, cnt = 0, d = v.d
     cdef double score
-    if DEBUG_REL == 2:
-        qb.r2_n = 0
-        return 0
     for i in range(qb.r2_n):
         s = qb.r2_slot[i]
         if v.ids[s] < 0:
