@@ -144,6 +144,25 @@ def test_adversarial_near_threshold(dtype, rng, log2_scale, kernel):
     np.testing.assert_array_equal(index.search(w, 10)[1], ref_i[0])
 
 
+def _sweep_exact_thresholds(index, w, s, quantiles):
+    """Thresholds at, one unit above and one unit below the given quantiles
+    of the exact scores s: query (with and without scores) and query_count
+    agree with s >= b.  Returns the points refined and verified in all."""
+    refined = verified = 0
+    for v in np.quantile(s, quantiles, method="lower"):
+        for b in (v, np.nextafter(v, np.inf), np.nextafter(v, -np.inf)):
+            ref = np.flatnonzero(s >= b)
+            np.testing.assert_array_equal(np.sort(index.query(w, b)), ref)
+            assert index.query_count(w, b) == ref.shape[0]
+            _, got = index.query(w, b, return_scores=True)
+            np.testing.assert_array_equal(np.sort(got), ref)
+            st = index._core.query_stats(w.astype(np.float64), b)
+            assert st["count"] == ref.shape[0]
+            refined += st["refined"]
+            verified += st["verified"]
+    return refined, verified
+
+
 @pytest.mark.parametrize("log2_scale", [-90, -20, 0, 30, 90])
 @pytest.mark.parametrize("rel_spread", [16, 11, 6])
 def test_adversarial_level2_band_edge(dtype, rng, log2_scale, rel_spread, kernel):
@@ -165,16 +184,8 @@ def test_adversarial_level2_band_edge(dtype, rng, log2_scale, rel_spread, kernel
     assert np.array_equal(X.astype(np.float64) / scale, Xi)      # exact
     index = HalfspaceIndex(X, leaf_size=4)
     s = (Xi.astype(np.float64) @ w) * scale                      # exact scores
-    refined = verified = 0
-    for v in np.quantile(s, [0.02, 0.3, 0.5, 0.7, 0.98], method="lower"):
-        for b in (v, np.nextafter(v, np.inf), np.nextafter(v, -np.inf)):
-            ref = np.flatnonzero(s >= b)
-            np.testing.assert_array_equal(np.sort(index.query(w.astype(dtype), b)), ref)
-            assert index.query_count(w.astype(dtype), b) == ref.shape[0]
-            st = index._core.query_stats(w, b)
-            assert st["count"] == ref.shape[0]
-            refined += st["refined"]
-            verified += st["verified"]
+    refined, verified = _sweep_exact_thresholds(index, w.astype(dtype), s,
+                                                [0.02, 0.3, 0.5, 0.7, 0.98])
     assert verified <= refined
     if rel_spread <= 11 and 2.0 ** -110 < np.abs(X).max() < 2.0 ** 120:
         # wide spread (and float32 code scales): the refinement decides
@@ -749,18 +760,8 @@ def test_adversarial_relative_band_edges(dtype, rng, log2_scale, rel_spread, ker
     if rel_used:
         assert _relative_leaves(index) > 0
     s = (Xi.astype(np.float64) @ w) * scale                      # exact scores
-    refined = verified = 0
-    for v in np.quantile(s, [0.05, 0.2, 0.5, 0.8, 0.95], method="lower"):
-        for b in (v, np.nextafter(v, np.inf), np.nextafter(v, -np.inf)):
-            ref = np.flatnonzero(s >= b)
-            np.testing.assert_array_equal(np.sort(index.query(w.astype(dtype), b)), ref)
-            assert index.query_count(w.astype(dtype), b) == ref.shape[0]
-            sc, got = index.query(w.astype(dtype), b, return_scores=True)
-            np.testing.assert_array_equal(np.sort(got), ref)
-            st = index._core.query_stats(w, b)
-            assert st["count"] == ref.shape[0]
-            refined += st["refined"]
-            verified += st["verified"]
+    refined, verified = _sweep_exact_thresholds(index, w.astype(dtype), s,
+                                                [0.05, 0.2, 0.5, 0.8, 0.95])
     assert verified <= refined
     if rel_used and rel_spread >= 10:
         assert verified < refined

@@ -1905,6 +1905,25 @@ cdef inline int _refine(const CoreView* v, const QueryBuf* qb, intp_t s, int32_t
     return 1
 
 
+cdef inline intp_t _verify_slot(const CoreView* v, const floating* X, QueryBuf* qb, intp_t s,
+                               double b, int mode, vector[intp_t]* out_ids,
+                               vector[double]* out_sc) noexcept nogil:
+    """Exact verification of slot s (skipped if a tombstone): reports it
+    if score >= b; returns 1 if reported."""
+    cdef double score
+    if v.ids[s] < 0:
+        return 0
+    qb.n_verified += 1
+    score = sqd_xdot(X + s * v.d, qb.w, v.d)
+    if score < b:
+        return 0
+    if mode == MODE_SCORES:
+        out_sc.push_back(score)
+    if mode != MODE_COUNT:
+        out_ids.push_back(v.ids[s])
+    return 1
+
+
 cdef intp_t _refine_pending(const CoreView* v, const floating* X, QueryBuf* qb, double b,
                             int mode, vector[intp_t]* out_ids,
                             vector[double]* out_sc) noexcept nogil:
@@ -1912,7 +1931,6 @@ cdef intp_t _refine_pending(const CoreView* v, const floating* X, QueryBuf* qb, 
     rows prefetched): refine them, verify exactly what is left."""
     cdef intp_t i, s, n_left = 0, cnt = 0, n = qb.n_pend, d = v.d
     cdef int f
-    cdef double score
     cdef intp_t* pend = qb.pend
     if qb.t != 0.0:
         qb.n_refined += n
@@ -1937,17 +1955,7 @@ cdef intp_t _refine_pending(const CoreView* v, const floating* X, QueryBuf* qb, 
         if i + PREFETCH_AHEAD < n_left:
             sqd_prefetch_row(<const char*>(X + pend[i + PREFETCH_AHEAD] * d),
                              d * sizeof(floating))
-        s = pend[i]
-        if v.ids[s] < 0:
-            continue
-        qb.n_verified += 1
-        score = sqd_xdot(X + s * d, qb.w, d)
-        if score >= b:
-            if mode == MODE_SCORES:
-                out_sc.push_back(score)
-            if mode != MODE_COUNT:
-                out_ids.push_back(v.ids[s])
-            cnt += 1
+        cnt += _verify_slot(v, X, qb, pend[i], b, mode, out_ids, out_sc)
     qb.n_pend = 0
     return cnt
 
@@ -2058,20 +2066,9 @@ cdef intp_t _rel_verify(const CoreView* v, const floating* X, QueryBuf* qb, doub
                         vector[double]* out_sc) noexcept nogil:
     """Verify exactly the slots queued by stage 1 (their rows were
     prefetched one chunk earlier); empties the queue."""
-    cdef intp_t i, s, cnt = 0, d = v.d
-    cdef double score
+    cdef intp_t i, cnt = 0
     for i in range(qb.r2_n):
-        s = qb.r2_slot[i]
-        if v.ids[s] < 0:
-            continue
-        qb.n_verified += 1
-        score = sqd_xdot(X + s * d, qb.w, d)
-        if score >= b:
-            if mode == MODE_SCORES:
-                out_sc.push_back(score)
-            if mode != MODE_COUNT:
-                out_ids.push_back(v.ids[s])
-            cnt += 1
+        cnt += _verify_slot(v, X, qb, qb.r2_slot[i], b, mode, out_ids, out_sc)
     qb.r2_n = 0
     return cnt
 
