@@ -72,8 +72,9 @@ class HalfspaceIndex:
         are cast to that dtype.  Points get ids ``0 .. n_points-1``.
     leaf_size : int, default=256
         Maximum number of points per leaf (a node with more is split in
-        two by 2-means, lopsidedly if that separates clusters, within a
-        depth bound of O(log n)).  Smaller leaves prune more finely on
+        two by 2-means, within a depth bound of O(log n); lopsidedly if
+        that separates clusters, except in the small segments of fewer than
+        16384 points that single adds rebuild).  Smaller leaves prune more finely on
         clustered data but cost more node bounds per query (at N = 200,000,
         d = 32 and 128, 256 was 2-35% faster than 128 in 16 of 17 benchmark
         groups, single and top-10 queries on Gaussian and clustered data).
