@@ -2545,6 +2545,18 @@ cdef inline double _dist2_to(const floating* x, const float* c, intp_t d) noexce
 
 
 
+cdef inline double _slot_distance_bound(const CoreView* v, bint is32, intp_t s,
+                                        const float* c) noexcept nogil:
+    """Upper bound on the distance of slot s to the float32 centre c, with
+    the same rounding cover as the radii of _node_stats."""
+    cdef double dist2
+    if is32:
+        dist2 = _dist2_to(<const float*>v.X + s * v.d, c, v.d)
+    else:
+        dist2 = _dist2_to(<const double*>v.X + s * v.d, c, v.d)
+    return sqrt(dist2) * INFL + v.d * TINY
+
+
 cdef inline void _rel_codes(const floating* p, const float* c, intp_t d, intp_t dpad8,
                             double s4, intp_t slot, uint8_t* rhi, uint8_t* rlo,
                             double* out) noexcept nogil:
@@ -3218,20 +3230,13 @@ cdef class _HalfspaceCore:
     cdef _extend_leaf(self, intp_t k, intp_t start, intp_t end):
         """Append slots [start, end) to segment k, a single leaf."""
         # raw pointers: creating typed memoryviews would dominate an O(d) add
-        cdef intp_t node = self.seg_node0[k], s, j, d = self.d
-        cdef double dist2, diff, r
+        cdef intp_t node = self.seg_node0[k], s
+        cdef double r
         cdef CoreView v = self._view()
-        cdef const float* c = v.node_center + node * d
+        cdef const float* c = v.node_center + node * self.d
         cdef double* nr = <double*>v.node_radius
         for s in range(start, end):
-            dist2 = 0.0
-            for j in range(d):
-                if self.is32:
-                    diff = <double>(<const float*>v.X)[s * d + j] - <double>c[j]
-                else:
-                    diff = (<const double*>v.X)[s * d + j] - <double>c[j]
-                dist2 += diff * diff
-            r = sqrt(dist2) * INFL + d * TINY
+            r = _slot_distance_bound(&v, self.is32, s, c)
             if r > nr[node]:
                 nr[node] = r
         (<intp_t*>v.node_end)[node] = end
@@ -3278,9 +3283,8 @@ cdef class _HalfspaceCore:
 
     def update(self, const intp_t[::1] ids, X):
         """Overwrite the rows of live ids (checked by the caller) in place."""
-        cdef intp_t i, slot, k, local, n_nodes, node0, j, m = ids.shape[0], d = self.d
-        cdef double dist2, diff, r
-        cdef float[:, ::1] nc
+        cdef intp_t i, slot, k, local, n_nodes, node0, m = ids.shape[0], d = self.d
+        cdef double r
         cdef double[::1] nr
         cdef intp_t[::1] ne
         cdef intp_t[::1] nright = self._node_right
@@ -3299,7 +3303,6 @@ cdef class _HalfspaceCore:
                 _encode_point(<const double*>v.X + slot * d, d, self.dpad, <uint8_t*>v.codes,
                               slot, <float*>v.scale + slot, <float*>v.ea + slot,
                               <float*>v.ec + slot, <uint8_t*>v.rows2 + slot * v.stride2)
-        nc = self._node_center
         nr = self._node_radius
         ne = self._node_end
         rebuild = set()
@@ -3310,16 +3313,7 @@ cdef class _HalfspaceCore:
             n_nodes = self.seg_n_nodes[k]
             local = 0
             while True:
-                dist2 = 0.0
-                for j in range(d):
-                    if self.is32:
-                        diff = (<double>(<const float*>v.X)[slot * d + j]
-                                - <double>nc[node0 + local, j])
-                    else:
-                        diff = ((<const double*>v.X)[slot * d + j]
-                                - <double>nc[node0 + local, j])
-                    dist2 += diff * diff
-                r = sqrt(dist2) * INFL + d * TINY
+                r = _slot_distance_bound(&v, self.is32, slot, v.node_center + (node0 + local) * d)
                 if r > nr[node0 + local]:
                     nr[node0 + local] = r
                 if nright[node0 + local] < 0:
