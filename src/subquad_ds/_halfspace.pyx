@@ -1092,8 +1092,8 @@ cdef extern from *:
        projections is least (1-D 2-means over every cut).  Such a cut follows the gaps between clusters at any
        ratio: a small cluster (or a piece of one, cut at a higher level) is
        split off on its own instead of sharing a node, and so a ball, with
-       part of a big one.  Lopsided cuts are allowed while the depth budget
-       holds: with steps(m) the number of levels needed below a node of m
+       part of a big one.  Lopsided cuts (refined builds only) are allowed
+       while the depth budget holds: with steps(m) the number of levels needed below a node of m
        points if every cut is restricted to the middle half of the range
        (children of at most m - m/4 points), a cut is taken only if
        depth + 1 + steps(bigger child) <= budget, budget =
@@ -1109,10 +1109,11 @@ cdef extern from *:
            hold many clusters), on a sample of at most SAMPLE of them: at
            most 3 projection passes' worth of work per node.  Below, the
            far-pair direction cut as well in measurements, for less.  With
-           lloyd = false (small segments that single adds rebuild again and
-           again, see _build_segment) it is skipped altogether. */
+           refined = false (small segments that single adds rebuild again
+           and again, see _build_segment) it is skipped altogether, and so
+           are lopsided cuts. */
         enum { SAMPLE = 256, LLOYD_ITERS = 6, LLOYD_MIN = 1024, FAR = 512 };
-        bool lloyd;
+        bool refined;
         const T* X;
         Py_ssize_t d, leaf_size;
         Py_ssize_t* perm;
@@ -1133,9 +1134,9 @@ cdef extern from *:
         SqdBuilder(const T* X_, Py_ssize_t d_, Py_ssize_t leaf_size_, Py_ssize_t* perm_,
                    Py_ssize_t n, std::vector<Py_ssize_t>* starts_,
                    std::vector<Py_ssize_t>* ends_, std::vector<Py_ssize_t>* rights_,
-                   bool lloyd_)
+                   bool refined_)
             : X(X_), d(d_), leaf_size(leaf_size_), perm(perm_), starts(starts_), ends(ends_),
-              rights(rights_), lloyd(lloyd_), u(d_), c1(d_), c2(d_), s1(d_), s2(d_) {
+              rights(rights_), refined(refined_), u(d_), c1(d_), c2(d_), s1(d_), s2(d_) {
             Py_ssize_t b = 2 * steps(n) + 4;
             budget = b < 120 ? b : 120;
         }
@@ -1202,7 +1203,7 @@ cdef extern from *:
                 c2[j] = (double)X[p2 * d + j];
             }
             step = (end - start + SAMPLE - 1) / SAMPLE;
-            const int iters = lloyd && end - start > LLOYD_MIN ? LLOYD_ITERS : 0;
+            const int iters = refined && end - start > LLOYD_MIN ? LLOYD_ITERS : 0;
             for (int it = 0; it < iters; ++it) {
                 /* x is nearer to c2 iff <x, c2 - c1> > (|c2|^2 - |c1|^2) / 2 */
                 double h = 0;
@@ -1290,11 +1291,11 @@ cdef extern from *:
                     pre[k + 1] = pre[k] + v;
                     pre2[k + 1] = pre2[k] + v * v;
                 }
-                /* Lopsided cuts only with lloyd: on clustered points they
+                /* Lopsided cuts only in refined builds: on clustered points they
                    peel clusters off one by one, which makes the tree up to
                    twice as deep and its build ~3x slower, and the small
                    segments that single adds rebuild cannot afford that. */
-                cut = best_cut(m, lloyd ? 1 : lo, lloyd ? m - 1 : hi);
+                cut = best_cut(m, refined ? 1 : lo, refined ? m - 1 : hi);
                 Py_ssize_t big = cut > m - cut ? cut : m - cut;
                 if (depth + 1 + steps(big) > budget) cut = best_cut(m, lo, hi);
             }
@@ -1383,14 +1384,14 @@ cdef extern from *:
                                     Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
                                     std::vector<Py_ssize_t>& ends,
                                     std::vector<Py_ssize_t>& rights, int n_threads,
-                                    bool lloyd) {
+                                    bool refined) {
         if (n_threads <= 1 || n < 16384) {
-            SqdBuilder<T> b(X, d, leaf_size, perm, n, &starts, &ends, &rights, lloyd);
+            SqdBuilder<T> b(X, d, leaf_size, perm, n, &starts, &ends, &rights, refined);
             b.build(0, n, 0);
             return;
         }
         SqdNodes top;
-        SqdBuilder<T> b(X, d, leaf_size, perm, n, &top.starts, &top.ends, &top.rights, lloyd);
+        SqdBuilder<T> b(X, d, leaf_size, perm, n, &top.starts, &top.ends, &top.rights, refined);
         Py_ssize_t cutoff = n / (4 * (Py_ssize_t)n_threads);
         b.cutoff = cutoff > leaf_size ? cutoff : leaf_size + 1;
         b.build(0, n, 0);
@@ -1401,7 +1402,7 @@ cdef extern from *:
             try {
                 /* n, not the subtree's size: the same depth budget */
                 SqdBuilder<T> sb(X, d, leaf_size, perm, n, &subs[k].starts, &subs[k].ends,
-                                 &subs[k].rights, lloyd);
+                                 &subs[k].rights, refined);
                 sb.build(b.pending[k].first, b.pending[k].second, b.pending_depth[k]);
             } catch (...) {
                 #pragma omp atomic write
@@ -1414,16 +1415,16 @@ cdef extern from *:
     static void sqd_build_tree(const float* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
                                Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
                                std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights,
-                               int n_threads, bool lloyd) {
+                               int n_threads, bool refined) {
         sqd_build_tree_impl<float>(X, d, perm, n, leaf_size, starts, ends, rights, n_threads,
-                                   lloyd);
+                                   refined);
     }
     static void sqd_build_tree(const double* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
                                Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
                                std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights,
-                               int n_threads, bool lloyd) {
+                               int n_threads, bool refined) {
         sqd_build_tree_impl<double>(X, d, perm, n, leaf_size, starts, ends, rights, n_threads,
-                                    lloyd);
+                                    refined);
     }
 
     """
@@ -1480,10 +1481,10 @@ cdef extern from *:
                               const double* dist2, intp_t* order, double* c) noexcept nogil
     void sqd_build_tree(const float* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
                         vector[intp_t]& starts, vector[intp_t]& ends,
-                        vector[intp_t]& rights, int n_threads, bint lloyd) except + nogil
+                        vector[intp_t]& rights, int n_threads, bint refined) except + nogil
     void sqd_build_tree(const double* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
                         vector[intp_t]& starts, vector[intp_t]& ends,
-                        vector[intp_t]& rights, int n_threads, bint lloyd) except + nogil
+                        vector[intp_t]& rights, int n_threads, bint refined) except + nogil
 
 
 cdef double U64 = 1.1102230246251565e-16   # 2**-53
