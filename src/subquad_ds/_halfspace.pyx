@@ -675,8 +675,10 @@ cdef extern from *:
             std::memcpy(&r0, qw2 + 8 * g, 4);
             std::memcpy(&r1, qw2 + 8 * g + 4, 4);
             __m512i vl = _mm512_loadu_si512(lo + g * 64), vh = _mm512_loadu_si512(hi + g * 64);
-            __m512i l0 = _mm512_and_si512(vl, m4), l1 = _mm512_and_si512(_mm512_srli_epi16(vl, 4), m4);
-            __m512i h0 = _mm512_and_si512(vh, m4), h1 = _mm512_and_si512(_mm512_srli_epi16(vh, 4), m4);
+            __m512i l0 = _mm512_and_si512(vl, m4);
+            __m512i l1 = _mm512_and_si512(_mm512_srli_epi16(vl, 4), m4);
+            __m512i h0 = _mm512_and_si512(vh, m4);
+            __m512i h1 = _mm512_and_si512(_mm512_srli_epi16(vh, 4), m4);
             __m512i R0 = _mm512_set1_epi32(r0), R1 = _mm512_set1_epi32(r1);
             a = _mm512_dpbusd_epi32(a, l0, _mm512_set1_epi32(q0));
             a2 = _mm512_dpbusd_epi32(a2, l1, _mm512_set1_epi32(q1));
