@@ -82,10 +82,16 @@ def test_dense_reference_gets_the_same_blas_threads(monkeypatch):
 
     from subquad_ds.cli import blas_thread_limit
 
+    def blas_threads():
+        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+    before = blas_threads()
     limit, text = blas_thread_limit(1)
     assert text == "1 BLAS thread(s)"
+    assert blas_threads() == before          # asking for the description limits nothing
     with limit:
-        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+        assert all(t == 1 for t in blas_threads())
+    assert blas_threads() == before
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)
     limit, text = blas_thread_limit(1)
     assert "threadpoolctl is not installed" in text

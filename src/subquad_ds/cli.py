@@ -112,7 +112,9 @@ def _model_kwargs(args):
 def blas_thread_limit(n_threads):
     """Limit numpy's BLAS to ``n_threads`` so both backends get the same threads.
 
-    Returns ``(context manager, description)``.  Without threadpoolctl the
+    Returns ``(context manager, description)``; the limit applies inside the
+    ``with`` block only (``threadpool_limits`` itself applies it as soon as it
+    is constructed, so it is built on entry).  Without threadpoolctl the
     BLAS keeps its default thread count, and the description says so.
     """
     n = check_n_threads(n_threads)
@@ -121,7 +123,13 @@ def blas_thread_limit(n_threads):
     except ImportError:
         return contextlib.nullcontext(), ("numpy's default BLAS threads (threadpoolctl is not "
                                           "installed: pip install 'subquad_ds[cli]')")
-    return threadpool_limits(limits=n, user_api="blas"), f"{n} BLAS thread(s)"
+
+    @contextlib.contextmanager
+    def limit():
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield
+
+    return limit(), f"{n} BLAS thread(s)"
 
 
 def _bench_kwargs(args, width):
