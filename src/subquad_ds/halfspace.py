@@ -74,10 +74,11 @@ class HalfspaceIndex:
         Maximum number of points per leaf (a node with more is split in
         two by 2-means, within a depth bound of O(log n); lopsidedly if
         that separates clusters, except in the small segments of fewer than
-        16384 points that single adds rebuild).  Smaller leaves prune more finely on
-        clustered data but cost more node bounds per query (at N = 200,000,
-        d = 32 and 128, 256 was 2-35% faster than 128 in 16 of 17 benchmark
-        groups, single and top-10 queries on Gaussian and clustered data).
+        16384 points that single adds rebuild).  Smaller leaves prune more
+        finely on clustered data but cost more node bounds per query (at
+        N = 200,000, d = 32 and 128, 256 was 2-35% faster than 128 in 16 of
+        17 benchmark groups, single and top-10 queries on Gaussian and
+        clustered data).
     n_threads : int, default=None
         Threads for batched queries (OpenMP).  ``None`` or -1: all usable
         cores; ``-k``: all but ``k-1``.  Can be overridden per call.  Builds
