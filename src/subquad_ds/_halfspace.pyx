@@ -663,11 +663,14 @@ cdef extern from *:
                                                                _mm512_add_epi32(a2, a3)));
         }
     }
+    /* Stage-1 dots of one block: the two planes are merged into the byte
+       u = 16 u_hi + u_lo = q8 + 136 in [16, 255] (one shift and one
+       bit-select per half line), so each line takes four vpdpbusd. */
     __attribute__((target("avx512f,avx512bw,avx512vnni")))
-    static void sqd_nib_dots3_vnni(const uint8_t* hi, const uint8_t* lo, Py_ssize_t dpad8,
+    static void sqd_nib_dots8_vnni(const uint8_t* hi, const uint8_t* lo, Py_ssize_t dpad8,
                                    const int8_t* qw, const int8_t* qw2, int32_t* out) {
-        const __m512i m4 = _mm512_set1_epi8(0x0F);
-        __m512i a = _mm512_setzero_si512(), a2 = a, b = a, b2 = a, c = a, c2 = a;
+        const __m512i mhi = _mm512_set1_epi8((char)0xF0);
+        __m512i a = _mm512_setzero_si512(), a2 = a, b = a, b2 = a;
         for (Py_ssize_t g = 0; g < dpad8 / 8; ++g) {
             int32_t q0, q1, r0, r1;
             std::memcpy(&q0, qw + 8 * g, 4);
@@ -675,21 +678,16 @@ cdef extern from *:
             std::memcpy(&r0, qw2 + 8 * g, 4);
             std::memcpy(&r1, qw2 + 8 * g + 4, 4);
             __m512i vl = _mm512_loadu_si512(lo + g * 64), vh = _mm512_loadu_si512(hi + g * 64);
-            __m512i l0 = _mm512_and_si512(vl, m4);
-            __m512i l1 = _mm512_and_si512(_mm512_srli_epi16(vl, 4), m4);
-            __m512i h0 = _mm512_and_si512(vh, m4);
-            __m512i h1 = _mm512_and_si512(_mm512_srli_epi16(vh, 4), m4);
-            __m512i R0 = _mm512_set1_epi32(r0), R1 = _mm512_set1_epi32(r1);
-            a = _mm512_dpbusd_epi32(a, l0, _mm512_set1_epi32(q0));
-            a2 = _mm512_dpbusd_epi32(a2, l1, _mm512_set1_epi32(q1));
-            b = _mm512_dpbusd_epi32(b, l0, R0);
-            b2 = _mm512_dpbusd_epi32(b2, l1, R1);
-            c = _mm512_dpbusd_epi32(c, h0, R0);
-            c2 = _mm512_dpbusd_epi32(c2, h1, R1);
+            /* mhi ? x : y, bit by bit (ternary-logic table 0xCA) */
+            __m512i u0 = _mm512_ternarylogic_epi32(mhi, _mm512_slli_epi16(vh, 4), vl, 0xCA);
+            __m512i u1 = _mm512_ternarylogic_epi32(mhi, vh, _mm512_srli_epi16(vl, 4), 0xCA);
+            a = _mm512_dpbusd_epi32(a, u0, _mm512_set1_epi32(q0));
+            a2 = _mm512_dpbusd_epi32(a2, u1, _mm512_set1_epi32(q1));
+            b = _mm512_dpbusd_epi32(b, u0, _mm512_set1_epi32(r0));
+            b2 = _mm512_dpbusd_epi32(b2, u1, _mm512_set1_epi32(r1));
         }
         _mm512_storeu_si512(out, _mm512_add_epi32(a, a2));
         _mm512_storeu_si512(out + 16, _mm512_add_epi32(b, b2));
-        _mm512_storeu_si512(out + 32, _mm512_add_epi32(c, c2));
     }
     #endif
 
@@ -703,25 +701,28 @@ cdef extern from *:
         sqd_nib_dots_generic(plane, nblk, dpad8, qw, out);
     }
 
-    /* Stage-1 dots of nblk consecutive blocks (both planes): for block k,
-       out[48 k + r] = <lo_r, qw>, out[48 k + 16 + r] = <lo_r, qw2>,
-       out[48 k + 32 + r] = <hi_r, qw2>. */
-    static void sqd_nib_dots3(const uint8_t* hi, const uint8_t* lo, Py_ssize_t nblk,
+    /* Stage-1 dots of nblk consecutive blocks (both planes): for block k and
+       slot r of it, out[32 k + r] = <u_r, qw> and out[32 k + 16 + r] =
+       <u_r, qw2> with u = 16 u_hi + u_lo = q8 + 136 per feature; both are
+       below 255 * 127 * 16384 < 2^31. */
+    static void sqd_nib_dots8(const uint8_t* hi, const uint8_t* lo, Py_ssize_t nblk,
                               Py_ssize_t dpad8, const int8_t* qw, const int8_t* qw2,
                               int32_t* out) {
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* h = hi + k * 8 * dpad8;
             const uint8_t* l = lo + k * 8 * dpad8;
-            int32_t* o = out + 48 * k;
+            int32_t* o = out + 32 * k;
     #if SQD_X86
-            if (sqd_isa() == 2) { sqd_nib_dots3_vnni(h, l, dpad8, qw, qw2, o); continue; }
+            if (sqd_isa() == 2) { sqd_nib_dots8_vnni(h, l, dpad8, qw, qw2, o); continue; }
     #endif
-            sqd_nib_dots(l, 1, dpad8, qw, o);
-            sqd_nib_dots(l, 1, dpad8, qw2, o + 16);
-            sqd_nib_dots(h, 1, dpad8, qw2, o + 32);
+            int32_t t[32];
+            sqd_nib_dots(h, 1, dpad8, qw, o);
+            sqd_nib_dots(h, 1, dpad8, qw2, o + 16);
+            sqd_nib_dots(l, 1, dpad8, qw, t);
+            sqd_nib_dots(l, 1, dpad8, qw2, t + 16);
+            for (int r = 0; r < 32; ++r) o[r] = 16 * o[r] + t[r];
         }
     }
-
 
     /* Nibble dots of the whole blocks covering slots [s0, s1), s1 - s0 <=
        256, into out (up to 272 entries); returns the position of slot s0. */
@@ -787,23 +788,21 @@ cdef extern from *:
     }
 
     /* Stage-1 decisions of the relative codes for n slots (ascending, in
-       blocks b0..): slot i has stage-0 dot d0[i] (signed) and block dots
-       o[48 k + r] = <lo, qw>, o[48 k + 16 + r] = <lo, qw2>, o[48 k + 32 + r]
-       = <hi, qw2> (k = (slot >> 4) - b0, r = slot & 15, +8 offsets removed
-       with sub, sub2); F = K (16 d0 + lo1) + 16 hi2 + lo2.  F >= hi: slot -
-       base goes to acc; lo <= F < hi: slot goes to ver.  acc and ver need 16
-       entries of slack. */
-    static void sqd_stage1_generic(const Py_ssize_t* slot, const int32_t* d0, Py_ssize_t n,
-                                   const int32_t* o, Py_ssize_t b0, int32_t sub, int32_t sub2,
-                                   int64_t K, int64_t hi, int64_t lo, Py_ssize_t base,
-                                   int32_t* acc, Py_ssize_t* n_acc, Py_ssize_t* ver,
-                                   Py_ssize_t* n_ver) {
+       blocks b0..): slot s has the block dots o[32 k + r] = <u, qw> and
+       o[32 k + 16 + r] = <u, qw2> (k = (s >> 4) - b0, r = s & 15; the +136
+       offsets of u are removed with sub, sub2), and F = K (o[32 k + r] -
+       sub) + (o[32 k + 16 + r] - sub2) = <q8, K qw + qw2>.  F >= hi: slot -
+       base goes to acc; lo <= F < hi: slot goes to ver.  acc and ver need
+       16 entries of slack. */
+    static void sqd_stage1_generic(const Py_ssize_t* slot, Py_ssize_t n, const int32_t* o,
+                                   Py_ssize_t b0, int32_t sub, int32_t sub2, int64_t K,
+                                   int64_t hi, int64_t lo, Py_ssize_t base, int32_t* acc,
+                                   Py_ssize_t* n_acc, Py_ssize_t* ver, Py_ssize_t* n_ver) {
         Py_ssize_t a = 0, v = *n_ver;
         for (Py_ssize_t i = 0; i < n; ++i) {
             Py_ssize_t s = slot[i];
-            const int32_t* ob = o + 48 * ((s >> 4) - b0) + (s & 15);
-            int64_t e = K * (16 * (int64_t)d0[i] + (ob[0] - sub))
-                        + 16 * (int64_t)(ob[32] - sub2) + (ob[16] - sub2);
+            const int32_t* ob = o + 32 * ((s >> 4) - b0) + (s & 15);
+            int64_t e = K * (int64_t)(ob[0] - sub) + (int64_t)(ob[16] - sub2);
             acc[a] = (int32_t)(s - base);
             a += e >= hi;
             ver[v] = s;
@@ -814,20 +813,18 @@ cdef extern from *:
     }
 
     #if SQD_X86
-    /* The same, 8 slots per step: the integers A = 16 d0 + lo1 and B = 16
-       hi2 + lo2 are below 2^31 and F = K A + B below 2^40, so float64
-       holds all of them exactly (the fused multiply-add rounds once, an
-       exact result). */
+    /* The same, 8 slots per step: both differences are below 2^29 and F
+       below 2^37, so float64 holds all of them exactly (the fused
+       multiply-add rounds once, an exact result). */
     __attribute__((target("avx512f,avx512vl,avx512dq,popcnt")))
-    static void sqd_stage1_avx512(const Py_ssize_t* slot, const int32_t* d0, Py_ssize_t n,
-                                  const int32_t* o, Py_ssize_t b0, int32_t sub, int32_t sub2,
-                                  int64_t K, int64_t hi, int64_t lo, Py_ssize_t base,
-                                  int32_t* acc, Py_ssize_t* n_acc, Py_ssize_t* ver,
-                                  Py_ssize_t* n_ver) {
+    static void sqd_stage1_avx512(const Py_ssize_t* slot, Py_ssize_t n, const int32_t* o,
+                                  Py_ssize_t b0, int32_t sub, int32_t sub2, int64_t K,
+                                  int64_t hi, int64_t lo, Py_ssize_t base, int32_t* acc,
+                                  Py_ssize_t* n_acc, Py_ssize_t* ver, Py_ssize_t* n_ver) {
         const __m512i vb0 = _mm512_set1_epi64(b0), v15 = _mm512_set1_epi64(15);
         const __m512i vbase = _mm512_set1_epi64(base);
         const __m256i vsub = _mm256_set1_epi32(sub), vsub2 = _mm256_set1_epi32(sub2);
-        const __m256i v16 = _mm256_set1_epi32(16), v32 = _mm256_set1_epi32(32);
+        const __m256i v16 = _mm256_set1_epi32(16);
         const __m512d vK = _mm512_set1_pd((double)K);
         const __m512d vhi = _mm512_set1_pd((double)hi), vlo = _mm512_set1_pd((double)lo);
         Py_ssize_t a = 0, v = *n_ver;
@@ -835,18 +832,14 @@ cdef extern from *:
             __mmask8 k = (n - i >= 8) ? (__mmask8)0xFF : (__mmask8)((1u << (n - i)) - 1);
             __m512i sl = _mm512_maskz_loadu_epi64(k, slot + i);
             __m512i blk = _mm512_sub_epi64(_mm512_srli_epi64(sl, 4), vb0);
-            __m512i idx64 = _mm512_add_epi64(_mm512_mullo_epi64(blk, _mm512_set1_epi64(48)),
+            __m512i idx64 = _mm512_add_epi64(_mm512_slli_epi64(blk, 5),
                                              _mm512_and_si512(sl, v15));
             __m256i idx = _mm512_cvtepi64_epi32(idx64);
             __m256i z = _mm256_setzero_si256();
-            __m256i l1 = _mm256_mmask_i32gather_epi32(z, k, idx, o, 4);
-            __m256i l2 = _mm256_mmask_i32gather_epi32(z, k, _mm256_add_epi32(idx, v16), o, 4);
-            __m256i h2 = _mm256_mmask_i32gather_epi32(z, k, _mm256_add_epi32(idx, v32), o, 4);
-            __m256i dd = _mm256_maskz_loadu_epi32(k, d0 + i);
-            __m256i A = _mm256_add_epi32(_mm256_slli_epi32(dd, 4), _mm256_sub_epi32(l1, vsub));
-            __m256i B = _mm256_add_epi32(_mm256_slli_epi32(_mm256_sub_epi32(h2, vsub2), 4),
-                                         _mm256_sub_epi32(l2, vsub2));
-            __m512d e = _mm512_fmadd_pd(vK, _mm512_cvtepi32_pd(A), _mm512_cvtepi32_pd(B));
+            __m256i p1 = _mm256_mmask_i32gather_epi32(z, k, idx, o, 4);
+            __m256i p2 = _mm256_mmask_i32gather_epi32(z, k, _mm256_add_epi32(idx, v16), o, 4);
+            __m512d e = _mm512_fmadd_pd(vK, _mm512_cvtepi32_pd(_mm256_sub_epi32(p1, vsub)),
+                                        _mm512_cvtepi32_pd(_mm256_sub_epi32(p2, vsub2)));
             __mmask8 ma = _mm512_mask_cmp_pd_mask(k, e, vhi, _CMP_GE_OQ);
             __mmask8 mv = _mm512_mask_cmp_pd_mask((__mmask8)(k & ~ma), e, vlo, _CMP_GE_OQ);
             __m256i rel = _mm512_cvtepi64_epi32(_mm512_sub_epi64(sl, vbase));
@@ -860,21 +853,20 @@ cdef extern from *:
     }
     #endif
 
-    static void sqd_stage1(const Py_ssize_t* slot, const int32_t* d0, Py_ssize_t n,
-                           const int32_t* o, Py_ssize_t b0, int32_t sub, int32_t sub2,
-                           int64_t K, int64_t hi, int64_t lo, Py_ssize_t base, int32_t* acc,
-                           Py_ssize_t* n_acc, Py_ssize_t* ver, Py_ssize_t* n_ver) {
+    static void sqd_stage1(const Py_ssize_t* slot, Py_ssize_t n, const int32_t* o,
+                           Py_ssize_t b0, int32_t sub, int32_t sub2, int64_t K, int64_t hi,
+                           int64_t lo, Py_ssize_t base, int32_t* acc, Py_ssize_t* n_acc,
+                           Py_ssize_t* ver, Py_ssize_t* n_ver) {
     #if SQD_X86
         static const bool vl = __builtin_cpu_supports("avx512vl")
                                && __builtin_cpu_supports("avx512dq");
         if (sqd_isa() == 2 && vl) {
-            sqd_stage1_avx512(slot, d0, n, o, b0, sub, sub2, K, hi, lo, base, acc, n_acc,
-                              ver, n_ver);
+            sqd_stage1_avx512(slot, n, o, b0, sub, sub2, K, hi, lo, base, acc, n_acc, ver,
+                              n_ver);
             return;
         }
     #endif
-        sqd_stage1_generic(slot, d0, n, o, b0, sub, sub2, K, hi, lo, base, acc, n_acc, ver,
-                           n_ver);
+        sqd_stage1_generic(slot, n, o, b0, sub, sub2, K, hi, lo, base, acc, n_acc, ver, n_ver);
     }
 
     /* float32 variant of sqd_classify, twice as wide per vector.  Used only
@@ -1449,14 +1441,13 @@ cdef extern from *:
                               const int8_t* qw, int32_t* out) noexcept nogil
     void sqd_nib_dots(const uint8_t* plane, intp_t nblk, intp_t dpad8, const int8_t* qw,
                       int32_t* out) noexcept nogil
-    void sqd_nib_dots3(const uint8_t* hi, const uint8_t* lo, intp_t nblk, intp_t dpad8,
+    void sqd_nib_dots8(const uint8_t* hi, const uint8_t* lo, intp_t nblk, intp_t dpad8,
                        const int8_t* qw, const int8_t* qw2, int32_t* out) noexcept nogil
     void sqd_screen_int(const int32_t* dots, intp_t n, int32_t hi, int32_t lo, int32_t* acc,
                         intp_t* n_acc, int32_t* ver, intp_t* n_ver) noexcept nogil
-    void sqd_stage1(const intp_t* slot, const int32_t* d0, intp_t n, const int32_t* o,
-                    intp_t b0, int32_t sub, int32_t sub2, int64_t K, int64_t hi, int64_t lo,
-                    intp_t base, int32_t* acc, intp_t* n_acc, intp_t* ver,
-                    intp_t* n_ver) noexcept nogil
+    void sqd_stage1(const intp_t* slot, intp_t n, const int32_t* o, intp_t b0, int32_t sub,
+                    int32_t sub2, int64_t K, int64_t hi, int64_t lo, intp_t base,
+                    int32_t* acc, intp_t* n_acc, intp_t* ver, intp_t* n_ver) noexcept nogil
     void sqd_row_dots(const uint8_t* row, intp_t dpad, const int8_t* qw, const int8_t* qw2,
                       int32_t sumq128, int32_t sumq2_128, int32_t* e1,
                       int32_t* e2) noexcept nogil
@@ -1548,7 +1539,7 @@ cdef struct QueryBuf:
     int32_t sumq2_128  # 128 * sum(qw2)
     int32_t* dots      # integer dots <q_p + 128, qw> of one leaf chunk (CHUNK + 16)
     int32_t* dots2     # integer dots <q_p + 128, qw2> of one leaf chunk (CHUNK + 16)
-    int32_t* dots3     # stage-1 dots of the relative codes, 48 per block (3 (CHUNK + 16))
+    int32_t* dots8     # stage-1 dots of the relative codes, 32 per block (2 (CHUNK + 16))
     intp_t doff        # position of the chunk's first slot in dots and dots2
     unsigned char* flag  # screening decisions of one chunk (CHUNK)
     int32_t* pos         # positions of accepted (at 0), undecided (at VER_OFF) points
@@ -1561,10 +1552,9 @@ cdef struct QueryBuf:
     double enorm2      # upper bound on ||w - t qw - t2 qw2|| (both levels)
     int32_t sumq2_8    # 8 * sum(qw2)
     int32_t sumq8      # 8 * sum(qw): removes the +8 offset of the nibbles
-    # relative-code pipeline: slots awaiting stage 1 (with their stage-0
-    # dots and their leaf's stage-1 thresholds), slots awaiting verification
+    # relative-code pipeline: slots awaiting stage 1 (with their leaf's
+    # stage-1 thresholds), slots awaiting verification
     intp_t* r1_slot
-    int32_t* r1_d0
     intp_t r1_n
     int64_t r1_hi
     int64_t r1_lo
@@ -2088,7 +2078,7 @@ cdef intp_t _rel_stage1(const CoreView* v, const floating* X, QueryBuf* qb, int 
     cdef intp_t base = qb.r1_s0, dpad8 = v.dpad8, b0, b1, n_blk
     cdef int64_t K = 2 * sqd_qmax() + 2
     cdef const intp_t* slot = qb.r1_slot
-    cdef int32_t* dots = qb.dots3
+    cdef int32_t* dots = qb.dots8
     cdef int32_t* acc = qb.r1_acc
     cdef intp_t* ver = qb.r2_slot
     if n == 0:
@@ -2102,16 +2092,17 @@ cdef intp_t _rel_stage1(const CoreView* v, const floating* X, QueryBuf* qb, int 
     for i in range(1, n):
         n_blk += (slot[i] >> 4) != (slot[i - 1] >> 4)
     if 2 * n_blk >= b1 - b0:
-        sqd_nib_dots3(v.rhi + b0 * 8 * dpad8, v.rlo + b0 * 8 * dpad8, b1 - b0, dpad8, qb.qw,
+        sqd_nib_dots8(v.rhi + b0 * 8 * dpad8, v.rlo + b0 * 8 * dpad8, b1 - b0, dpad8, qb.qw,
                       qb.qw2, dots)
     else:
         blk = -1
         for i in range(n):
             if (slot[i] >> 4) != blk:
                 blk = slot[i] >> 4
-                sqd_nib_dots3(v.rhi + blk * 8 * dpad8, v.rlo + blk * 8 * dpad8, 1, dpad8,
-                              qb.qw, qb.qw2, dots + 48 * (blk - b0))
-    sqd_stage1(slot, qb.r1_d0, n, dots, b0, qb.sumq8, qb.sumq2_8, K, qb.r1_hi, qb.r1_lo, base,
+                sqd_nib_dots8(v.rhi + blk * 8 * dpad8, v.rlo + blk * 8 * dpad8, 1, dpad8,
+                              qb.qw, qb.qw2, dots + 32 * (blk - b0))
+    # the +136 offsets of the merged bytes: 136 = 17 * 8
+    sqd_stage1(slot, n, dots, b0, 17 * qb.sumq8, 17 * qb.sumq2_8, K, qb.r1_hi, qb.r1_lo, base,
                acc, &n_acc, ver, &nv)
     for j in range(nv0, nv):
         sqd_prefetch_span_l2(<const char*>(X + ver[j] * v.d), v.d * sizeof(floating))
@@ -2178,7 +2169,6 @@ cdef intp_t _scan_leaf_rel(const CoreView* v, const floating* X, QueryBuf* qb, i
         for i in range(n_ver):
             s = s0 + ver[i]
             qb.r1_slot[i] = s
-            qb.r1_d0[i] = qb.dots[off + ver[i]] - sub
             if (s >> 4) != blk:
                 blk = s >> 4
                 sqd_prefetch_span_l2(<const char*>(v.rlo + blk * 8 * v.dpad8), 8 * v.dpad8)
@@ -2382,13 +2372,12 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     qb.qw2 = <int8_t*>malloc((d + 8) * sizeof(int8_t))
     qb.dots = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
     qb.dots2 = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
-    qb.dots3 = <int32_t*>malloc(3 * (CHUNK + 16) * sizeof(int32_t))
+    qb.dots8 = <int32_t*>malloc(2 * (CHUNK + 16) * sizeof(int32_t))
     qb.pend = <intp_t*>malloc(CHUNK * sizeof(intp_t))
     qb.pend_d1 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
     qb.pend_d2 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
     qb.n_pend = 0
     qb.r1_slot = <intp_t*>malloc(CHUNK * sizeof(intp_t))
-    qb.r1_d0 = <int32_t*>malloc(CHUNK * sizeof(int32_t))
     qb.r2_slot = <intp_t*>malloc((CHUNK + 16) * sizeof(intp_t))
     qb.r1_acc = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
     qb.r1_n = qb.r2_n = 0
@@ -2401,9 +2390,9 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     qb.k = k
     qb.hsize = 0
     if (qb.w == NULL or qb.qw == NULL or qb.qw2 == NULL or qb.dots == NULL
-            or qb.dots2 == NULL or qb.dots3 == NULL or qb.flag == NULL
+            or qb.dots2 == NULL or qb.dots8 == NULL or qb.flag == NULL
             or qb.pend == NULL or qb.pend_d1 == NULL or qb.pend_d2 == NULL
-            or qb.r1_slot == NULL or qb.r1_d0 == NULL or qb.r2_slot == NULL
+            or qb.r1_slot == NULL or qb.r2_slot == NULL
             or qb.r1_acc == NULL
             or qb.pos == NULL
             or qb.stack == NULL
@@ -2421,12 +2410,11 @@ cdef void _free_qbuf(QueryBuf* qb) noexcept nogil:
     free(qb.qw2)
     free(qb.dots)
     free(qb.dots2)
-    free(qb.dots3)
+    free(qb.dots8)
     free(qb.pend)
     free(qb.pend_d1)
     free(qb.pend_d2)
     free(qb.r1_slot)
-    free(qb.r1_d0)
     free(qb.r2_slot)
     free(qb.r1_acc)
     free(qb.flag)
