@@ -147,8 +147,10 @@ def test_adversarial_near_threshold(dtype, rng, log2_scale, kernel):
 def _sweep_exact_thresholds(index, w, s, quantiles):
     """Thresholds at, one unit above and one unit below the given quantiles
     of the exact scores s: query (with and without scores) and query_count
-    agree with s >= b.  Returns the points refined and verified in all."""
-    refined = verified = 0
+    agree with s >= b.  Returns the points refined (stage 1 of the relative
+    codes, or the level-2 codes), decided by stage 2 of the relative codes
+    and verified, in all."""
+    refined = refined2 = verified = 0
     for v in np.quantile(s, quantiles, method="lower"):
         for b in (v, np.nextafter(v, np.inf), np.nextafter(v, -np.inf)):
             ref = np.flatnonzero(s >= b)
@@ -159,8 +161,9 @@ def _sweep_exact_thresholds(index, w, s, quantiles):
             st = index._core.query_stats(w.astype(np.float64), b)
             assert st["count"] == ref.shape[0]
             refined += st["refined"]
+            refined2 += st["refined2"]
             verified += st["verified"]
-    return refined, verified
+    return refined, refined2, verified
 
 
 @pytest.mark.parametrize("log2_scale", [-90, -20, 0, 30, 90])
@@ -184,8 +187,8 @@ def test_adversarial_level2_band_edge(dtype, rng, log2_scale, rel_spread, kernel
     assert np.array_equal(X.astype(np.float64) / scale, Xi)      # exact
     index = HalfspaceIndex(X, leaf_size=4)
     s = (Xi.astype(np.float64) @ w) * scale                      # exact scores
-    refined, verified = _sweep_exact_thresholds(index, w.astype(dtype), s,
-                                                [0.02, 0.3, 0.5, 0.7, 0.98])
+    refined, _, verified = _sweep_exact_thresholds(index, w.astype(dtype), s,
+                                                   [0.02, 0.3, 0.5, 0.7, 0.98])
     assert verified <= refined
     if rel_spread <= 11 and 2.0 ** -110 < np.abs(X).max() < 2.0 ** 120:
         # wide spread (and float32 code scales): the refinement decides
@@ -491,6 +494,7 @@ def test_query_stats_accounting(rng):
     assert st["count"] == index.query_count(w, b)
     assert st["screened"] + st["bulk"] <= len(index) and st["nodes"] > 0
     assert st["verified"] <= st["refined"] <= st["screened"]
+    assert st["refined2"] <= st["refined"]
 
 
 def test_large_build_uses_parallel_subtrees(dtype, rng):
@@ -738,13 +742,14 @@ def test_relative_codes_are_used_on_clustered_data_only(dtype, rng, kernel):
 
 @pytest.mark.parametrize("log2_scale", [-90, -20, 0, 30, 90])
 @pytest.mark.parametrize("rel_spread", [14, 10, 7])
-def test_adversarial_relative_band_edges(dtype, rng, log2_scale, rel_spread, kernel):
+@pytest.mark.parametrize("d", [24, 136])
+def test_adversarial_relative_band_edges(dtype, rng, log2_scale, rel_spread, d, kernel):
     # A few tight clusters of points on a 2**-20 (float32) or 2**-40
     # (float64) relative grid, so that every score is exact: thresholds at,
     # one unit above and one unit below scores sweep across the edges of the
-    # stage-0 and stage-1 bands of the relative codes, at scales 2**-90 ..
-    # 2**90.  Stage 1 must decide points, not only the exact dots.
-    d = 24
+    # stage-0, stage-1 and (d = 136: rows of X of 544 bytes or more) stage-2
+    # bands of the relative codes, at scales 2**-90 .. 2**90.  Stage 1, and
+    # stage 2 where it runs, must decide points, not only the exact dots.
     bits = 20 if dtype == np.float32 else 40
     spread = 2 ** (bits - rel_spread)
     centres = rng.integers(2 ** (bits - 2), 2 ** (bits - 1), size=(4, d)) \
@@ -756,24 +761,32 @@ def test_adversarial_relative_band_edges(dtype, rng, log2_scale, rel_spread, ker
     X = (Xi.astype(np.float64) * scale).astype(dtype)
     assert np.array_equal(X.astype(np.float64) / scale, Xi)      # exact
     index = HalfspaceIndex(X, leaf_size=32)
+    stage2 = index._core.r3w > 0
+    assert stage2 == (d == 136)
     rel_used = 2.0 ** -100 < np.abs(X).max() < 2.0 ** 100        # float32-safe scales
     if rel_used:
         assert _relative_leaves(index) > 0
+        index._core.check_invariants()
     s = (Xi.astype(np.float64) @ w) * scale                      # exact scores
-    refined, verified = _sweep_exact_thresholds(index, w.astype(dtype), s,
-                                                [0.05, 0.2, 0.5, 0.8, 0.95])
-    assert verified <= refined
+    refined, refined2, verified = _sweep_exact_thresholds(index, w.astype(dtype), s,
+                                                          [0.05, 0.2, 0.5, 0.8, 0.95])
+    assert verified <= refined and refined2 <= refined
+    if not stage2:
+        assert refined2 == 0
     if rel_used and rel_spread >= 10:
         assert verified < refined
+        if stage2:
+            assert 0 < refined2 and verified < refined2
 
 
-def test_relative_leaves_with_tombstones(dtype, rng, kernel):
+@pytest.mark.parametrize("d", [32, 130])
+def test_relative_leaves_with_tombstones(dtype, rng, d, kernel):
     # Removed points of relative leaves whose scores lie far above b (decided
-    # by stage 0) or near it (stage 1, verification) never come back.
-    X = clustered(rng, 4000, 32, n_clusters=10, spread=0.1).astype(dtype)
+    # by stage 0) or near it (stages 1 and 2, verification) never come back.
+    X = clustered(rng, 4000, d, n_clusters=10, spread=0.1).astype(dtype)
     index = HalfspaceIndex(X, leaf_size=64)
     assert _relative_leaves(index) > 0
-    w = rng.normal(size=32).astype(dtype)
+    w = rng.normal(size=d).astype(dtype)
     s = X.astype(np.float64) @ w.astype(np.float64)
     b = float(np.quantile(s, 0.7))
     gone = np.concatenate([np.flatnonzero(s >= b)[::3], np.flatnonzero(s < b)[::5]])
@@ -787,20 +800,66 @@ def test_relative_leaves_with_tombstones(dtype, rng, kernel):
         assert ids.shape == ref.shape
 
 
-def test_updates_grow_or_retire_relative_constants(dtype, rng):
+@pytest.mark.parametrize("d", [24, 130])
+def test_updates_grow_or_retire_relative_constants(dtype, rng, d):
     # Small moves re-encode the point against its leaf and grow the leaf's
     # constants; a move far from the centre turns the leaf's relative codes
     # off.  Either way the index stays exact and its invariants hold.
-    X = clustered(rng, 3000, 24, n_clusters=6, spread=0.1).astype(dtype)
+    X = clustered(rng, 3000, d, n_clusters=6, spread=0.1).astype(dtype)
     index = HalfspaceIndex(X, leaf_size=64)
     before = _relative_leaves(index)
     assert before > 0
     ids = rng.choice(3000, size=200, replace=False)
-    index.update(ids[:150], (X[ids[:150]] + 0.02 * rng.normal(size=(150, 24))).astype(dtype))
+    index.update(ids[:150], (X[ids[:150]] + 0.02 * rng.normal(size=(150, d))).astype(dtype))
     index._core.check_invariants()
-    index.update(ids[150:], (X[ids[150:]] + 5.0 * rng.normal(size=(50, 24))).astype(dtype))
+    index.update(ids[150:], (X[ids[150:]] + 5.0 * rng.normal(size=(50, d))).astype(dtype))
     index._core.check_invariants()
     assert _relative_leaves(index) < before
     Xl, _ = _live(index)
-    W = rng.normal(size=(5, 24)).astype(dtype)
+    W = rng.normal(size=(5, d)).astype(dtype)
     check_against_oracle(index, W, _thresholds(Xl, W, [0.01, 0.1, 0.5], rng), k=3)
+
+
+@pytest.mark.parametrize("d", [24, 136])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_relative_bounds_are_nearly_tight_for_aligned_residuals(dtype, rng, d, sign, kernel):
+    # With w = +-sign(e), e a point's residual at the finest level its leaf
+    # uses (stage 1 at d = 24, stage 2 at d = 136), |<e, w>| = ||e||_1, about
+    # 0.87 sqrt(d) ||e||: the Cauchy-Schwarz band of that level is nearly
+    # tight.  Thresholds swept across the point's exact score in steps of a
+    # twentieth of the band must all give the oracle's answer; a band
+    # shrunk to 0.3x misclassifies the point.  Dyadic data: exact scores.
+    n = 1500
+    centres = rng.integers(-2 ** 14, 2 ** 14, size=(6, d))
+    Xi = centres[rng.integers(6, size=n)] + rng.integers(-2 ** 9, 2 ** 9, size=(n, d))
+    X = (Xi / 2.0 ** 12).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=32)
+    core = index._core
+    t = core.tree_arrays()
+    leaves = np.flatnonzero((t["right"] < 0) & (t["rel"][:, 0] > 0))
+    assert leaves.size > 0
+    ids = core.live_ids()
+    slot_to_id = dict(zip(core.slots_of(ids).tolist(), ids.tolist()))
+    checked = 0
+    for node in rng.choice(leaves, size=min(4, leaves.size), replace=False):
+        s4, A0, C0, A1, C1, A2, C2 = (float(x) for x in t["rel"][node])
+        slot = next(s for s in range(t["start"][node], t["end"][node]) if s in slot_to_id)
+        pid = slot_to_id[slot]
+        r = X[pid].astype(np.float64) - t["center"][node].astype(np.float64)
+        hi, lo, q3 = core.rel_codes(slot)
+        q8 = 16 * hi + lo
+        if q3 is None:
+            e, C = r - s4 / 16 * q8, C1
+        else:
+            e, C = r - s4 / 256 * (16 * q8 + q3), C2
+        w = sign * np.where(e >= 0, 1.0, -1.0)
+        scores = Xi @ w / 2.0 ** 12                          # exact
+        band = C * np.sqrt(d)
+        assert np.abs(e).sum() > 0.5 * band                  # nearly tight
+        for frac in np.linspace(-1.0, 1.0, 41):
+            b = scores[pid] + frac * band
+            ref = np.flatnonzero(scores >= b)
+            np.testing.assert_array_equal(np.sort(index.query(w.astype(dtype), b)), ref)
+            st = core.query_stats(w, b)
+            checked += st["refined2" if q3 is not None else "refined"] > 0
+    assert checked > 0

@@ -25,17 +25,30 @@ def points(n):
 # coordinate (still exact), so that leaves of two or more points get
 # leaf-relative codes (single-point leaves have nothing to encode).
 CENTRES = np.array([[2.0, -1.5, 0.5], [-1.0, 1.0, 2.0], [0.25, -2.0, -0.75]])
+# Wide rows (128 features: 512 bytes in float32, 1 KiB in float64) also run
+# stage 2 of the relative codes; same construction, dyadic centres.
+WIDE = 128
+WIDE_CENTRES = np.random.default_rng(7).integers(-8, 9, size=(3, WIDE)) / 4
 
 
-def clustered_points(n):
-    return st.tuples(
-        hynp.arrays(np.intp, (n,), elements=st.integers(0, len(CENTRES) - 1)),
-        hynp.arrays(np.float64, (n, D), elements=st.integers(-8, 8).map(lambda v: v / 1024)),
-    ).map(lambda t: CENTRES[t[0]] + t[1])
+def clustered_in(centres):
+    """Points drawn around ``centres`` (tight, dyadic: exact scores)."""
+    d = centres.shape[1]
+
+    def draw(n):
+        return st.tuples(
+            hynp.arrays(np.intp, (n,), elements=st.integers(0, len(centres) - 1)),
+            hynp.arrays(np.float64, (n, d), elements=st.integers(-8, 8).map(lambda v: v / 1024)),
+        ).map(lambda t: centres[t[0]] + t[1])
+    return draw
 
 
-def make_machine(points, dtype):
-    """A state machine drawing its points from ``points`` into an index of ``dtype``."""
+clustered_points = clustered_in(CENTRES)
+
+
+def make_machine(points, dtype, d=D):
+    """A state machine drawing its d-dimensional points from ``points`` into an
+    index of ``dtype``."""
 
     class HalfspaceMachine(RuleBasedStateMachine):
 
@@ -48,7 +61,7 @@ def make_machine(points, dtype):
 
         def _live(self):
             ids = np.array(sorted(self.model), dtype=np.intp)
-            X = np.array([self.model[i] for i in ids]).reshape(-1, D)
+            X = np.array([self.model[i] for i in ids]).reshape(-1, d)
             return ids, X
 
         @rule(X=st.integers(0, 9).flatmap(points))
@@ -79,7 +92,7 @@ def make_machine(points, dtype):
             for i, x in zip(ids, X):
                 self.model[i] = x.astype(np.float64)
 
-        @rule(W=hynp.arrays(np.float64, (3, D), elements=coord),
+        @rule(W=hynp.arrays(np.float64, (3, d), elements=coord),
               b=st.lists(coord, min_size=3, max_size=3))
         def query(self, W, b):
             ids, X = self._live()
@@ -91,7 +104,19 @@ def make_machine(points, dtype):
                                               ref_idx[ref_ptr[q]:ref_ptr[q + 1]])
             np.testing.assert_array_equal(self.index.query_count(W, b), np.diff(ref_ptr))
 
-        @rule(w=hynp.arrays(np.float64, (D,), elements=coord), k=st.integers(0, 6))
+        @rule(w=hynp.arrays(np.float64, (d,), elements=coord),
+              data=st.data(), delta=st.integers(-64, 64))
+        def query_near_a_point(self, w, data, delta):
+            # b within a few grid steps of a live point's score, so that the
+            # point sits inside the screening bands (ties included)
+            assume(self.model)
+            ids, X = self._live()
+            i = data.draw(st.integers(0, len(ids) - 1))
+            b = float(X[i] @ w) + delta / 2 ** 16
+            ref = ids[X @ w >= b]
+            np.testing.assert_array_equal(np.sort(self.index.query(w.astype(dtype), b)), ref)
+
+        @rule(w=hynp.arrays(np.float64, (d,), elements=coord), k=st.integers(0, 6))
         def search(self, w, k):
             ids, X = self._live()
             s, i = self.index.search(w.astype(dtype), k)
@@ -125,3 +150,7 @@ TestClusteredHalfspace64 = make_machine(clustered_points, np.float64).TestCase
 TestClusteredHalfspace64.settings = _SETTINGS
 TestClusteredHalfspace32 = make_machine(clustered_points, np.float32).TestCase
 TestClusteredHalfspace32.settings = _SETTINGS
+TestWideClusteredHalfspace64 = make_machine(clustered_in(WIDE_CENTRES), np.float64, WIDE).TestCase
+TestWideClusteredHalfspace64.settings = _SETTINGS
+TestWideClusteredHalfspace32 = make_machine(clustered_in(WIDE_CENTRES), np.float32, WIDE).TestCase
+TestWideClusteredHalfspace32.settings = _SETTINGS

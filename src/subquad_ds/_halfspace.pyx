@@ -49,9 +49,12 @@ cache, bound by the multiply-adds):
    d / 2 bytes per point and decides with two integer comparisons against
    thresholds computed once per leaf and query; stage 1 reads the other
    nibble plane (and a second query level) for the 16-slot blocks holding
-   undecided points; what is left is verified exactly.  On the benchmark's
-   clustered data (N = 200k, d = 128, 10% selectivity) stage 0 leaves
-   about 19% of the screened points to stage 1 and 1.3% to verification.
+   undecided points; where a row of X spans at least 8 cache lines, stage
+   2 reads a third 4-bit code per feature, d / 2 bytes per point stored
+   point-major, for the points still undecided; what is left is verified
+   exactly.  On the benchmark's clustered data (N = 200k, d = 128, 10%
+   selectivity) stage 0 leaves about 19% of the screened points to stage
+   1, 1.1% reach stage 2 and 0.08% verification.
 
 Semantics and rounding (why the answer is exact)
 ------------------------------------------------
@@ -110,31 +113,39 @@ refinement band, at scales 2**-90 .. 2**90, for every kernel.
 Leaf-relative codes
 -------------------
 For a leaf with stored centre ``c`` (float32) and scale ``s4`` (float32,
-``max |p_j - c_j| / 7`` over its live points), every live point has
-``r = p - c = s4 qh + e0`` (``qh = round(r / s4)`` in [-7, 7]) and
-``e0 = s8 ql + e1`` (``s8 = s4 / 16``, ``ql = round(e0 / s8)`` clipped to
-[-8, 7]), so ``r = s8 q8 + e1`` with ``q8 = 16 qh + ql``.  The leaf stores
-``A0 >= max ||s4 qh||``, ``C0 >= max ||e0||``, ``A1 >= max ||s8 q8||``,
-``C1 >= max ||e1||`` (float32, rounded up; the computed r, e0, e1 each err
-by at most u relative and |e0_j|, |e1_j| <= |r_j|, so ``4 u ||r||`` is
-added).  With the computed ``cw`` (within ``gam ||c|| ||w||`` of
-``<c, w>``, and ``||p|| <= ||c|| + radius``):
+``max |p_j - c_j| / 7`` over its live points; ``s8 = s4 / 16``, ``s12 =
+s4 / 256``), every live point has ``r = p - c = s12 q12 + e2`` with
+``q12 = round(r / s12)``, and its coarser codes are the floors ``q8 =
+floor((q12 + 8) / 16)``, ``qh = floor((q8 + 8) / 16)`` in [-7, 7], with
+remainders ``q3 = q12 - 16 q8`` and ``ql = q8 - 16 qh`` in [-8, 7]; so
+``r = s8 q8 + e1 = s4 qh + e0``.  (Rounding each level on its own would
+clip ``ql`` or ``q3`` at +8 for a sixteenth of the features and double
+their residual.)  The leaf stores ``A0 >= max ||s4 qh||``, ``C0 >= max
+||e0||``, ``A1 >= max ||s8 q8||``, ``C1 >= max ||e1||``, ``A2 >= max
+||s12 q12||``, ``C2 >= max ||e2||`` (float32, rounded up; each residual
+is computed from r, errs by at most u (|e| + |r|) plus the u |r| of r,
+and |e_j| <= 1.15 |r_j|, so ``6 u ||r||`` is added).  With the computed
+``cw`` (within ``gam ||c|| ||w||`` of ``<c, w>``, and ``||p|| <= ||c|| +
+radius``):
 
 - stage 0: ``|score - cw - s4 t D0| <= M0 = A0 ||e1_w|| + C0 ||w|| +
   gam (2 ||c|| + radius) ||w||`` with the exact integer ``D0 = <qh, qw>``
   and ``e1_w = w - t qw`` (one query level);
 - stage 1: ``|score - cw - s8 t2 F| <= M1 = A1 ||e2_w|| + C1 ||w|| + (the
   same gam term)`` with ``F = <q8, K qw + qw2>`` exact in int64, ``K = 2
-  qmax + 2`` (so ``t = K t2`` exactly).
+  qmax + 2`` (so ``t = K t2`` exactly);
+- stage 2: ``|score - cw - s12 t2 F3| <= M2 = A2 ||e2_w|| + C2 ||w|| +
+  (the same gam term)`` with ``F3 = <q12, K qw + qw2> = 16 F + <q3, K qw
+  + qw2>``, exact in int64.
 
-Both are widened by ``REL`` relative and ``TINY`` absolute, and turned into
+All three are widened by ``REL`` relative and ``TINY`` absolute, and turned into
 integer thresholds once per leaf: ``D >= hi`` implies
 ``cw + unit D - M >= b`` and ``D < lo`` implies ``cw + unit D + M < b``
-(unit = s4 t or s8 t2), computed as ``ceil`` / ``floor`` of
+(unit = s4 t, s8 t2 or s12 t2), computed as ``ceil`` / ``floor`` of
 ``(b - cw +- (M + err)) / unit`` widened by ``1e-12`` relative for the
 two roundings of the division and of ``unit``, ``err = REL (|b| + |cw| +
 M) + TINY`` for the sums, and clamped to ``+-2**30`` (stage 0) or
-``+-2**40`` (stage 1), beyond every reachable |D|.  If ``unit`` is not a
+``+-2**40`` (stages 1 and 2), beyond every reachable |D|.  If ``unit`` is not a
 safe positive number or a threshold is NaN, the leaf takes the absolute
 path for that query.  Tombstones are skipped when reported (a leaf with
 dead slots checks ids) and when verified.
@@ -147,13 +158,21 @@ when a quick estimate of C1 already fails).  An update re-encodes the point
 against its leaf and grows the constants, or turns the leaf's relative
 codes off if the new ``||e1||`` exceeds ``REL_GROW * C1``; a leaf that
 single adds extend turns them off (until the next build).  The nibble
-planes cost ``d`` bytes per slot.
+planes cost ``d`` bytes per slot, the third-level rows ``d / 2`` more
+where stage 2 runs.
+
+Stage 2 runs where a row of X has at least ``STAGE2_MIN_ROW`` = 512 bytes
+(d >= 128 in float32, 64 in float64): it replaces most exact dots, each a
+row of X, by one read of a ``d / 2``-byte row.  With 2 or 4 cache lines
+per row of X it was 3-7% slower (the extra pipeline step costs more than
+the lines it saves); with 8 it was 4-10% faster.
 
 Query side: stage 0 runs as a leaf is reached; the undecided slots of a
 chunk wait one chunk (their low-plane blocks prefetched into L2) for
-stage 1, whose undecided slots wait one more chunk (their rows of X
-prefetched) for verification, so that the memory has arrived; the
-pipeline is flushed at the end of the query.  The DFS prefetches both
+stage 1, whose undecided slots wait one more chunk (their third-level
+rows prefetched) for stage 2, whose undecided slots wait one more chunk
+(their rows of X prefetched) for verification, so that the memory has
+arrived; the pipeline is flushed at the end of the query.  The DFS prefetches both
 children's centres (and a relative leaf's first high-plane lines) into L2
 when it pushes them.
 
@@ -164,8 +183,10 @@ working dtype; ``scale``/``ea``/``ec`` float32; ``ids`` intp;  ``codes``
 u8; ``rows2``: per slot ``s2_p`` and ``c2_p`` as float32, then the dpad
 level-2 codes ``q2_p + 128``, contiguous so that refining a point touches
 one or two cache lines; ``rhi``/``rlo``: the leaf-relative nibble planes,
-``dpad8 / 2`` bytes each per slot).  Memory per point: ``X`` plus
-``2 dpad + dpad8 + 28`` bytes in the slot arrays, plus the hash map below and the tree nodes
+``dpad8 / 2`` bytes each per slot; ``r3``: the third-level rows, ``dpad8 /
+2`` bytes per slot where stage 2 runs, else empty).  Memory per point:
+``X`` plus ``2 dpad + dpad8 + 28`` bytes in the slot arrays (``dpad8 / 2``
+more with stage 2), plus the hash map below and the tree nodes
 (about 60-70 bytes more).  ``ids[s] == -1`` marks a tombstone, whose ``ea`` is NaN (so its
 bounds are NaN: it always reaches the verification, which skips it).  ``id2slot``
 (C++ hash map) maps every live id to its slot; ``ids[id2slot[i]] == i``.
@@ -724,6 +745,54 @@ cdef extern from *:
         }
     }
 
+    /* Stage-2 dots of one point-major nibble row (dpad8 / 2 bytes): byte i
+       holds feature i in its low nibble and feature i + dpad8 / 2 in its
+       high nibble (u = q + 8).  *o1 = <u, qw>, *o2 = <u, qw2>, exact in
+       int32 for d <= 16384. */
+    static void sqd_row3_dots_generic(const uint8_t* row, Py_ssize_t dpad8, const int8_t* qw,
+                                      const int8_t* qw2, int32_t* o1, int32_t* o2) {
+        const Py_ssize_t half = dpad8 / 2;
+        int32_t a = 0, b = 0;
+        for (Py_ssize_t i = 0; i < half; ++i) {
+            int32_t lo = row[i] & 15, hi = row[i] >> 4;
+            a += lo * (int32_t)qw[i] + hi * (int32_t)qw[i + half];
+            b += lo * (int32_t)qw2[i] + hi * (int32_t)qw2[i + half];
+        }
+        *o1 = a;
+        *o2 = b;
+    }
+
+    #if SQD_X86
+    __attribute__((target("avx512f,avx512bw,avx512vnni")))
+    static void sqd_row3_dots_vnni(const uint8_t* row, Py_ssize_t dpad8, const int8_t* qw,
+                                   const int8_t* qw2, int32_t* o1, int32_t* o2) {
+        const Py_ssize_t half = dpad8 / 2;
+        const __m512i m4 = _mm512_set1_epi8(0x0F);
+        __m512i a = _mm512_setzero_si512(), b = a;
+        for (Py_ssize_t i = 0; i < half; i += 64) {
+            /* masked loads read zeros past the row and past the query */
+            __mmask64 k = half - i >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << (half - i)) - 1);
+            __m512i v = _mm512_maskz_loadu_epi8(k, row + i);
+            __m512i lo = _mm512_and_si512(v, m4);
+            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+            a = _mm512_dpbusd_epi32(a, lo, _mm512_maskz_loadu_epi8(k, qw + i));
+            a = _mm512_dpbusd_epi32(a, hi, _mm512_maskz_loadu_epi8(k, qw + half + i));
+            b = _mm512_dpbusd_epi32(b, lo, _mm512_maskz_loadu_epi8(k, qw2 + i));
+            b = _mm512_dpbusd_epi32(b, hi, _mm512_maskz_loadu_epi8(k, qw2 + half + i));
+        }
+        *o1 = _mm512_reduce_add_epi32(a);
+        *o2 = _mm512_reduce_add_epi32(b);
+    }
+    #endif
+
+    static void sqd_row3_dots(const uint8_t* row, Py_ssize_t dpad8, const int8_t* qw,
+                              const int8_t* qw2, int32_t* o1, int32_t* o2) {
+    #if SQD_X86
+        if (sqd_isa() == 2) { sqd_row3_dots_vnni(row, dpad8, qw, qw2, o1, o2); return; }
+    #endif
+        sqd_row3_dots_generic(row, dpad8, qw, qw2, o1, o2);
+    }
+
     /* Nibble dots of the whole blocks covering slots [s0, s1), s1 - s0 <=
        256, into out (up to 272 entries); returns the position of slot s0. */
     static Py_ssize_t sqd_nib_range_dots(const uint8_t* plane, Py_ssize_t dpad8, Py_ssize_t s0,
@@ -792,12 +861,14 @@ cdef extern from *:
        o[32 k + 16 + r] = <u, qw2> (k = (s >> 4) - b0, r = s & 15; the +136
        offsets of u are removed with sub, sub2), and F = K (o[32 k + r] -
        sub) + (o[32 k + 16 + r] - sub2) = <q8, K qw + qw2>.  F >= hi: slot -
-       base goes to acc; lo <= F < hi: slot goes to ver.  acc and ver need
-       16 entries of slack. */
+       base goes to acc; lo <= F < hi: slot goes to ver and F to ver_f (an
+       integer, exact in float64).  acc, ver and ver_f need 16 entries of
+       slack. */
     static void sqd_stage1_generic(const Py_ssize_t* slot, Py_ssize_t n, const int32_t* o,
                                    Py_ssize_t b0, int32_t sub, int32_t sub2, int64_t K,
                                    int64_t hi, int64_t lo, Py_ssize_t base, int32_t* acc,
-                                   Py_ssize_t* n_acc, Py_ssize_t* ver, Py_ssize_t* n_ver) {
+                                   Py_ssize_t* n_acc, Py_ssize_t* ver, double* ver_f,
+                                   Py_ssize_t* n_ver) {
         Py_ssize_t a = 0, v = *n_ver;
         for (Py_ssize_t i = 0; i < n; ++i) {
             Py_ssize_t s = slot[i];
@@ -806,6 +877,7 @@ cdef extern from *:
             acc[a] = (int32_t)(s - base);
             a += e >= hi;
             ver[v] = s;
+            ver_f[v] = (double)e;
             v += (e < hi) & (e >= lo);
         }
         *n_acc = a;
@@ -820,7 +892,8 @@ cdef extern from *:
     static void sqd_stage1_avx512(const Py_ssize_t* slot, Py_ssize_t n, const int32_t* o,
                                   Py_ssize_t b0, int32_t sub, int32_t sub2, int64_t K,
                                   int64_t hi, int64_t lo, Py_ssize_t base, int32_t* acc,
-                                  Py_ssize_t* n_acc, Py_ssize_t* ver, Py_ssize_t* n_ver) {
+                                  Py_ssize_t* n_acc, Py_ssize_t* ver, double* ver_f,
+                                  Py_ssize_t* n_ver) {
         const __m512i vb0 = _mm512_set1_epi64(b0), v15 = _mm512_set1_epi64(15);
         const __m512i vbase = _mm512_set1_epi64(base);
         const __m256i vsub = _mm256_set1_epi32(sub), vsub2 = _mm256_set1_epi32(sub2);
@@ -845,6 +918,7 @@ cdef extern from *:
             __m256i rel = _mm512_cvtepi64_epi32(_mm512_sub_epi64(sl, vbase));
             _mm256_storeu_si256((__m256i*)(acc + a), _mm256_maskz_compress_epi32(ma, rel));
             _mm512_storeu_si512(ver + v, _mm512_maskz_compress_epi64(mv, sl));
+            _mm512_storeu_pd(ver_f + v, _mm512_maskz_compress_pd(mv, e));
             a += __builtin_popcount((unsigned)ma);
             v += __builtin_popcount((unsigned)mv);
         }
@@ -856,17 +930,18 @@ cdef extern from *:
     static void sqd_stage1(const Py_ssize_t* slot, Py_ssize_t n, const int32_t* o,
                            Py_ssize_t b0, int32_t sub, int32_t sub2, int64_t K, int64_t hi,
                            int64_t lo, Py_ssize_t base, int32_t* acc, Py_ssize_t* n_acc,
-                           Py_ssize_t* ver, Py_ssize_t* n_ver) {
+                           Py_ssize_t* ver, double* ver_f, Py_ssize_t* n_ver) {
     #if SQD_X86
         static const bool vl = __builtin_cpu_supports("avx512vl")
                                && __builtin_cpu_supports("avx512dq");
         if (sqd_isa() == 2 && vl) {
             sqd_stage1_avx512(slot, n, o, b0, sub, sub2, K, hi, lo, base, acc, n_acc, ver,
-                              n_ver);
+                              ver_f, n_ver);
             return;
         }
     #endif
-        sqd_stage1_generic(slot, n, o, b0, sub, sub2, K, hi, lo, base, acc, n_acc, ver, n_ver);
+        sqd_stage1_generic(slot, n, o, b0, sub, sub2, K, hi, lo, base, acc, n_acc, ver, ver_f,
+                           n_ver);
     }
 
     /* float32 variant of sqd_classify, twice as wide per vector.  Used only
@@ -1447,7 +1522,10 @@ cdef extern from *:
                         intp_t* n_acc, int32_t* ver, intp_t* n_ver) noexcept nogil
     void sqd_stage1(const intp_t* slot, intp_t n, const int32_t* o, intp_t b0, int32_t sub,
                     int32_t sub2, int64_t K, int64_t hi, int64_t lo, intp_t base,
-                    int32_t* acc, intp_t* n_acc, intp_t* ver, intp_t* n_ver) noexcept nogil
+                    int32_t* acc, intp_t* n_acc, intp_t* ver, double* ver_f,
+                    intp_t* n_ver) noexcept nogil
+    void sqd_row3_dots(const uint8_t* row, intp_t dpad8, const int8_t* qw, const int8_t* qw2,
+                       int32_t* o1, int32_t* o2) noexcept nogil
     void sqd_row_dots(const uint8_t* row, intp_t dpad, const int8_t* qw, const int8_t* qw2,
                       int32_t sumq128, int32_t sumq2_128, int32_t* e1,
                       int32_t* e2) noexcept nogil
@@ -1492,6 +1570,9 @@ cdef intp_t PREFETCH_AHEAD = 6              # rows in flight while verifying
 cdef double REL_GAIN = 0.5                  # leaf-relative codes used if C1 <= this * mean c_p
 cdef double REL_GROW = 2.0                  # an update beyond this * C1 turns them off
 cdef double INT_LIM = 1073741824.0          # 2**30 > every integer dot of the relative codes
+cdef double INT_LIM40 = 1099511627776.0     # 2**40 > every stage-1 and stage-2 integer
+cdef intp_t REL_W = 7                       # floats per node in node_rel
+cdef intp_t STAGE2_MIN_ROW = 512            # stage 2 runs if a row of X has this many bytes
 
 # Modes of the query kernel.
 cdef enum:
@@ -1519,7 +1600,8 @@ cdef struct CoreView:
     const double* node_cnorm
     const uint8_t* rhi      # leaf-relative codes, high nibble plane (blocked, dpad8 / 2 per slot)
     const uint8_t* rlo      # low nibble plane (same layout)
-    const float* node_rel   # per node: s4 (0: relative codes off), A0, C0, A1, C1
+    const uint8_t* r3       # third-level nibble rows, point-major (dpad8 / 2 per slot)
+    const float* node_rel   # per node (REL_W): s4 (0: relative codes off), A0, C0, A1, C1, A2, C2
     const intp_t* seg_node0
     const intp_t* seg_n_nodes
     intp_t n_segs
@@ -1527,6 +1609,7 @@ cdef struct CoreView:
     intp_t dpad
     intp_t stride2          # bytes per level-2 row: dpad + 8
     intp_t dpad8            # d rounded up to a multiple of 8 (nibble planes)
+    intp_t r3w              # bytes per third-level row: dpad8 / 2, or 0 (no stage 2)
     double gam
 
 
@@ -1553,16 +1636,27 @@ cdef struct QueryBuf:
     int32_t sumq2_8    # 8 * sum(qw2)
     int32_t sumq8      # 8 * sum(qw): removes the +8 offset of the nibbles
     # relative-code pipeline: slots awaiting stage 1 (with their leaf's
-    # stage-1 thresholds), slots awaiting verification
+    # stage-1 and stage-2 thresholds), slots awaiting stage 2 (with their
+    # stage-1 integer F), slots awaiting verification; each of the first two
+    # queues holds slots of one leaf chunk
     intp_t* r1_slot
     intp_t r1_n
     int64_t r1_hi
     int64_t r1_lo
+    int64_t r1_hi2
+    int64_t r1_lo2
     bint r1_has_dead
-    intp_t r1_s0       # the chunk start of the stage-1 slots (r1_acc is relative to it)
-    int32_t* r1_acc
+    intp_t r1_s0       # the chunk start of the stage-1 slots
+    int32_t* r_acc     # accepted positions of stage 1 or 2 (relative to their chunk start)
     intp_t* r2_slot
+    double* r2_f
     intp_t r2_n
+    int64_t r2_hi
+    int64_t r2_lo
+    bint r2_has_dead
+    intp_t r2_s0
+    intp_t* r3_slot
+    intp_t r3_n
     double C           # multiplier of c_p in the screening bound
     bint use_f32       # classify in float32 (constants safely in range)
     float t32, t2_32, A32, C32   # float32 copies (A32, C32 rounded up)
@@ -1570,6 +1664,7 @@ cdef struct QueryBuf:
     intp_t n_nodes
     intp_t n_screened
     intp_t n_refined
+    intp_t n_refined2
     # slots undecided by their level-1 codes, with their two integer dots,
     # refined one chunk later (CHUNK)
     intp_t* pend
@@ -2057,13 +2152,47 @@ cdef inline intp_t _emit_slots(const CoreView* v, const floating* X, const Query
 cdef intp_t _rel_verify(const CoreView* v, const floating* X, QueryBuf* qb, double b,
                         int mode, vector[intp_t]* out_ids,
                         vector[double]* out_sc) noexcept nogil:
-    """Verify exactly the slots queued by stage 1 (their rows were
+    """Verify exactly the slots queued by stage 2 (their rows were
     prefetched one chunk earlier); empties the queue."""
     cdef intp_t i, cnt = 0
-    for i in range(qb.r2_n):
-        cnt += _verify_slot(v, X, qb, qb.r2_slot[i], b, mode, out_ids, out_sc)
-    qb.r2_n = 0
+    for i in range(qb.r3_n):
+        cnt += _verify_slot(v, X, qb, qb.r3_slot[i], b, mode, out_ids, out_sc)
+    qb.r3_n = 0
     return cnt
+
+
+cdef intp_t _rel_stage2(const CoreView* v, const floating* X, QueryBuf* qb, int mode,
+                        vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
+    """Stage 2 of the slots left undecided by stage 1 one chunk earlier
+    (their third-level rows prefetched then): with q12 = 16 q8 + q_3,
+    F3 = <q12, K qw + qw2> = 16 F + <q_3, K qw + qw2> is exact in int64.
+    Accepted slots are reported, undecided ones queued for verification
+    (rows of X prefetched); empties the stage-2 queue, which holds slots of
+    one leaf chunk (thresholds r2_hi, r2_lo)."""
+    cdef intp_t i, s, n = qb.r2_n, n_acc = 0, nv = qb.r3_n
+    cdef int64_t K = 2 * sqd_qmax() + 2, f3
+    cdef int32_t o1, o2
+    cdef int32_t* acc = qb.r_acc
+    if n == 0:
+        return 0
+    for i in range(n):
+        s = qb.r2_slot[i]
+        sqd_row3_dots(v.r3 + s * v.r3w, v.dpad8, qb.qw, qb.qw2, &o1, &o2)
+        # |F| < 2**37 is held exactly by r2_f; the +8 offsets of the nibbles
+        # are removed with sumq8, sumq2_8
+        f3 = (16 * <int64_t>qb.r2_f[i] + K * <int64_t>(o1 - qb.sumq8)
+              + <int64_t>(o2 - qb.sumq2_8))
+        if f3 >= qb.r2_hi:
+            acc[n_acc] = <int32_t>(s - qb.r2_s0)
+            n_acc += 1
+        elif f3 >= qb.r2_lo:
+            qb.r3_slot[nv] = s
+            nv += 1
+            sqd_prefetch_span_l2(<const char*>(X + s * v.d), v.d * sizeof(floating))
+    qb.r3_n = nv
+    qb.n_refined2 += n
+    qb.r2_n = 0
+    return _emit_slots(v, X, qb, qb.r2_s0, acc, n_acc, qb.r2_has_dead, mode, out_ids, out_sc)
 
 
 cdef intp_t _rel_stage1(const CoreView* v, const floating* X, QueryBuf* qb, int mode,
@@ -2071,16 +2200,20 @@ cdef intp_t _rel_stage1(const CoreView* v, const floating* X, QueryBuf* qb, int 
     """Stage 1 of the slots left undecided by stage 0 one chunk earlier
     (their low-plane blocks prefetched then): with q8 = 16 q_hi + q_lo and
     K = 2 qmax + 2 (so t = K t2), F = <q8, K qw + qw2> is exact in int64.
-    Accepted slots are reported, undecided ones queued for verification
-    (rows prefetched); empties the stage-1 queue, which holds slots of one
-    leaf chunk (thresholds r1_hi, r1_lo)."""
-    cdef intp_t i, j, blk, n = qb.r1_n, n_acc = 0, nv0 = qb.r2_n, nv = qb.r2_n
+    Accepted slots are reported, undecided ones queued for stage 2 (their
+    third-level rows prefetched) or, without stage 2, for verification
+    (rows of X prefetched); empties the stage-1 queue, which holds slots of
+    one leaf chunk (thresholds r1_hi, r1_lo)."""
+    cdef bint stage2 = v.r3w > 0
+    cdef intp_t i, j, blk, n = qb.r1_n, n_acc = 0
+    cdef intp_t nv0 = qb.r2_n if stage2 else qb.r3_n
+    cdef intp_t nv = nv0
     cdef intp_t base = qb.r1_s0, dpad8 = v.dpad8, b0, b1, n_blk
     cdef int64_t K = 2 * sqd_qmax() + 2
     cdef const intp_t* slot = qb.r1_slot
     cdef int32_t* dots = qb.dots8
-    cdef int32_t* acc = qb.r1_acc
-    cdef intp_t* ver = qb.r2_slot
+    cdef int32_t* acc = qb.r_acc
+    cdef intp_t* ver = qb.r2_slot if stage2 else qb.r3_slot
     if n == 0:
         return 0
     # the blocks holding these slots (the low plane was prefetched, the high
@@ -2103,10 +2236,19 @@ cdef intp_t _rel_stage1(const CoreView* v, const floating* X, QueryBuf* qb, int 
                               qb.qw, qb.qw2, dots + 32 * (blk - b0))
     # the +136 offsets of the merged bytes: 136 = 17 * 8
     sqd_stage1(slot, n, dots, b0, 17 * qb.sumq8, 17 * qb.sumq2_8, K, qb.r1_hi, qb.r1_lo, base,
-               acc, &n_acc, ver, &nv)
-    for j in range(nv0, nv):
-        sqd_prefetch_span_l2(<const char*>(X + ver[j] * v.d), v.d * sizeof(floating))
-    qb.r2_n = nv
+               acc, &n_acc, ver, qb.r2_f, &nv)
+    if stage2:
+        for j in range(nv0, nv):
+            sqd_prefetch_span_l2(<const char*>(v.r3 + ver[j] * v.r3w), v.r3w)
+        qb.r2_n = nv
+        qb.r2_hi = qb.r1_hi2
+        qb.r2_lo = qb.r1_lo2
+        qb.r2_has_dead = qb.r1_has_dead
+        qb.r2_s0 = base
+    else:
+        for j in range(nv0, nv):
+            sqd_prefetch_span_l2(<const char*>(X + ver[j] * v.d), v.d * sizeof(floating))
+        qb.r3_n = nv
     qb.n_refined += n
     qb.r1_n = 0
     return _emit_slots(v, X, qb, base, acc, n_acc, qb.r1_has_dead, mode, out_ids, out_sc)
@@ -2117,7 +2259,10 @@ cdef intp_t _rel_flush(const CoreView* v, const floating* X, QueryBuf* qb, doubl
                        vector[double]* out_sc) noexcept nogil:
     """Finish the relative-code pipeline (end of a query)."""
     cdef intp_t cnt = _rel_verify(v, X, qb, b, mode, out_ids, out_sc)
+    cnt += _rel_stage2(v, X, qb, mode, out_ids, out_sc)
+    cnt += _rel_verify(v, X, qb, b, mode, out_ids, out_sc)
     cnt += _rel_stage1(v, X, qb, mode, out_ids, out_sc)
+    cnt += _rel_stage2(v, X, qb, mode, out_ids, out_sc)
     return cnt + _rel_verify(v, X, qb, b, mode, out_ids, out_sc)
 
 
@@ -2128,16 +2273,19 @@ cdef intp_t _scan_leaf_rel(const CoreView* v, const floating* X, QueryBuf* qb, i
     nibbles, integer thresholds); the undecided slots go through a pipeline
     in which each step runs one chunk later than the one before, so that the
     memory it reads has arrived: stage 1 (both nibbles, the blocks holding
-    undecided slots), then exact verification.  Returns the count reported
-    so far, or -1 (nothing done) if the thresholds cannot be formed."""
-    cdef const float* rel = v.node_rel + 5 * node
+    undecided slots), stage 2 (the third-level rows of undecided slots),
+    then exact verification.  Returns the count reported so far, or -1
+    (nothing done) if the thresholds cannot be formed."""
+    cdef const float* rel = v.node_rel + REL_W * node
     cdef double s4 = rel[0]
     cdef double slack = v.gam * (2.0 * v.node_cnorm[node] + v.node_radius[node]) * qb.wnorm
     cdef double M0 = ((<double>rel[1] * qb.enorm1 + <double>rel[2] * qb.wnorm + slack)
                       * (1.0 + REL) + TINY)
     cdef double M1 = ((<double>rel[3] * qb.enorm2 + <double>rel[4] * qb.wnorm + slack)
                       * (1.0 + REL) + TINY)
-    cdef int64_t hi0, lo0, hi1, lo1
+    cdef double M2 = ((<double>rel[5] * qb.enorm2 + <double>rel[6] * qb.wnorm + slack)
+                      * (1.0 + REL) + TINY)
+    cdef int64_t hi0, lo0, hi1, lo1, hi2, lo2
     cdef int32_t sub = qb.sumq8
     cdef intp_t start = v.node_start[node], end = v.node_end[node]
     cdef intp_t s0, s1, off, n_acc, n_ver, i, s, blk, cnt = 0
@@ -2146,11 +2294,17 @@ cdef intp_t _scan_leaf_rel(const CoreView* v, const floating* X, QueryBuf* qb, i
     cdef int32_t* ver = qb.pos + VER_OFF
     if qb.t == 0.0:
         return -1
-    # stage 0: |D0| <= 7 * 127 * 16384 < 2**30; stage 1: |F| <= 257 * 127 *
-    # 127 * 16384 < 2**40 (K = 2 qmax + 2 <= 256, |q8| <= 127)
+    # stage 0: |D0| <= 7 * 127 * 16384 < 2**30; with K = 2 qmax + 2 <= 256
+    # and |qw2| <= qmax + 1, |K qw + qw2| <= 32640 per feature, so stage 1:
+    # |F| <= 120 * 32640 * 16384 < 2**36 (|q8| <= 120) and stage 2: |F3| <=
+    # 1928 * 32640 * 16384 < 2**40 (|q12| <= 1928)
     if not _int_thresholds(cw, b, M0, s4 * qb.t, INT_LIM, &hi0, &lo0):
         return -1
-    if not _int_thresholds(cw, b, M1, (s4 / 16.0) * qb.t2, 1099511627776.0, &hi1, &lo1):
+    if not _int_thresholds(cw, b, M1, (s4 / 16.0) * qb.t2, INT_LIM40, &hi1, &lo1):
+        return -1
+    hi2 = lo2 = 0
+    if v.r3w > 0 and not _int_thresholds(cw, b, M2, (s4 / 256.0) * qb.t2, INT_LIM40, &hi2,
+                                         &lo2):
         return -1
     s0 = start
     while s0 < end:
@@ -2162,8 +2316,10 @@ cdef intp_t _scan_leaf_rel(const CoreView* v, const floating* X, QueryBuf* qb, i
         sqd_screen_int(qb.dots + off, s1 - s0, <int32_t>hi0 + sub, <int32_t>lo0 + sub, acc, &n_acc,
                        ver, &n_ver)
         cnt += _emit_slots(v, X, qb, s0, acc, n_acc, has_dead, mode, out_ids, out_sc)
-        # the pipeline advances: verify, then stage 1 of the previous chunk
+        # the pipeline advances: verification, then stage 2 of the chunk
+        # before the previous one, then stage 1 of the previous chunk
         cnt += _rel_verify(v, X, qb, b, mode, out_ids, out_sc)
+        cnt += _rel_stage2(v, X, qb, mode, out_ids, out_sc)
         cnt += _rel_stage1(v, X, qb, mode, out_ids, out_sc)
         blk = -1
         for i in range(n_ver):
@@ -2175,6 +2331,8 @@ cdef intp_t _scan_leaf_rel(const CoreView* v, const floating* X, QueryBuf* qb, i
         qb.r1_n = n_ver
         qb.r1_hi = hi1
         qb.r1_lo = lo1
+        qb.r1_hi2 = hi2
+        qb.r1_lo2 = lo2
         qb.r1_has_dead = has_dead
         qb.r1_s0 = s0
         s0 = s1
@@ -2199,7 +2357,7 @@ cdef intp_t _report_range(const CoreView* v, const floating* X, QueryBuf* qb,
 
 cdef inline void _prefetch_node(const CoreView* v, intp_t node) noexcept nogil:
     sqd_prefetch_span_l2(<const char*>(v.node_center + node * v.d), v.d * sizeof(float))
-    if v.node_right[node] < 0 and v.node_rel[5 * node] > 0.0:
+    if v.node_right[node] < 0 and v.node_rel[REL_W * node] > 0.0:
         sqd_prefetch_span_l2(<const char*>(v.rhi + (v.node_start[node] >> 4) * 8 * v.dpad8),
                              min(8 * v.dpad8, 512))
 
@@ -2213,8 +2371,9 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
     cdef double lo, hi, cw
     cdef intp_t rcnt
     _prepare_query(qb, v.d, v.dpad, v.gam)
-    qb.n_nodes = qb.n_screened = qb.n_refined = qb.n_verified = qb.n_bulk = 0
-    qb.n_pend = qb.r1_n = qb.r2_n = 0
+    qb.n_nodes = qb.n_screened = qb.n_refined = qb.n_refined2 = qb.n_verified = 0
+    qb.n_bulk = 0
+    qb.n_pend = qb.r1_n = qb.r2_n = qb.r3_n = 0
     for seg in range(v.n_segs):
         node0 = v.seg_node0[seg]
         n_nodes = v.seg_n_nodes[seg]
@@ -2238,7 +2397,7 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
                                          mode, out_ids, out_sc)
                 continue
             if v.node_right[node] < 0:
-                if v.node_rel[5 * node] > 0.0:
+                if v.node_rel[REL_W * node] > 0.0:
                     # leaf-relative codes (this leaf's points lie close to
                     # its centre); -1: this query cannot use them
                     rcnt = _scan_leaf_rel(v, X, qb, node, cw, b, mode, out_ids, out_sc)
@@ -2379,8 +2538,10 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     qb.n_pend = 0
     qb.r1_slot = <intp_t*>malloc(CHUNK * sizeof(intp_t))
     qb.r2_slot = <intp_t*>malloc((CHUNK + 16) * sizeof(intp_t))
-    qb.r1_acc = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
-    qb.r1_n = qb.r2_n = 0
+    qb.r2_f = <double*>malloc((CHUNK + 16) * sizeof(double))
+    qb.r3_slot = <intp_t*>malloc((CHUNK + 16) * sizeof(intp_t))
+    qb.r_acc = <int32_t*>malloc((CHUNK + 16) * sizeof(int32_t))
+    qb.r1_n = qb.r2_n = qb.r3_n = 0
     qb.flag = <unsigned char*>malloc(CHUNK + 8)
     qb.pos = <int32_t*>malloc((VER_OFF + CHUNK + 16) * sizeof(int32_t))
     # the stack holds MAX_DEPTH node indices, then MAX_DEPTH doubles (search)
@@ -2392,8 +2553,8 @@ cdef QueryBuf* _alloc_qbuf(intp_t d, intp_t k) noexcept nogil:
     if (qb.w == NULL or qb.qw == NULL or qb.qw2 == NULL or qb.dots == NULL
             or qb.dots2 == NULL or qb.dots8 == NULL or qb.flag == NULL
             or qb.pend == NULL or qb.pend_d1 == NULL or qb.pend_d2 == NULL
-            or qb.r1_slot == NULL or qb.r2_slot == NULL
-            or qb.r1_acc == NULL
+            or qb.r1_slot == NULL or qb.r2_slot == NULL or qb.r2_f == NULL
+            or qb.r3_slot == NULL or qb.r_acc == NULL
             or qb.pos == NULL
             or qb.stack == NULL
             or qb.hscore == NULL or qb.hid == NULL):
@@ -2416,7 +2577,9 @@ cdef void _free_qbuf(QueryBuf* qb) noexcept nogil:
     free(qb.pend_d2)
     free(qb.r1_slot)
     free(qb.r2_slot)
-    free(qb.r1_acc)
+    free(qb.r2_f)
+    free(qb.r3_slot)
+    free(qb.r_acc)
     free(qb.flag)
     free(qb.pos)
     free(qb.stack)
@@ -2549,60 +2712,86 @@ cdef inline double _slot_distance_bound(const CoreView* v, bint is32, intp_t s,
 
 
 cdef inline void _rel_codes(const floating* p, const float* c, intp_t d, intp_t dpad8,
-                            double s4, intp_t slot, uint8_t* rhi, uint8_t* rlo,
+                            double s4, intp_t slot, uint8_t* rhi, uint8_t* rlo, uint8_t* r3,
                             double* out) noexcept nogil:
     """Leaf-relative codes of one point p with leaf centre c and scale s4
-    (written into both nibble planes at ``slot``); out = its A0, C0, A1, C1.
+    (written into both nibble planes, and into the third-level row at
+    ``slot`` unless r3 is NULL); out = its A0, C0, A1, C1, A2, C2.
 
-    r = p - c = s4 q_hi + e0 (q_hi in [-7, 7]) and e0 = s8 q_lo + e1
-    (s8 = s4 / 16, q_lo in [-8, 7]), so r = s8 (16 q_hi + q_lo) + e1.  The
-    computed r, e0 and e1 each err by at most u relative (s q is exact), and
-    |e0_j|, |e1_j| <= |r_j|: 4 u ||r|| covers the error of both norms.
+    All three levels come from one rounding at the finest scale s12 =
+    s4 / 256: q12 = round((p - c) / s12) (clipped to +-1911), q8 =
+    floor((q12 + 8) / 16), q_3 = q12 - 16 q8 in [-8, 7], q_hi =
+    floor((q8 + 8) / 16) and q_lo = q8 - 16 q_hi in [-8, 7] (q_hi in [-7, 7]
+    while |q12| <= 1911).  With s8 = s4 / 16 and r = p - c, the residuals
+    e0 = r - s4 q_hi, e1 = r - s8 q8 and e2 = r - s12 q12 are at most
+    0.54 s4, 0.54 s8 and s12 / 2 per feature (rounding each level on its
+    own would clip q_lo, or q_3, at +8 for a sixteenth of the features and
+    double their residual), and |e_k| <= 1.15 |r| (a nonzero code needs
+    |r| >= 7.5 units of the next finer level).  Each residual is computed
+    from r directly, so it errs by at most u (|e_k| + |r|) plus the error
+    of r, u |r|: 6 u ||r|| covers the error of every norm.
     """
-    cdef intp_t j, byte
-    cdef double r, e0, e1, s8 = s4 / 16.0, qh2 = 0.0, q82 = 0.0, n0 = 0.0, n1 = 0.0, nr = 0.0
-    cdef int qh, ql
+    cdef intp_t j, byte, half = dpad8 // 2
+    cdef double r, e0, e1, e2, s8 = s4 / 16.0, s12 = s4 / 256.0
+    cdef double qh2 = 0.0, q82 = 0.0, q122 = 0.0, n0 = 0.0, n1 = 0.0, n2 = 0.0, nr = 0.0
+    cdef int qh, ql, q3, q8, q12
     cdef intp_t base = (slot >> 4) * 8 * dpad8 + (slot & 15) * 4
+    cdef uint8_t* row = r3 + slot * half if r3 != NULL else NULL
     cdef uint8_t sh
     for j in range(d, dpad8):                    # padding features: q = 0
         byte = base + (j >> 3) * 64 + (j & 3)
         sh = 4 if (j & 4) else 0
         rhi[byte] = <uint8_t>((rhi[byte] & (0xF0 >> sh)) | (8 << sh))
         rlo[byte] = <uint8_t>((rlo[byte] & (0xF0 >> sh)) | (8 << sh))
+        sh = 4 if j >= half else 0
+        if row != NULL:
+            row[j - half if j >= half else j] = <uint8_t>(
+                (row[j - half if j >= half else j] & (0xF0 >> sh)) | (8 << sh))
     for j in range(d):
         r = <double>p[j] - <double>c[j]
-        qh = _code(r, s4, 7)
+        q12 = _code(r, s12, 1911)
+        # floors of non-negative integers (|q12| <= 1911, |q8| <= 119)
+        q8 = ((q12 + 8 + 4096) >> 4) - 256
+        q3 = q12 - 16 * q8
+        qh = ((q8 + 8 + 4096) >> 4) - 256
+        ql = q8 - 16 * qh
         e0 = r - s4 * <double>qh
-        ql = _code(e0, s8, 8)
-        if ql > 7:
-            ql = 7
-        e1 = e0 - s8 * <double>ql
+        e1 = r - s8 * <double>q8
+        e2 = r - s12 * <double>q12
         qh2 += <double>(qh * qh)
-        q82 += <double>((16 * qh + ql) * (16 * qh + ql))
+        q82 += <double>(q8 * q8)
+        q122 += <double>(q12 * q12)
         n0 += e0 * e0
         n1 += e1 * e1
+        n2 += e2 * e2
         nr += r * r
         byte = base + (j >> 3) * 64 + (j & 3)
         sh = 4 if (j & 4) else 0
         rhi[byte] = <uint8_t>((rhi[byte] & (0xF0 >> sh)) | ((qh + 8) << sh))
         rlo[byte] = <uint8_t>((rlo[byte] & (0xF0 >> sh)) | ((ql + 8) << sh))
+        sh = 4 if j >= half else 0
+        if row != NULL:
+            row[j - half if j >= half else j] = <uint8_t>(
+                (row[j - half if j >= half else j] & (0xF0 >> sh)) | ((q3 + 8) << sh))
     out[0] = s4 * sqrt(qh2) * INFL
-    out[1] = sqrt(n0) * INFL + 4.0 * U64 * sqrt(nr) + d * TINY
+    out[1] = sqrt(n0) * INFL + 6.0 * U64 * sqrt(nr) + d * TINY
     out[2] = s8 * sqrt(q82) * INFL
-    out[3] = sqrt(n1) * INFL + 4.0 * U64 * sqrt(nr) + d * TINY
+    out[3] = sqrt(n1) * INFL + 6.0 * U64 * sqrt(nr) + d * TINY
+    out[4] = s12 * sqrt(q122) * INFL
+    out[5] = sqrt(n2) * INFL + 6.0 * U64 * sqrt(nr) + d * TINY
 
 
 cdef void _encode_leaf_rel(const floating* X, const intp_t* ids, const float* ec, intp_t d,
                            intp_t dpad8, intp_t start, intp_t end, const float* c,
-                           uint8_t* rhi, uint8_t* rlo, float* rel) noexcept nogil:
+                           uint8_t* rhi, uint8_t* rlo, uint8_t* r3, float* rel) noexcept nogil:
     """Leaf-relative codes of the live slots of a leaf and its constants
-    rel = (s4, A0, C0, A1, C1) (maxima over the live slots, rounded up);
+    rel = (s4, A0, C0, A1, C1, A2, C2) (maxima over the live slots, rounded up);
     s4 = 0 (codes unused) unless they beat the absolute codes clearly:
     C1 <= REL_GAIN * mean(c_p)."""
     cdef intp_t s, j, n_live = 0
     cdef double maxabs = 0.0, x, sum_ec = 0.0, s4
-    cdef double m[4]
-    cdef double out[4]
+    cdef double m[6]
+    cdef double out[6]
     cdef float s4f
     rel[0] = 0.0
     for s in range(start, end):
@@ -2615,8 +2804,8 @@ cdef void _encode_leaf_rel(const floating* X, const intp_t* ids, const float* ec
             if x > maxabs:
                 maxabs = x
     s4f = <float>(maxabs / 7.0)
-    # s4 / 16 must stay a normal float32; huge scales are not worth it
-    if n_live == 0 or d > MAX_SCREEN_D or not (s4f >= 16.0 * FLT_MIN and s4f < 1e30):
+    # s4 / 256 must stay a normal float32; huge scales are not worth it
+    if n_live == 0 or d > MAX_SCREEN_D or not (s4f >= 256.0 * FLT_MIN and s4f < 1e30):
         return
     # A typical ||e1|| is (s4 / 16) sqrt(d / 12) (rounding errors uniform
     # in half a step), and C1 is a maximum: if that alone fails the gain
@@ -2624,15 +2813,16 @@ cdef void _encode_leaf_rel(const floating* X, const intp_t* ids, const float* ec
     if (s4f / 16.0) * sqrt(d / 12.0) > REL_GAIN * sum_ec / n_live:
         return
     s4 = <double>s4f
-    m[0] = m[1] = m[2] = m[3] = 0.0
+    for j in range(6):
+        m[j] = 0.0
     for s in range(start, end):
         if ids[s] < 0:
             continue
-        _rel_codes(X + s * d, c, d, dpad8, s4, s, rhi, rlo, out)
-        for j in range(4):
+        _rel_codes(X + s * d, c, d, dpad8, s4, s, rhi, rlo, r3, out)
+        for j in range(6):
             if out[j] > m[j]:
                 m[j] = out[j]
-    for j in range(4):
+    for j in range(6):
         rel[j + 1] = _round_up_f32(m[j])
     if m[3] <= REL_GAIN * sum_ec / n_live:
         rel[0] = s4f
@@ -2726,6 +2916,7 @@ cdef class _HalfspaceCore:
     cdef readonly intp_t next_id
     cdef readonly intp_t n_rebuilds
     cdef bint is32
+    cdef readonly intp_t r3w   # bytes per third-level row (0: no stage 2)
     cdef double gam
     # slot arrays (capacity rows)
     cdef object _X
@@ -2736,6 +2927,7 @@ cdef class _HalfspaceCore:
     cdef object _rows2
     cdef object _rhi
     cdef object _rlo
+    cdef object _r3
     cdef object _ids
     # node arrays (capacity nodes)
     cdef object _node_start
@@ -2761,6 +2953,10 @@ cdef class _HalfspaceCore:
         self.leaf_size = leaf_size
         self.dtype = np.dtype(dtype)
         self.is32 = self.dtype == np.float32
+        # Stage 2 replaces most exact verifications, each a row of X, by one
+        # read of a d / 2-byte row; it pays once a row of X spans 8 cache
+        # lines (measured: 3-7% slower at 2 and 4 lines, 6-10% faster at 8).
+        self.r3w = self.dpad8 // 2 if d * self.dtype.itemsize >= STAGE2_MIN_ROW else 0
         self.gam = 16.0 * (d + 8) * U64
         self.n_slots = 0
         self.n_alive = 0
@@ -2775,6 +2971,7 @@ cdef class _HalfspaceCore:
         self._rows2 = np.empty((0, self.dpad + 8), dtype=np.uint8)
         self._rhi = np.empty(0, dtype=np.uint8)
         self._rlo = np.empty(0, dtype=np.uint8)
+        self._r3 = np.empty(0, dtype=np.uint8)
         self._ids = np.empty(0, dtype=np.intp)
         self._node_start = np.empty(0, dtype=np.intp)
         self._node_end = np.empty(0, dtype=np.intp)
@@ -2783,7 +2980,7 @@ cdef class _HalfspaceCore:
         self._node_center = np.empty((0, d), dtype=np.float32)
         self._node_radius = np.empty(0, dtype=np.float64)
         self._node_cnorm = np.empty(0, dtype=np.float64)
-        self._node_rel = np.empty((0, 5), dtype=np.float32)
+        self._node_rel = np.empty((0, REL_W), dtype=np.float32)
 
     # -- bookkeeping --------------------------------------------------------
 
@@ -2805,6 +3002,7 @@ cdef class _HalfspaceCore:
         v.node_cnorm = <const double*>cnp.PyArray_DATA(<cnp.ndarray>self._node_cnorm)
         v.rhi = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>self._rhi)
         v.rlo = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>self._rlo)
+        v.r3 = <const uint8_t*>cnp.PyArray_DATA(<cnp.ndarray>self._r3) if self.r3w else NULL
         v.node_rel = <const float*>cnp.PyArray_DATA(<cnp.ndarray>self._node_rel)
         v.seg_node0 = self.seg_node0.data()
         v.seg_n_nodes = self.seg_n_nodes.data()
@@ -2813,6 +3011,7 @@ cdef class _HalfspaceCore:
         v.dpad = self.dpad
         v.stride2 = self.dpad + 8
         v.dpad8 = self.dpad8
+        v.r3w = self.r3w
         v.gam = self.gam
         return v
 
@@ -2843,6 +3042,7 @@ cdef class _HalfspaceCore:
                                           (used + 15) // 16 * 8 * self.dpad8)
             self._rlo = self._fresh_slots(self._rlo, (new_cap * self.dpad8 // 2,),
                                           (used + 15) // 16 * 8 * self.dpad8)
+            self._r3 = self._fresh_slots(self._r3, (new_cap * self.r3w,), used * self.r3w)
             self._ids = self._fresh_slots(self._ids, (new_cap,), used)
             return
         for a, shape in ((self._X, (new_cap, self.d)), (self._codes, (new_cap * self.dpad,)),
@@ -2850,6 +3050,7 @@ cdef class _HalfspaceCore:
                          (self._ec, (new_cap,)), (self._rows2, (new_cap, self.dpad + 8)),
                          (self._rhi, (new_cap * self.dpad8 // 2,)),
                          (self._rlo, (new_cap * self.dpad8 // 2,)),
+                         (self._r3, (new_cap * self.r3w,)),
                          (self._ids, (new_cap,))):
             # Not advised again here: advising the grown arrays at every
             # growth step cost 3-5 us per single add, amortised, at d = 128
@@ -3110,7 +3311,7 @@ cdef class _HalfspaceCore:
         cdef intp_t i, node
         cdef int n_threads = 1 if n_nodes < 256 else omp_get_max_threads()
         for i in range(n_nodes):
-            rel[5 * (node0 + i)] = 0.0
+            rel[REL_W * (node0 + i)] = 0.0
         if not refined:
             return
         with nogil, parallel(num_threads=n_threads):
@@ -3122,12 +3323,12 @@ cdef class _HalfspaceCore:
                     _encode_leaf_rel(<const float*>v.X, v.ids, v.ec, v.d, v.dpad8,
                                      v.node_start[node], v.node_end[node],
                                      v.node_center + node * v.d, <uint8_t*>v.rhi,
-                                     <uint8_t*>v.rlo, rel + 5 * node)
+                                     <uint8_t*>v.rlo, <uint8_t*>v.r3, rel + REL_W * node)
                 else:
                     _encode_leaf_rel(<const double*>v.X, v.ids, v.ec, v.d, v.dpad8,
                                      v.node_start[node], v.node_end[node],
                                      v.node_center + node * v.d, <uint8_t*>v.rhi,
-                                     <uint8_t*>v.rlo, rel + 5 * node)
+                                     <uint8_t*>v.rlo, <uint8_t*>v.r3, rel + REL_W * node)
 
     cdef _push_segment(self, intp_t start, intp_t end):
         cdef intp_t node0 = 0
@@ -3232,7 +3433,7 @@ cdef class _HalfspaceCore:
                 nr[node] = r
         (<intp_t*>v.node_end)[node] = end
         (<intp_t*>v.node_alive)[node] += end - start
-        (<float*>v.node_rel)[5 * node] = 0.0     # new slots have no relative codes
+        (<float*>v.node_rel)[REL_W * node] = 0.0     # new slots have no relative codes
         self.seg_end[k] = end
 
     cdef intp_t _segment_of(self, intp_t slot):
@@ -3328,21 +3529,23 @@ cdef class _HalfspaceCore:
         """Re-encode an updated slot against its leaf's relative codes,
         growing the leaf's constants, or turn them off for the leaf if the
         point moved far from the centre."""
-        cdef float* rel = <float*>v.node_rel + 5 * node
-        cdef double out[4]
+        cdef float* rel = <float*>v.node_rel + REL_W * node
+        cdef double out[6]
         cdef intp_t j
         if rel[0] == 0.0:
             return
         if self.is32:
             _rel_codes(<const float*>v.X + slot * v.d, v.node_center + node * v.d, v.d,
-                       v.dpad8, rel[0], slot, <uint8_t*>v.rhi, <uint8_t*>v.rlo, out)
+                       v.dpad8, rel[0], slot, <uint8_t*>v.rhi, <uint8_t*>v.rlo,
+                       <uint8_t*>v.r3, out)
         else:
             _rel_codes(<const double*>v.X + slot * v.d, v.node_center + node * v.d, v.d,
-                       v.dpad8, rel[0], slot, <uint8_t*>v.rhi, <uint8_t*>v.rlo, out)
+                       v.dpad8, rel[0], slot, <uint8_t*>v.rhi, <uint8_t*>v.rlo,
+                       <uint8_t*>v.r3, out)
         if not (out[3] <= REL_GROW * rel[4]):
             rel[0] = 0.0
             return
-        for j in range(4):
+        for j in range(6):
             if out[j] > rel[j + 1]:
                 rel[j + 1] = _round_up_f32(out[j])
 
@@ -3488,7 +3691,8 @@ cdef class _HalfspaceCore:
         else:
             cnt = _query_one(&v, <const double*>v.X, qb, b, MODE_COUNT, &ids, &sc)
         out = {"count": cnt, "nodes": qb.n_nodes, "screened": qb.n_screened,
-               "refined": qb.n_refined, "verified": qb.n_verified, "bulk": qb.n_bulk}
+               "refined": qb.n_refined, "refined2": qb.n_refined2,
+               "verified": qb.n_verified, "bulk": qb.n_bulk}
         _free_qbuf(qb)
         return out
 
@@ -3506,25 +3710,31 @@ cdef class _HalfspaceCore:
                 "segments": segs}
 
     def rel_codes(self, intp_t slot):
-        """Signed (q_hi, q_lo) leaf-relative codes of a slot (tests)."""
-        cdef intp_t j, byte, dp8 = self.dpad8
+        """Signed (q_hi, q_lo, q_3) leaf-relative codes of a slot (tests;
+        q_3 is None without stage 2)."""
+        cdef intp_t j, byte, dp8 = self.dpad8, half = self.dpad8 // 2
         hi = np.empty(self.d, dtype=np.int64)
         lo = np.empty(self.d, dtype=np.int64)
-        rhi, rlo = self._rhi, self._rlo
+        q3 = np.empty(self.d, dtype=np.int64)
+        rhi, rlo, r3 = self._rhi, self._rlo, self._r3
         for j in range(self.d):
             byte = (slot >> 4) * 8 * dp8 + (j >> 3) * 64 + (slot & 15) * 4 + (j & 3)
             sh = 4 if (j & 4) else 0
             hi[j] = ((int(rhi[byte]) >> sh) & 15) - 8
             lo[j] = ((int(rlo[byte]) >> sh) & 15) - 8
-        return hi, lo
+            if self.r3w:
+                byte = slot * half + (j - half if j >= half else j)
+                sh = 4 if j >= half else 0
+                q3[j] = ((int(r3[byte]) >> sh) & 15) - 8
+        return hi, lo, (q3 if self.r3w else None)
 
     def _check_rel(self, intp_t node):
-        s4, A0, C0, A1, C1 = (float(x) for x in self._node_rel[node])
+        s4, A0, C0, A1, C1, A2, C2 = (float(x) for x in self._node_rel[node])
         c = self._node_center[node].astype(np.float64)
         for s in range(self._node_start[node], self._node_end[node]):
             if self._ids[s] < 0:
                 continue
-            hi, lo = self.rel_codes(s)
+            hi, lo, q3 = self.rel_codes(s)
             if hi.min() < -7 or hi.max() > 7:
                 raise AssertionError("high nibble code out of range")
             r = self._X[s].astype(np.float64) - c
@@ -3532,6 +3742,13 @@ cdef class _HalfspaceCore:
             if (np.linalg.norm(r - s4 * hi) > C0 or np.linalg.norm(r - s4 / 16 * q8) > C1
                     or np.linalg.norm(s4 * hi) > A0 or np.linalg.norm(s4 / 16 * q8) > A1):
                 raise AssertionError("relative-code constants do not cover slot %d" % s)
+            if q3 is not None:
+                if q3.min() < -8 or q3.max() > 7:
+                    raise AssertionError("third-level code out of range")
+                q12 = 16 * q8 + q3
+                if (np.linalg.norm(r - s4 / 256 * q12) > C2
+                        or np.linalg.norm(s4 / 256 * q12) > A2):
+                    raise AssertionError("third-level constants do not cover slot %d" % s)
 
     def check_invariants(self):
         """Verify every structural invariant; raises AssertionError (tests only)."""
