@@ -119,7 +119,7 @@ s4 / 256``), every live point has ``r = p - c = s12 q12 + e2`` with
 floor((q12 + 8) / 16)``, ``qh = floor((q8 + 8) / 16)`` in [-7, 7], with
 remainders ``q3 = q12 - 16 q8`` and ``ql = q8 - 16 qh`` in [-8, 7]; so
 ``r = s8 q8 + e1 = s4 qh + e0``.  (Rounding each level on its own would
-clip ``ql`` or ``q3`` at +8 for a sixteenth of the features and double
+clip ``ql`` or ``q3`` at +8 for one feature in 32 and double
 their residual.)  The leaf stores ``A0 >= max ||s4 qh||``, ``C0 >= max
 ||e0||``, ``A1 >= max ||s8 q8||``, ``C1 >= max ||e1||``, ``A2 >= max
 ||s12 q12||``, ``C2 >= max ||e2||`` (float32, rounded up; each residual
@@ -2725,7 +2725,7 @@ cdef inline void _rel_codes(const floating* p, const float* c, intp_t d, intp_t 
     while |q12| <= 1911).  With s8 = s4 / 16 and r = p - c, the residuals
     e0 = r - s4 q_hi, e1 = r - s8 q8 and e2 = r - s12 q12 are at most
     0.54 s4, 0.54 s8 and s12 / 2 per feature (rounding each level on its
-    own would clip q_lo, or q_3, at +8 for a sixteenth of the features and
+    own would clip q_lo, or q_3, at +8 for one feature in 32 and
     double their residual), and |e_k| <= 1.15 |r| (a nonzero code needs
     |r| >= 7.5 units of the next finer level).  Each residual is computed
     from r directly, so it errs by at most u (|e_k| + |r|) plus the error

@@ -128,7 +128,9 @@ class HalfspaceIndex:
     with pruning, only the leaves that straddle the hyperplane are
     screened.  Memory: per point, the point itself plus ``2 d' + d'' + 28``
     bytes (``d'``, ``d''`` = d rounded up to a multiple of 4, of 8), plus
-    about 60-70 bytes for the id hash map and the tree nodes.
+    ``d'' / 2`` where a point takes 512 bytes or more (d >= 128 in float32,
+    64 in float64: the third level of the leaf-relative codes), plus about
+    60-70 bytes for the id hash map and the tree nodes.
 
     **When it pays.**  Clustered or low-intrinsic-dimension data (the tree
     skips and reports whole subtrees), selective queries, and workloads that
