@@ -2711,6 +2711,14 @@ cdef inline double _slot_distance_bound(const CoreView* v, bint is32, intp_t s,
     return sqrt(dist2) * INFL + v.d * TINY
 
 
+cdef inline void _put_nibble(uint8_t* row, intp_t j, intp_t half, int u) noexcept nogil:
+    """Store u (0..15) as feature j of a point-major nibble row: byte j,
+    low nibble, for j < half; byte j - half, high nibble, otherwise."""
+    cdef intp_t at = j - half if j >= half else j
+    cdef int sh = 4 if j >= half else 0
+    row[at] = <uint8_t>((row[at] & (0xF0 >> sh)) | (u << sh))
+
+
 cdef inline void _rel_codes(const floating* p, const float* c, intp_t d, intp_t dpad8,
                             double s4, intp_t slot, uint8_t* rhi, uint8_t* rlo, uint8_t* r3,
                             double* out) noexcept nogil:
@@ -2743,10 +2751,8 @@ cdef inline void _rel_codes(const floating* p, const float* c, intp_t d, intp_t 
         sh = 4 if (j & 4) else 0
         rhi[byte] = <uint8_t>((rhi[byte] & (0xF0 >> sh)) | (8 << sh))
         rlo[byte] = <uint8_t>((rlo[byte] & (0xF0 >> sh)) | (8 << sh))
-        sh = 4 if j >= half else 0
         if row != NULL:
-            row[j - half if j >= half else j] = <uint8_t>(
-                (row[j - half if j >= half else j] & (0xF0 >> sh)) | (8 << sh))
+            _put_nibble(row, j, half, 8)
     for j in range(d):
         r = <double>p[j] - <double>c[j]
         q12 = _code(r, s12, 1911)
@@ -2769,10 +2775,8 @@ cdef inline void _rel_codes(const floating* p, const float* c, intp_t d, intp_t 
         sh = 4 if (j & 4) else 0
         rhi[byte] = <uint8_t>((rhi[byte] & (0xF0 >> sh)) | ((qh + 8) << sh))
         rlo[byte] = <uint8_t>((rlo[byte] & (0xF0 >> sh)) | ((ql + 8) << sh))
-        sh = 4 if j >= half else 0
         if row != NULL:
-            row[j - half if j >= half else j] = <uint8_t>(
-                (row[j - half if j >= half else j] & (0xF0 >> sh)) | ((q3 + 8) << sh))
+            _put_nibble(row, j, half, q3 + 8)
     out[0] = s4 * sqrt(qh2) * INFL
     out[1] = sqrt(n0) * INFL + 6.0 * U64 * sqrt(nr) + d * TINY
     out[2] = s8 * sqrt(q82) * INFL
