@@ -755,6 +755,26 @@ def test_relative_codes_are_used_on_clustered_data_only(dtype, rng, kernel):
     assert _relative_leaves(HalfspaceIndex(G, leaf_size=64)) == 0
 
 
+@pytest.mark.parametrize("d", [40, 130])
+def test_relative_planes_are_allocated_when_a_leaf_first_needs_them(dtype, rng, d, kernel):
+    # Gaussian data never use the relative codes, so their planes (1.5 d
+    # bytes per slot with stage 2) are not allocated; a later add whose build
+    # finds tight clusters allocates them, and the index stays exact while
+    # its capacity grows further.
+    G = rng.normal(size=(3000, d)).astype(dtype)
+    index = HalfspaceIndex(G, leaf_size=64)
+    assert not index._core.rel_planes and _relative_leaves(index) == 0
+    C = clustered(rng, 20000, d, n_clusters=12, spread=0.1).astype(dtype)
+    index.add(C)                                  # one build of >= 16384 slots
+    assert index._core.rel_planes and _relative_leaves(index) > 0
+    index._core.check_invariants()
+    index.add(clustered(rng, 500, d, n_clusters=3, spread=0.1).astype(dtype))
+    index.remove(np.arange(0, 23000, 7))
+    Xl, _ = _live(index)
+    W = rng.normal(size=(5, d)).astype(dtype)
+    check_against_oracle(index, W, _thresholds(Xl, W, [0.01, 0.1, 0.5], rng), k=3)
+
+
 @pytest.mark.parametrize("log2_scale", [-90, -20, 0, 30, 90])
 @pytest.mark.parametrize("rel_spread", [14, 10, 7])
 @pytest.mark.parametrize("d", [24, 136])

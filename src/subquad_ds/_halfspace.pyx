@@ -159,7 +159,9 @@ against its leaf and grows the constants, or turns the leaf's relative
 codes off if the new ``||e1||`` exceeds ``REL_GROW * C1``; a leaf that
 single adds extend turns them off (until the next build).  The nibble
 planes cost ``d`` bytes per slot, the third-level rows ``d / 2`` more
-where stage 2 runs.
+where stage 2 runs; they are allocated when a build first finds a leaf
+that qualifies (and kept from then on), so an index of Gaussian-like data
+carries none (d = 128, float32: 998 instead of 1190 bytes per point).
 
 Stage 2 runs where a row of X has at least ``STAGE2_MIN_ROW`` = 512 bytes
 (d >= 128 in float32, 64 in float64): it replaces most exact dots, each a
@@ -184,9 +186,10 @@ u8; ``rows2``: per slot ``s2_p`` and ``c2_p`` as float32, then the dpad
 level-2 codes ``q2_p + 128``, contiguous so that refining a point touches
 one or two cache lines; ``rhi``/``rlo``: the leaf-relative nibble planes,
 ``dpad8 / 2`` bytes each per slot; ``r3``: the third-level rows, ``dpad8 /
-2`` bytes per slot where stage 2 runs, else empty).  Memory per point:
-``X`` plus ``2 dpad + dpad8 + 28`` bytes in the slot arrays (``dpad8 / 2``
-more with stage 2), plus the hash map below and the tree nodes
+2`` bytes per slot where stage 2 runs, else empty; all three empty until
+a leaf first uses them).  Memory per point: ``X`` plus ``2 dpad + 28``
+bytes in the slot arrays, ``dpad8`` more with the relative planes and
+``dpad8 / 2`` more with stage 2, plus the hash map below and the tree nodes
 (about 60-70 bytes more).  ``ids[s] == -1`` marks a tombstone, whose ``ea`` is NaN (so its
 bounds are NaN: it always reaches the verification, which skips it).  ``id2slot``
 (C++ hash map) maps every live id to its slot; ``ids[id2slot[i]] == i``.
@@ -2796,19 +2799,14 @@ cdef inline void _rel_codes(const floating* p, const float* c, intp_t d, intp_t 
     out[5] = sqrt(n2) * INFL + 6.0 * U64 * sqrt(nr) + d * TINY
 
 
-cdef void _encode_leaf_rel(const floating* X, const intp_t* ids, const float* ec, intp_t d,
-                           intp_t dpad8, intp_t start, intp_t end, const float* c,
-                           uint8_t* rhi, uint8_t* rlo, uint8_t* r3, float* rel) noexcept nogil:
-    """Leaf-relative codes of the live slots of a leaf and its constants
-    rel = (s4, A0, C0, A1, C1, A2, C2) (maxima over the live slots, rounded up);
-    s4 = 0 (codes unused) unless they beat the absolute codes clearly:
-    C1 <= REL_GAIN * mean(c_p)."""
+cdef float _leaf_rel_scale(const floating* X, const intp_t* ids, const float* ec, intp_t d,
+                           intp_t start, intp_t end, const float* c) noexcept nogil:
+    """The scale s4 of a leaf's relative codes (max |p_j - c_j| / 7 over its
+    live slots), or 0 if a quick estimate says they would not pay (see
+    _encode_leaf_rel)."""
     cdef intp_t s, j, n_live = 0
-    cdef double maxabs = 0.0, x, sum_ec = 0.0, s4
-    cdef double m[6]
-    cdef double out[6]
+    cdef double maxabs = 0.0, x, sum_ec = 0.0
     cdef float s4f
-    rel[0] = 0.0
     for s in range(start, end):
         if ids[s] < 0:
             continue
@@ -2821,26 +2819,44 @@ cdef void _encode_leaf_rel(const floating* X, const intp_t* ids, const float* ec
     s4f = <float>(maxabs / 7.0)
     # s4 / 256 must stay a normal float32; huge scales are not worth it
     if n_live == 0 or d > MAX_SCREEN_D or not (s4f >= 256.0 * FLT_MIN and s4f < 1e30):
-        return
+        return 0.0
     # A typical ||e1|| is (s4 / 16) sqrt(d / 12) (rounding errors uniform
     # in half a step), and C1 is a maximum: if that alone fails the gain
     # test, skip the encoding (Gaussian-like leaves, most of the time).
     if (s4f / 16.0) * sqrt(d / 12.0) > REL_GAIN * sum_ec / n_live:
-        return
-    s4 = <double>s4f
+        return 0.0
+    return s4f
+
+
+cdef void _encode_leaf_rel(const floating* X, const intp_t* ids, const float* ec, intp_t d,
+                           intp_t dpad8, intp_t start, intp_t end, const float* c,
+                           float s4f, uint8_t* rhi, uint8_t* rlo, uint8_t* r3,
+                           float* rel) noexcept nogil:
+    """Leaf-relative codes, at scale s4f (from _leaf_rel_scale), of the live
+    slots of a leaf and its constants rel = (s4, A0, C0, A1, C1, A2, C2)
+    (maxima over the live slots, rounded up); s4 = 0 (codes unused) unless
+    they beat the absolute codes clearly: C1 <= REL_GAIN * mean(c_p)."""
+    cdef intp_t s, j, n_live = 0
+    cdef double sum_ec = 0.0, s4 = <double>s4f
+    cdef double m[6]
+    cdef double out[6]
+    rel[0] = 0.0
     for j in range(6):
         m[j] = 0.0
     for s in range(start, end):
         if ids[s] < 0:
             continue
+        n_live += 1
+        sum_ec += ec[s]
         _rel_codes(X + s * d, c, d, dpad8, s4, s, rhi, rlo, r3, out)
         for j in range(6):
             if out[j] > m[j]:
                 m[j] = out[j]
     for j in range(6):
         rel[j + 1] = _round_up_f32(m[j])
-    if m[3] <= REL_GAIN * sum_ec / n_live:
+    if n_live > 0 and m[3] <= REL_GAIN * sum_ec / n_live:
         rel[0] = s4f
+
 
 cdef void _node_stats(const floating* X, const intp_t* ids, intp_t d, intp_t start,
                       intp_t end, bint refine, float* center, double* radius,
@@ -2932,6 +2948,7 @@ cdef class _HalfspaceCore:
     cdef readonly intp_t n_rebuilds
     cdef bint is32
     cdef readonly intp_t r3w   # bytes per third-level row (0: no stage 2)
+    cdef readonly bint rel_planes   # the relative-code planes are allocated
     cdef double gam
     # slot arrays (capacity rows)
     cdef object _X
@@ -2984,9 +3001,11 @@ cdef class _HalfspaceCore:
         self._ea = np.empty(0, dtype=np.float32)
         self._ec = np.empty(0, dtype=np.float32)
         self._rows2 = np.empty((0, self.dpad + 8), dtype=np.uint8)
+        # allocated when a build first finds a leaf that qualifies
         self._rhi = np.empty(0, dtype=np.uint8)
         self._rlo = np.empty(0, dtype=np.uint8)
         self._r3 = np.empty(0, dtype=np.uint8)
+        self.rel_planes = False
         self._ids = np.empty(0, dtype=np.intp)
         self._node_start = np.empty(0, dtype=np.intp)
         self._node_end = np.empty(0, dtype=np.intp)
@@ -3053,20 +3072,23 @@ cdef class _HalfspaceCore:
             self._ea = self._fresh_slots(self._ea, (new_cap,), used)
             self._ec = self._fresh_slots(self._ec, (new_cap,), used)
             self._rows2 = self._fresh_slots(self._rows2, (new_cap, self.dpad + 8), used)
-            self._rhi = self._fresh_slots(self._rhi, (new_cap * self.dpad8 // 2,),
-                                          (used + 15) // 16 * 8 * self.dpad8)
-            self._rlo = self._fresh_slots(self._rlo, (new_cap * self.dpad8 // 2,),
-                                          (used + 15) // 16 * 8 * self.dpad8)
-            self._r3 = self._fresh_slots(self._r3, (new_cap * self.r3w,), used * self.r3w)
+            if self.rel_planes:
+                self._rhi = self._fresh_slots(self._rhi, (new_cap * self.dpad8 // 2,),
+                                              (used + 15) // 16 * 8 * self.dpad8)
+                self._rlo = self._fresh_slots(self._rlo, (new_cap * self.dpad8 // 2,),
+                                              (used + 15) // 16 * 8 * self.dpad8)
+                self._r3 = self._fresh_slots(self._r3, (new_cap * self.r3w,), used * self.r3w)
             self._ids = self._fresh_slots(self._ids, (new_cap,), used)
             return
-        for a, shape in ((self._X, (new_cap, self.d)), (self._codes, (new_cap * self.dpad,)),
-                         (self._scale, (new_cap,)), (self._ea, (new_cap,)),
-                         (self._ec, (new_cap,)), (self._rows2, (new_cap, self.dpad + 8)),
-                         (self._rhi, (new_cap * self.dpad8 // 2,)),
-                         (self._rlo, (new_cap * self.dpad8 // 2,)),
-                         (self._r3, (new_cap * self.r3w,)),
-                         (self._ids, (new_cap,))):
+        arrays = [(self._X, (new_cap, self.d)), (self._codes, (new_cap * self.dpad,)),
+                  (self._scale, (new_cap,)), (self._ea, (new_cap,)),
+                  (self._ec, (new_cap,)), (self._rows2, (new_cap, self.dpad + 8)),
+                  (self._ids, (new_cap,))]
+        if self.rel_planes:
+            arrays += [(self._rhi, (new_cap * self.dpad8 // 2,)),
+                       (self._rlo, (new_cap * self.dpad8 // 2,)),
+                       (self._r3, (new_cap * self.r3w,))]
+        for a, shape in arrays:
             # Not advised again here: advising the grown arrays at every
             # growth step cost 3-5 us per single add, amortised, at d = 128
             # (faults on huge pages under compaction); arrays allocated fresh
@@ -3320,30 +3342,63 @@ cdef class _HalfspaceCore:
     cdef _encode_leaves_rel(self, intp_t node0, intp_t n_nodes, bint refined):
         """Leaf-relative codes of the leaves among nodes node0.. (refined
         segments only: the small tail segments that single adds rebuild
-        over and over use the absolute codes alone)."""
+        over and over use the absolute codes alone).  The planes are
+        allocated when the first leaf qualifies."""
         cdef CoreView v = self._view()
         cdef float* rel = <float*>v.node_rel
         cdef intp_t i, node
         cdef int n_threads = 1 if n_nodes < 256 else omp_get_max_threads()
+        cdef float[::1] scales
+        cdef bint any_leaf = False
         for i in range(n_nodes):
             rel[REL_W * (node0 + i)] = 0.0
         if not refined:
             return
+        scales = np.zeros(n_nodes, dtype=np.float32)
         with nogil, parallel(num_threads=n_threads):
             for i in prange(n_nodes, schedule="dynamic"):
                 node = node0 + i
                 if v.node_right[node] >= 0:
                     continue
                 if self.is32:
+                    scales[i] = _leaf_rel_scale(<const float*>v.X, v.ids, v.ec, v.d,
+                                                v.node_start[node], v.node_end[node],
+                                                v.node_center + node * v.d)
+                else:
+                    scales[i] = _leaf_rel_scale(<const double*>v.X, v.ids, v.ec, v.d,
+                                                v.node_start[node], v.node_end[node],
+                                                v.node_center + node * v.d)
+        for i in range(n_nodes):
+            any_leaf = any_leaf or scales[i] > 0.0
+        if not any_leaf:
+            return
+        if not self.rel_planes:
+            self._alloc_rel_planes()
+            v = self._view()
+        with nogil, parallel(num_threads=n_threads):
+            for i in prange(n_nodes, schedule="dynamic"):
+                node = node0 + i
+                if scales[i] == 0.0:
+                    continue
+                if self.is32:
                     _encode_leaf_rel(<const float*>v.X, v.ids, v.ec, v.d, v.dpad8,
                                      v.node_start[node], v.node_end[node],
-                                     v.node_center + node * v.d, <uint8_t*>v.rhi,
+                                     v.node_center + node * v.d, scales[i], <uint8_t*>v.rhi,
                                      <uint8_t*>v.rlo, <uint8_t*>v.r3, rel + REL_W * node)
                 else:
                     _encode_leaf_rel(<const double*>v.X, v.ids, v.ec, v.d, v.dpad8,
                                      v.node_start[node], v.node_end[node],
-                                     v.node_center + node * v.d, <uint8_t*>v.rhi,
+                                     v.node_center + node * v.d, scales[i], <uint8_t*>v.rhi,
                                      <uint8_t*>v.rlo, <uint8_t*>v.r3, rel + REL_W * node)
+
+    cdef _alloc_rel_planes(self):
+        """Allocate the relative-code planes (and third-level rows) for the
+        current slot capacity; from then on they grow with the slots."""
+        cdef intp_t cap = self._ids.shape[0]
+        self._rhi = self._fresh_slots(self._rhi, (cap * self.dpad8 // 2,), 0)
+        self._rlo = self._fresh_slots(self._rlo, (cap * self.dpad8 // 2,), 0)
+        self._r3 = self._fresh_slots(self._r3, (cap * self.r3w,), 0)
+        self.rel_planes = True
 
     cdef _push_segment(self, intp_t start, intp_t end):
         cdef intp_t node0 = 0

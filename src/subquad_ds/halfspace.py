@@ -126,11 +126,13 @@ class HalfspaceIndex:
     2 n d one-byte integer multiply-adds (n d bytes read), plus O(d) per
     point whose error bound straddles ``b`` and O(1) per reported point;
     with pruning, only the leaves that straddle the hyperplane are
-    screened.  Memory: per point, the point itself plus ``2 d' + d'' + 28``
-    bytes (``d'``, ``d''`` = d rounded up to a multiple of 4, of 8), plus
-    ``d'' / 2`` where a point takes 512 bytes or more (d >= 128 in float32,
-    64 in float64: the third level of the leaf-relative codes), plus about
-    60-70 bytes for the id hash map and the tree nodes.
+    screened.  Memory: per point, the point itself plus ``2 d' + 28`` bytes
+    (``d'`` = d rounded up to a multiple of 4), plus about 60-70 bytes for
+    the id hash map and the tree nodes; once a build finds leaves that
+    qualify for leaf-relative codes (clustered data; never Gaussian data),
+    ``d''`` more (d rounded up to a multiple of 8), and ``d'' / 2`` more
+    again where a point takes 512 bytes or more (d >= 128 in float32, 64 in
+    float64: their third level).
 
     **When it pays.**  Clustered or low-intrinsic-dimension data (the tree
     skips and reports whole subtrees), selective queries, and workloads that
