@@ -217,12 +217,13 @@ far-pair direction gives lopsided, cluster-cutting splits); below, it made
 no difference in measurements.  The cut may be lopsided, so that a small
 cluster, or a piece of one cut at a higher level, gets its own node instead
 of sharing a ball with part of a big cluster: a cluster's ball is then as
-small as the cluster.  Each side keeps at least ``leaf_size / 16`` points:
-in high dimension the far pair's own points project far outside the rest,
-and without that floor small nodes peeled them off as single-point leaves
-(Gaussian data, n = 20,000, d = 130, leaf_size = 64: 969 of 1372 leaves;
-queries 1.55x slower).  A depth budget bounds the depth: with h(m) the
-height below a node of m points if every cut were restricted to the middle
+small as the cluster.  Each side keeps at least 2 points (unless the
+node has fewer than 8): in high dimension the far pair's own points
+project far outside the rest, and without that floor small nodes peeled
+them off as single-point leaves (Gaussian data, n = 20,000, d = 130,
+leaf_size = 64: 969 of 1372 leaves; queries 1.5x slower).  A depth
+budget bounds the depth: with h(m) the height below a node of m points if
+every cut were restricted to the middle
 half of the range, a cut is taken only if the node's depth + 1 + h(bigger
 child) stays within ``min(2 h(n) + 4, 120)`` for a segment of n slots;
 otherwise the best cut inside the middle half is taken.  Depth + h(m) never
@@ -1347,13 +1348,17 @@ cdef extern from *:
             Py_ssize_t lo = m / 4, hi = m - m / 4;   /* middle half, as offsets */
             if (lo < 1) lo = 1;
             if (hi > m - 1) hi = m - 1;
-            /* A lopsided cut leaves at least leaf_size / 16 points on each
-               side (<= lo, as m > leaf_size): in high dimension the far
-               pair's own two points project far outside the rest, and
-               nodes of up to about d points peeled them off one by one
-               (Gaussian n = 20,000, d = 130, leaf_size = 64: 969 of 1372
-               leaves held a single point, and queries took 1.55x as long). */
-            const Py_ssize_t min_side = leaf_size / 16 > 1 ? leaf_size / 16 : 1;
+            /* A lopsided cut leaves at least 2 points (at most lo) on each
+               side: in high dimension the far pair's own two points project
+               far outside the rest, and nodes of up to about d points
+               peeled them off one by one (Gaussian n = 20,000, d = 130,
+               leaf_size = 64: 969 of 1372 leaves held a single point, and
+               queries took 1.5x as long).  Larger floors cost clustered
+               data: leaf_size / 16 screened 5-14% more points of the
+               clustered benchmark at 0.1% selectivity, and 4 would merge a
+               cluster of 3 points into a bigger ball; 2 screens 0.2-0.5%
+               more. */
+            const Py_ssize_t min_side = lo < 2 ? lo : 2;
             Py_ssize_t cut = m / 2;
             if (direction(start, end)) {
                 proj.resize(m);
