@@ -3,6 +3,7 @@ import pytest
 
 from subquad_ds import openmp_enabled
 from subquad_ds._validation import (
+    all_finite,
     as_float_array,
     as_index_array,
     check_int,
@@ -63,6 +64,45 @@ def test_as_float_array_messages():
         as_float_array(np.array([1e300]), "X", dtype=np.float32)
     with pytest.raises(TypeError, match="X must be an array of real numbers"):
         as_float_array([[1.0], [1.0, 2.0]], "X", dtype=np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 131, 70_000])
+def test_all_finite_finds_every_non_finite_entry(dtype, n):
+    # the one-pass kernel (eight partial sums of x - x) against numpy, with
+    # the bad value at every kind of position: first, in the 8-wide body,
+    # in the tail, last; C and F order, read-only, and strided views
+    rng = np.random.default_rng(n)
+    x = rng.uniform(-0.5, 0.5, size=n).astype(dtype) * np.finfo(dtype).max
+    x[0] = np.finfo(dtype).max
+    x[-1] = -np.finfo(dtype).tiny / 2                  # subnormal
+    assert all_finite(x)
+    for pos in sorted({0, min(5, n - 1), n // 2, max(n - 3, 0), n - 1}):
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[pos] = bad
+            assert not all_finite(y)
+            y.flags.writeable = False
+            assert not all_finite(y)
+            assert not all_finite(np.asfortranarray(np.vstack([y, y]).T))
+            assert not all_finite(np.repeat(y, 2)[::2])      # not contiguous
+            assert all_finite(np.delete(y, pos))
+    assert all_finite(np.zeros(0, dtype))
+    assert all_finite(np.zeros((0, 3), dtype))
+
+
+class _Sub(np.ndarray):
+    pass
+
+
+def test_as_float_array_keeps_subclasses_out():
+    # ndarray subclasses (memmaps, ...) come back as plain ndarrays, as
+    # before the no-cast fast path
+    M = np.ones((2, 3)).view(_Sub)
+    out = as_float_array(M, "X", dtype=np.float64, ndim=2)
+    assert type(out) is np.ndarray and out.shape == (2, 3)
+    with pytest.raises(ValueError, match="X must be finite"):
+        as_float_array(np.array([[1.0, np.nan]]).view(_Sub), "X", dtype=np.float64, ndim=2)
 
 
 def test_as_index_array():

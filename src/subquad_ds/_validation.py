@@ -21,9 +21,11 @@ import operator
 
 import numpy as np
 
+from ._finite import all_finite32, all_finite64
 from ._openmp_helpers import max_threads, openmp_enabled
 
 __all__ = [
+    "all_finite",
     "as_float_array",
     "as_index_array",
     "check_bool",
@@ -56,6 +58,21 @@ def resolve_float_dtype(X, dtype=None):
     if isinstance(X, np.ndarray) and X.dtype == np.float32:
         return np.dtype(np.float32)
     return np.dtype(np.float64)
+
+
+def all_finite(arr):
+    """True iff the float array ``arr`` holds no NaN or infinity.
+
+    Contiguous float32/float64 arrays take one pass without a temporary
+    (``np.isfinite(arr).all()`` costs about 1.4 us of overhead even for one
+    row); anything else falls back to numpy.
+    """
+    if type(arr) is np.ndarray and (arr.flags.c_contiguous or arr.flags.f_contiguous):
+        if arr.dtype == np.float32:
+            return all_finite32(arr.ravel(order="K"))
+        if arr.dtype == np.float64:
+            return all_finite64(arr.ravel(order="K"))
+    return bool(np.isfinite(arr).all())
 
 
 def _check_numeric_kind(arr, name):
@@ -134,11 +151,15 @@ def as_float_array(X, name, *, dtype, ndim=None, shape=None, allow_empty=True,
         raise ValueError(f"{name} is empty; got shape {arr.shape}")
     if order == "A":
         order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-    with np.errstate(over="ignore"):  # overflow to inf is reported just below
-        # np.asarray with an order, not np.ascontiguousarray: that one turns
-        # a 0-d input into shape (1,).
-        out = np.asarray(arr, dtype=dtype, order="F" if order == "F" else "C")
-    if finite and out.size and not np.isfinite(out).all():
+    if type(arr) is np.ndarray and arr.dtype == dtype and (
+            arr.flags.f_contiguous if order == "F" else arr.flags.c_contiguous):
+        out = arr            # nothing to cast (np.errstate alone costs ~1 us)
+    else:
+        with np.errstate(over="ignore"):  # overflow to inf is reported just below
+            # np.asarray with an order, not np.ascontiguousarray: that one
+            # turns a 0-d input into shape (1,).
+            out = np.asarray(arr, dtype=dtype, order="F" if order == "F" else "C")
+    if finite and out.size and not all_finite(out):
         # Check after the cast: a float64 value beyond float32 range becomes inf.
         raise ValueError(f"{name} must be finite; found NaN or inf")
     return out
@@ -287,7 +308,7 @@ def as_float_csr(X, name, *, dtype, shape=None, finite=True):
         X = sp.csr_array(
             (X.data, X.indices.astype(idx), X.indptr.astype(idx)), shape=X.shape
         )
-    if finite and X.nnz and not np.isfinite(X.data).all():
+    if finite and X.nnz and not all_finite(X.data):
         raise ValueError(f"{name} must be finite; found NaN or inf")
     return X
 

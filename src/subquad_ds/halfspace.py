@@ -12,6 +12,7 @@ import numpy as np
 
 from ._halfspace import _HalfspaceCore
 from ._validation import (
+    all_finite,
     as_float_array,
     as_index_array,
     check_bool,
@@ -272,7 +273,7 @@ class HalfspaceIndex:
         if (type(W) is np.ndarray and W.dtype == self.dtype and W.ndim == 1
                 and W.flags.c_contiguous and W.shape[0] == d):
             # fast path for the common single query (still checked for NaN/inf)
-            if not np.isfinite(W).all():
+            if not all_finite(W):
                 raise ValueError("W must be finite; found NaN or inf")
             if self._max_abs:
                 self._check_no_overflow(float(np.abs(W).sum()))

@@ -1,0 +1,67 @@
+# cython: boundscheck=False, wraparound=False, initializedcheck=False
+"""One-pass check that a contiguous float array holds no NaN or infinity
+(private; used by ``_validation.all_finite``).
+
+``np.isfinite(x).all()`` allocates a boolean temporary and costs about
+1.4 us even for one row, a tenth of a single ``HalfspaceIndex.add``.  Here
+``x - x`` is 0 for every finite x and NaN for NaN or infinity (no compiler
+flag here lets it fold to 0), and eight partial sums of it, branch-free and
+vectorisable, stay 0 iff every entry is finite.  O(n), no allocation; the
+GIL is released for large inputs.
+"""
+
+
+cdef bint _finite32(const float* x, Py_ssize_t n) noexcept nogil:
+    cdef float s[8]
+    cdef Py_ssize_t i = 0, k
+    for k in range(8):
+        s[k] = 0
+    while i + 8 <= n:
+        for k in range(8):
+            s[k] += x[i + k] - x[i + k]
+        i += 8
+    while i < n:
+        s[0] += x[i] - x[i]
+        i += 1
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) == 0
+
+
+cdef bint _finite64(const double* x, Py_ssize_t n) noexcept nogil:
+    cdef double s[8]
+    cdef Py_ssize_t i = 0, k
+    for k in range(8):
+        s[k] = 0
+    while i + 8 <= n:
+        for k in range(8):
+            s[k] += x[i + k] - x[i + k]
+        i += 8
+    while i < n:
+        s[0] += x[i] - x[i]
+        i += 1
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) == 0
+
+
+def all_finite32(const float[::1] x):
+    """True iff the contiguous 1-D float32 array x has no NaN or infinity."""
+    cdef Py_ssize_t n = x.shape[0]
+    cdef bint ok
+    if n == 0:
+        return True
+    if n < 65536:
+        return _finite32(&x[0], n)
+    with nogil:
+        ok = _finite32(&x[0], n)
+    return ok
+
+
+def all_finite64(const double[::1] x):
+    """True iff the contiguous 1-D float64 array x has no NaN or infinity."""
+    cdef Py_ssize_t n = x.shape[0]
+    cdef bint ok
+    if n == 0:
+        return True
+    if n < 65536:
+        return _finite64(&x[0], n)
+    with nogil:
+        ok = _finite64(&x[0], n)
+    return ok
