@@ -710,6 +710,21 @@ def test_queries_whose_scores_could_overflow_float64_are_rejected(rng):
         again.query(big, 0.0)
 
 
+def test_live_max_abs_skips_tombstones(dtype, rng):
+    # the entry bound a rebuild recomputes, read in place from the live slots
+    X = rng.normal(size=(300, 5)).astype(dtype)
+    X[17, 2] = -40.0
+    X[50, 4] = 25.0
+    index = HalfspaceIndex(X, leaf_size=8)
+    assert index._core.live_max_abs() == 40.0
+    index.remove([17])
+    assert index._core.live_max_abs() == 25.0           # tombstone skipped
+    index.rebuild()
+    assert index._core.live_max_abs() == np.abs(np.delete(X, 17, axis=0)).max()
+    index.remove(index.ids)
+    assert index._core.live_max_abs() == 0.0
+
+
 def test_update_raises_the_overflow_bound_and_unpickling_recomputes_it(rng):
     index = HalfspaceIndex(rng.normal(size=(30, 4)))
     w = np.full(4, 1e300)

@@ -3170,6 +3170,25 @@ cdef class _HalfspaceCore:
         ids = self._ids[:self.n_slots]
         return self._X[:self.n_slots][ids >= 0].copy()
 
+    def live_max_abs(self):
+        """Largest |entry| of the live points (0.0 if none), without a copy."""
+        cdef CoreView v = self._view()
+        cdef intp_t s, j, n = self.n_slots, d = self.d
+        cdef double m = 0.0, a
+        cdef bint is32 = self.is32
+        with nogil:
+            for s in range(n):
+                if v.ids[s] < 0:
+                    continue
+                for j in range(d):
+                    if is32:
+                        a = fabs(<double>(<const float*>v.X)[s * d + j])
+                    else:
+                        a = fabs((<const double*>v.X)[s * d + j])
+                    if a > m:
+                        m = a
+        return m
+
     def set_next_id(self, intp_t next_id):
         self.next_id = max(self.next_id, next_id)
 

@@ -438,7 +438,8 @@ class HalfspaceIndex:
         """Compact tombstones and rebuild one tree over all points (O(n d log n))."""
         self._core.rebuild()
         if self.dtype == np.float64:
-            self._max_abs = self._entry_bound(self._core.live_points())
+            # the bound shrinks back to the live points (no copy of them)
+            self._max_abs = self._core.live_max_abs()
 
     # -- queries ------------------------------------------------------------
 
