@@ -11,8 +11,11 @@ GIL is released for large inputs.
 """
 
 
-cdef bint _finite32(const float* x, Py_ssize_t n) noexcept nogil:
-    cdef float s[8]
+from cython cimport floating
+
+
+cdef bint _finite(const floating* x, Py_ssize_t n) noexcept nogil:
+    cdef floating s[8]
     cdef Py_ssize_t i = 0, k
     for k in range(8):
         s[k] = 0
@@ -26,42 +29,15 @@ cdef bint _finite32(const float* x, Py_ssize_t n) noexcept nogil:
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) == 0
 
 
-cdef bint _finite64(const double* x, Py_ssize_t n) noexcept nogil:
-    cdef double s[8]
-    cdef Py_ssize_t i = 0, k
-    for k in range(8):
-        s[k] = 0
-    while i + 8 <= n:
-        for k in range(8):
-            s[k] += x[i + k] - x[i + k]
-        i += 8
-    while i < n:
-        s[0] += x[i] - x[i]
-        i += 1
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) == 0
-
-
-def all_finite32(const float[::1] x):
-    """True iff the contiguous 1-D float32 array x has no NaN or infinity."""
+def all_finite_1d(const floating[::1] x):
+    """True iff the contiguous 1-D float32 or float64 array x has no NaN or
+    infinity."""
     cdef Py_ssize_t n = x.shape[0]
     cdef bint ok
     if n == 0:
         return True
     if n < 65536:
-        return _finite32(&x[0], n)
+        return _finite(&x[0], n)
     with nogil:
-        ok = _finite32(&x[0], n)
-    return ok
-
-
-def all_finite64(const double[::1] x):
-    """True iff the contiguous 1-D float64 array x has no NaN or infinity."""
-    cdef Py_ssize_t n = x.shape[0]
-    cdef bint ok
-    if n == 0:
-        return True
-    if n < 65536:
-        return _finite64(&x[0], n)
-    with nogil:
-        ok = _finite64(&x[0], n)
+        ok = _finite(&x[0], n)
     return ok

@@ -21,7 +21,7 @@ import operator
 
 import numpy as np
 
-from ._finite import all_finite32, all_finite64
+from ._finite import all_finite_1d
 from ._openmp_helpers import max_threads, openmp_enabled
 
 __all__ = [
@@ -67,11 +67,9 @@ def all_finite(arr):
     (``np.isfinite(arr).all()`` costs about 1.4 us of overhead even for one
     row); anything else falls back to numpy.
     """
-    if type(arr) is np.ndarray and (arr.flags.c_contiguous or arr.flags.f_contiguous):
-        if arr.dtype == np.float32:
-            return all_finite32(arr.ravel(order="K"))
-        if arr.dtype == np.float64:
-            return all_finite64(arr.ravel(order="K"))
+    if (type(arr) is np.ndarray and arr.dtype in _FLOAT_DTYPES
+            and (arr.flags.c_contiguous or arr.flags.f_contiguous)):
+        return all_finite_1d(arr.ravel(order="K"))
     return bool(np.isfinite(arr).all())
 
 
