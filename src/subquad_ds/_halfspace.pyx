@@ -1158,6 +1158,97 @@ cdef extern from *:
         return sqd_dot_impl<double>(a, b, d);
     }
 
+    /* The two code levels of _encode_point, in loops the compiler
+       vectorises.  Rounding: every quotient here is at most 127 (1 +
+       2^-23) in magnitude (the scale is the largest magnitude / 127,
+       rounded to float32), so adding and subtracting 1.5 * 2^52 rounds it
+       to an integer exactly as nearbyint does (half to even).  The sums of
+       squares use eight partial sums: q^2 sums are exact, and any order of
+       the e^2 sums is covered by the INFL widening of the constants. */
+    template <typename T>
+    static SQD_INLINE void sqd_encode_level1_impl(const T* p, Py_ssize_t d, double s,
+                                                  uint8_t* q_out, double* qn2, double* en2,
+                                                  double* maxe) {
+        const double M = 6755399441055744.0;
+        double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        double m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        Py_ssize_t j = 0;
+        for (; j + 8 <= d; j += 8)
+            for (int k = 0; k < 8; ++k) {
+                const double x = (double)p[j + k];
+                double q = (x / s + M) - M;
+                q = q > 127.0 ? 127.0 : (q < -127.0 ? -127.0 : q);
+                const double e = x - s * q;      /* s q is exact: 24 + 7 bits */
+                q_out[j + k] = (uint8_t)(int)(q + 128.0);
+                a[k] += q * q;
+                b[k] += e * e;
+                m[k] = std::fabs(e) > m[k] ? std::fabs(e) : m[k];
+            }
+        for (; j < d; ++j) {
+            const double x = (double)p[j];
+            double q = (x / s + M) - M;
+            q = q > 127.0 ? 127.0 : (q < -127.0 ? -127.0 : q);
+            const double e = x - s * q;
+            q_out[j] = (uint8_t)(int)(q + 128.0);
+            a[0] += q * q;
+            b[0] += e * e;
+            m[0] = std::fabs(e) > m[0] ? std::fabs(e) : m[0];
+        }
+        double mx = 0;
+        for (int k = 0; k < 8; ++k) mx = m[k] > mx ? m[k] : mx;
+        *qn2 = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+        *en2 = ((b[0] + b[4]) + (b[1] + b[5])) + ((b[2] + b[6]) + (b[3] + b[7]));
+        *maxe = mx;
+    }
+    /* Level 2 in place: q holds the level-1 codes + 128 on entry and the
+       codes of e = p - s1 q1 at scale s2 (+ 128) on exit; returns the sum
+       of the squared residuals e - s2 q2. */
+    template <typename T>
+    static SQD_INLINE double sqd_encode_level2_impl(const T* p, Py_ssize_t d, double s1,
+                                                    double s2, uint8_t* q) {
+        const double M = 6755399441055744.0;
+        double b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        Py_ssize_t j = 0;
+        for (; j + 8 <= d; j += 8)
+            for (int k = 0; k < 8; ++k) {
+                const double e = (double)p[j + k] - s1 * (double)((int)q[j + k] - 128);
+                double q2 = (e / s2 + M) - M;
+                q2 = q2 > 127.0 ? 127.0 : (q2 < -127.0 ? -127.0 : q2);
+                const double e2 = e - s2 * q2;
+                q[j + k] = (uint8_t)(int)(q2 + 128.0);
+                b[k] += e2 * e2;
+            }
+        for (; j < d; ++j) {
+            const double e = (double)p[j] - s1 * (double)((int)q[j] - 128);
+            double q2 = (e / s2 + M) - M;
+            q2 = q2 > 127.0 ? 127.0 : (q2 < -127.0 ? -127.0 : q2);
+            const double e2 = e - s2 * q2;
+            q[j] = (uint8_t)(int)(q2 + 128.0);
+            b[0] += e2 * e2;
+        }
+        return ((b[0] + b[4]) + (b[1] + b[5])) + ((b[2] + b[6]) + (b[3] + b[7]));
+    }
+    SQD_CLONES
+    static void sqd_encode_level1(const float* p, Py_ssize_t d, double s, uint8_t* q_out,
+                                  double* qn2, double* en2, double* maxe) {
+        sqd_encode_level1_impl<float>(p, d, s, q_out, qn2, en2, maxe);
+    }
+    SQD_CLONES
+    static void sqd_encode_level1(const double* p, Py_ssize_t d, double s, uint8_t* q_out,
+                                  double* qn2, double* en2, double* maxe) {
+        sqd_encode_level1_impl<double>(p, d, s, q_out, qn2, en2, maxe);
+    }
+    SQD_CLONES
+    static double sqd_encode_level2(const float* p, Py_ssize_t d, double s1, double s2,
+                                    uint8_t* q) {
+        return sqd_encode_level2_impl<float>(p, d, s1, s2, q);
+    }
+    SQD_CLONES
+    static double sqd_encode_level2(const double* p, Py_ssize_t d, double s1, double s2,
+                                    uint8_t* q) {
+        return sqd_encode_level2_impl<double>(p, d, s1, s2, q);
+    }
+
     /* Tree builder.  Node ranges are positions in perm; nodes are stored in
        DFS preorder, so the left child of node i is i + 1 and the right child
        is rights[i] (-1 for a leaf).  A node of more than leaf_size points is
@@ -1570,6 +1661,14 @@ cdef extern from *:
                       unsigned char* flag) noexcept nogil
     double sqd_xdot(const float* a, const double* b, intp_t d) noexcept nogil
     double sqd_xdot(const double* a, const double* b, intp_t d) noexcept nogil
+    void sqd_encode_level1(const float* p, intp_t d, double s, uint8_t* q_out, double* qn2,
+                           double* en2, double* maxe) noexcept nogil
+    void sqd_encode_level1(const double* p, intp_t d, double s, uint8_t* q_out, double* qn2,
+                           double* en2, double* maxe) noexcept nogil
+    double sqd_encode_level2(const float* p, intp_t d, double s1, double s2,
+                             uint8_t* q) noexcept nogil
+    double sqd_encode_level2(const double* p, intp_t d, double s1, double s2,
+                             uint8_t* q) noexcept nogil
     int omp_get_max_threads() noexcept nogil
     void sqd_refine_center[T](const T* X, intp_t d, intp_t start, intp_t m,
                               const double* dist2, intp_t* order, double* c) noexcept nogil
@@ -1754,9 +1853,8 @@ cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes
     level-2 scale, error bound and codes into the row ``row2`` (8 + dpad bytes).
     """
     cdef intp_t j
-    cdef double maxabs = 0.0, v, s, e, qn2 = 0.0, en2 = 0.0, maxe = 0.0, e2n2 = 0.0
+    cdef double maxabs = 0.0, v, s, qn2 = 0.0, en2 = 0.0, maxe = 0.0, e2n2 = 0.0
     cdef float s32, s2_32
-    cdef int qv
     cdef uint8_t* base = codes + (slot >> 4) * 16 * dpad + (slot & 15) * 4
     cdef float* scale2 = <float*>row2
     cdef float* ec2 = <float*>row2 + 1
@@ -1786,16 +1884,12 @@ cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes
         ec[0] = INFINITY
         ec2[0] = INFINITY
         return
+    # level-1 codes into codes2 (contiguous, so the loop vectorises), then
+    # into the blocked layout; e = p - s32 q: s32 * q is exact in float64
+    # (24 + 7 bits), the subtraction rounds once, relative to |e|
+    sqd_encode_level1(p, d, <double>s32, codes2, &qn2, &en2, &maxe)
     for j in range(d):
-        qv = _code(<double>p[j], s32, 127)
-        base[(j >> 2) * 64 + (j & 3)] = <uint8_t>(qv + 128)
-        # s32 * qv is exact in float64 (24 + 7 bits); the subtraction rounds
-        # once, relative to |e|.
-        e = <double>p[j] - <double>s32 * <double>qv
-        qn2 += <double>(qv * qv)
-        en2 += e * e
-        if fabs(e) > maxe:
-            maxe = fabs(e)
+        base[(j >> 2) * 64 + (j & 3)] = codes2[j]
     scale[0] = s32
     ea[0] = _round_up_f32(<double>s32 * sqrt(qn2) * INFL)
     # at least the smallest normal float32, so that flushing subnormals to
@@ -1803,21 +1897,17 @@ cdef void _encode_point(const floating* p, intp_t d, intp_t dpad, uint8_t* codes
     ec[0] = max(_round_up_f32(sqrt(en2) * INFL + d * TINY), FLT_MIN)
     # Level 2: the residual e = p - s32 q coded again, e = s2 q2 + e2.
     s2_32 = <float>(maxe / 127.0)
-    if maxe == 0.0:
-        ec2[0] = FLT_MIN
+    if maxe == 0.0 or not s2_32 >= FLT_MIN:
+        # no level 2: codes2 back to q = 0; with s2 not a normal float32
+        # the refinement can never decide this point
+        for j in range(d):
+            codes2[j] = 128
+        ec2[0] = FLT_MIN if maxe == 0.0 else INFINITY
         return
-    if not s2_32 >= FLT_MIN:
-        ec2[0] = INFINITY       # the refinement can never decide this point
-        return
-    for j in range(d):
-        qv = <int>base[(j >> 2) * 64 + (j & 3)] - 128
-        e = <double>p[j] - <double>s32 * <double>qv       # as above, bit for bit
-        qv = _code(e, s2_32, 127)
-        codes2[j] = <uint8_t>(qv + 128)
-        # the computed e and e2 each err by at most u |.|: the 2u ||e||
-        # below covers both (||e|| >= ||e2|| up to rounding)
-        e = e - <double>s2_32 * <double>qv
-        e2n2 += e * e
+    # level 2 in place of the level-1 codes in codes2: e = p - s32 q as above,
+    # bit for bit; the computed e and e2 each err by at most u |.|: the 2u
+    # ||e|| below covers both (||e|| >= ||e2|| up to rounding)
+    e2n2 = sqd_encode_level2(p, d, <double>s32, <double>s2_32, codes2)
     scale2[0] = s2_32
     ec2[0] = max(_round_up_f32(sqrt(e2n2) * INFL + 4.0 * U64 * sqrt(en2) + d * TINY),
                  FLT_MIN)
