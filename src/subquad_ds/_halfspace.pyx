@@ -1165,67 +1165,63 @@ cdef extern from *:
        to an integer exactly as nearbyint does (half to even).  The sums of
        squares use eight partial sums: q^2 sums are exact, and any order of
        the e^2 sums is covered by the INFL widening of the constants. */
+    static SQD_INLINE double sqd_code127(double x, double s) {
+        double q = (x / s + 6755399441055744.0) - 6755399441055744.0;
+        return q > 127.0 ? 127.0 : (q < -127.0 ? -127.0 : q);
+    }
+    /* One feature of level 1: writes q + 128, adds q^2 and e^2 to *a, *b
+       and keeps the largest |e| in *m (e = x - s q; s q is exact: 24 + 7
+       bits). */
+    static SQD_INLINE void sqd_level1_step(double x, double s, uint8_t* q_out, double* a,
+                                           double* b, double* m) {
+        const double q = sqd_code127(x, s);
+        const double e = x - s * q;
+        *q_out = (uint8_t)(int)(q + 128.0);
+        *a += q * q;
+        *b += e * e;
+        *m = std::fabs(e) > *m ? std::fabs(e) : *m;
+    }
+    /* One feature of level 2, in place: *q holds the level-1 code + 128 on
+       entry and the level-2 code of e = x - s1 q1 at scale s2 on exit;
+       adds the squared residual to *b. */
+    static SQD_INLINE void sqd_level2_step(double x, double s1, double s2, uint8_t* q,
+                                           double* b) {
+        const double e = x - s1 * (double)((int)*q - 128);
+        const double q2 = sqd_code127(e, s2);
+        const double e2 = e - s2 * q2;
+        *q = (uint8_t)(int)(q2 + 128.0);
+        *b += e2 * e2;
+    }
     template <typename T>
     static SQD_INLINE void sqd_encode_level1_impl(const T* p, Py_ssize_t d, double s,
                                                   uint8_t* q_out, double* qn2, double* en2,
                                                   double* maxe) {
-        const double M = 6755399441055744.0;
         double a[8] = {0, 0, 0, 0, 0, 0, 0, 0}, b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         double m[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         Py_ssize_t j = 0;
         for (; j + 8 <= d; j += 8)
-            for (int k = 0; k < 8; ++k) {
-                const double x = (double)p[j + k];
-                double q = (x / s + M) - M;
-                q = q > 127.0 ? 127.0 : (q < -127.0 ? -127.0 : q);
-                const double e = x - s * q;      /* s q is exact: 24 + 7 bits */
-                q_out[j + k] = (uint8_t)(int)(q + 128.0);
-                a[k] += q * q;
-                b[k] += e * e;
-                m[k] = std::fabs(e) > m[k] ? std::fabs(e) : m[k];
-            }
-        for (; j < d; ++j) {
-            const double x = (double)p[j];
-            double q = (x / s + M) - M;
-            q = q > 127.0 ? 127.0 : (q < -127.0 ? -127.0 : q);
-            const double e = x - s * q;
-            q_out[j] = (uint8_t)(int)(q + 128.0);
-            a[0] += q * q;
-            b[0] += e * e;
-            m[0] = std::fabs(e) > m[0] ? std::fabs(e) : m[0];
-        }
+            for (int k = 0; k < 8; ++k)
+                sqd_level1_step((double)p[j + k], s, q_out + j + k, a + k, b + k, m + k);
+        for (; j < d; ++j)
+            sqd_level1_step((double)p[j], s, q_out + j, a, b, m);
         double mx = 0;
         for (int k = 0; k < 8; ++k) mx = m[k] > mx ? m[k] : mx;
         *qn2 = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
         *en2 = ((b[0] + b[4]) + (b[1] + b[5])) + ((b[2] + b[6]) + (b[3] + b[7]));
         *maxe = mx;
     }
-    /* Level 2 in place: q holds the level-1 codes + 128 on entry and the
-       codes of e = p - s1 q1 at scale s2 (+ 128) on exit; returns the sum
+    /* Level 2 in place over the codes written by level 1; returns the sum
        of the squared residuals e - s2 q2. */
     template <typename T>
     static SQD_INLINE double sqd_encode_level2_impl(const T* p, Py_ssize_t d, double s1,
                                                     double s2, uint8_t* q) {
-        const double M = 6755399441055744.0;
         double b[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         Py_ssize_t j = 0;
         for (; j + 8 <= d; j += 8)
-            for (int k = 0; k < 8; ++k) {
-                const double e = (double)p[j + k] - s1 * (double)((int)q[j + k] - 128);
-                double q2 = (e / s2 + M) - M;
-                q2 = q2 > 127.0 ? 127.0 : (q2 < -127.0 ? -127.0 : q2);
-                const double e2 = e - s2 * q2;
-                q[j + k] = (uint8_t)(int)(q2 + 128.0);
-                b[k] += e2 * e2;
-            }
-        for (; j < d; ++j) {
-            const double e = (double)p[j] - s1 * (double)((int)q[j] - 128);
-            double q2 = (e / s2 + M) - M;
-            q2 = q2 > 127.0 ? 127.0 : (q2 < -127.0 ? -127.0 : q2);
-            const double e2 = e - s2 * q2;
-            q[j] = (uint8_t)(int)(q2 + 128.0);
-            b[0] += e2 * e2;
-        }
+            for (int k = 0; k < 8; ++k)
+                sqd_level2_step((double)p[j + k], s1, s2, q + j + k, b + k);
+        for (; j < d; ++j)
+            sqd_level2_step((double)p[j], s1, s2, q + j, b);
         return ((b[0] + b[4]) + (b[1] + b[5])) + ((b[2] + b[6]) + (b[3] + b[7]));
     }
     SQD_CLONES
