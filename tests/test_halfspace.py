@@ -1,5 +1,6 @@
 """HalfspaceIndex against the float64 brute-force oracle."""
 
+import concurrent.futures
 import copy
 import pickle
 
@@ -418,6 +419,38 @@ def test_threads_agree(rng, n_threads):
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_array_equal(s1, s2)
     np.testing.assert_array_equal(index.search(W, 5)[1], ref.search(W, 5)[1])
+
+
+def test_single_queries_from_several_python_threads(rng):
+    """Single queries keep per-thread result buffers between calls: threads
+    querying one index at once, with results from empty to every point and
+    with and without scores, each get exactly their own answers."""
+    X = clustered(rng, 4000, 20)
+    index = HalfspaceIndex(X, leaf_size=16)
+    W = rng.normal(size=(24, 20))
+    S = W @ X.T
+    b = np.quantile(S, [1.0, 0.999, 0.9, 0.5, 0.0], axis=1)
+    b[0] += 1.0                                   # nothing reported
+    b[-1] -= 1.0                                  # everything reported
+    jobs = [(q, level) for q in range(W.shape[0]) for level in range(b.shape[0])]
+
+    def run(offset):
+        out = []
+        for j in range(len(jobs)):
+            q, level = jobs[(j + offset) % len(jobs)]
+            scores, ids = index.query(W[q], b[level, q], return_scores=True)
+            out.append((q, level, ids, scores, index.query(W[q], b[level, q])))
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, range(0, 4 * 29, 29)))
+    for out in results:
+        for q, level, ids, scores, ids_only in out:
+            expect = np.flatnonzero(S[q] >= b[level, q])
+            order = np.argsort(ids)
+            np.testing.assert_array_equal(ids[order], expect)
+            np.testing.assert_allclose(scores[order], S[q, expect], rtol=1e-12, atol=1e-12)
+            np.testing.assert_array_equal(np.sort(ids_only), expect)
 
 
 def test_read_only_and_non_contiguous_inputs(rng):

@@ -1606,7 +1606,22 @@ cdef extern from *:
                                     refined);
     }
 
+    /* Result buffers of single queries, one pair per thread, that keep
+       their capacity between calls: a query reporting 20k ids would
+       otherwise regrow an empty vector, copying and zero-filling about
+       twice its output. */
+    static std::vector<Py_ssize_t>& sqd_single_ids() {
+        static thread_local std::vector<Py_ssize_t> v;
+        return v;
+    }
+    static std::vector<double>& sqd_single_scores() {
+        static thread_local std::vector<double> v;
+        return v;
+    }
+
     """
+    vector[intp_t]& sqd_single_ids() noexcept nogil
+    vector[double]& sqd_single_scores() noexcept nogil
     int sqd_isa() noexcept nogil
     void sqd_advise_hugepages(void* p, size_t n) noexcept nogil
     void sqd_prefetch_rows(const char* rows, intp_t row_bytes, intp_t s0,
@@ -1679,6 +1694,9 @@ cdef extern from *:
 cdef double U64 = 1.1102230246251565e-16   # 2**-53
 cdef double REL = 1e-9                      # relative widening of bound arithmetic
 cdef double TINY = 1e-290                   # absolute widening (underflow)
+# a thread keeps the capacity of its single-query result buffers up to this
+# many ids (8 MiB; 16 MiB with scores)
+cdef size_t SINGLE_KEEP = 1 << 20
 cdef double INFL = 1.0 + 1e-10              # rounding-up factor for stored norms
 cdef intp_t CHUNK = 256                     # leaf scan chunk (dots buffer size)
 cdef intp_t VER_OFF = CHUNK + 16            # undecided positions in QueryBuf.pos
@@ -2449,11 +2467,17 @@ cdef intp_t _scan_leaf_rel(const CoreView* v, const floating* X, QueryBuf* qb, i
 
 
 cdef intp_t _report_range(const CoreView* v, const floating* X, QueryBuf* qb,
-                          intp_t start, intp_t end, int mode,
+                          intp_t node, intp_t start, intp_t end, int mode,
                           vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
-    """Report every live slot of [start, end) (its node is inside the
-    half-space)."""
+    """Report every live slot of [start, end), the slots of ``node``, which
+    lies inside the half-space."""
     cdef intp_t s, cnt = 0
+    cdef size_t old
+    if mode == MODE_IDS and v.node_alive[node] == end - start:
+        old = out_ids.size()                 # no tombstones: one copy
+        out_ids.resize(old + (end - start))
+        memcpy(out_ids.data() + old, v.ids + start, (end - start) * sizeof(intp_t))
+        return end - start
     for s in range(start, end):
         if v.ids[s] < 0:
             continue
@@ -2502,7 +2526,7 @@ cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, doubl
                 if mode == MODE_COUNT:
                     cnt += v.node_alive[node]
                 else:
-                    cnt += _report_range(v, X, qb, v.node_start[node], v.node_end[node],
+                    cnt += _report_range(v, X, qb, node, v.node_start[node], v.node_end[node],
                                          mode, out_ids, out_sc)
                 continue
             if v.node_right[node] < 0:
@@ -3796,35 +3820,43 @@ cdef class _HalfspaceCore:
         """
         cdef CoreView v = self._view()
         cdef QueryBuf* qb = _alloc_qbuf(self.d, 0)
-        cdef vector[intp_t] res_ids
-        cdef vector[double] res_sc
+        # this thread's result buffers (empty between calls)
+        cdef vector[intp_t]* res_ids = &sqd_single_ids()
+        cdef vector[double]* res_sc = &sqd_single_scores()
         cdef intp_t cnt, n
         cdef intp_t[::1] io
         cdef double[::1] so
         if qb == NULL:
             raise MemoryError()
-        with nogil:
-            if self.is32:
-                _load_query(qb, 0, v.d, <const float*>cnp.PyArray_DATA(w), NULL, NULL)
-                cnt = _query_one(&v, <const float*>v.X, qb, b, mode, &res_ids, &res_sc)
-            else:
-                _load_query(qb, 0, v.d, <const double*>cnp.PyArray_DATA(w), NULL, NULL)
-                cnt = _query_one(&v, <const double*>v.X, qb, b, mode, &res_ids, &res_sc)
-            _free_qbuf(qb)
-        if mode == MODE_COUNT:
-            return cnt, None, None
-        n = res_ids.size()
-        ids = np.empty(n, dtype=np.intp)
-        scores = None
-        if n:
-            io = ids
-            memcpy(&io[0], res_ids.data(), n * sizeof(intp_t))
-        if mode == MODE_SCORES:
-            scores = np.empty(n, dtype=np.float64)
+        try:
+            with nogil:
+                if self.is32:
+                    _load_query(qb, 0, v.d, <const float*>cnp.PyArray_DATA(w), NULL, NULL)
+                    cnt = _query_one(&v, <const float*>v.X, qb, b, mode, res_ids, res_sc)
+                else:
+                    _load_query(qb, 0, v.d, <const double*>cnp.PyArray_DATA(w), NULL, NULL)
+                    cnt = _query_one(&v, <const double*>v.X, qb, b, mode, res_ids, res_sc)
+                _free_qbuf(qb)
+            if mode == MODE_COUNT:
+                return cnt, None, None
+            n = res_ids.size()
+            ids = np.empty(n, dtype=np.intp)
+            scores = None
             if n:
-                so = scores
-                memcpy(&so[0], res_sc.data(), n * sizeof(double))
-        return cnt, ids, scores
+                io = ids
+                memcpy(&io[0], res_ids.data(), n * sizeof(intp_t))
+            if mode == MODE_SCORES:
+                scores = np.empty(n, dtype=np.float64)
+                if n:
+                    so = scores
+                    memcpy(&so[0], res_sc.data(), n * sizeof(double))
+            return cnt, ids, scores
+        finally:
+            res_ids.clear()
+            res_sc.clear()
+            if res_ids.capacity() > SINGLE_KEEP:     # do not hold on to a huge result
+                res_ids.shrink_to_fit()
+                res_sc.shrink_to_fit()
 
     def search(self, W, const intp_t[::1] indptr, const intp_t[::1] indices,
                intp_t n_queries, intp_t k, int n_threads):
