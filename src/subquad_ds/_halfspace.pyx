@@ -170,13 +170,16 @@ per row of X it was 3-7% slower (the extra pipeline step costs more than
 the lines it saves); with 8 it was 4-10% faster.
 
 Query side: stage 0 runs as a leaf is reached; the undecided slots of a
-chunk wait one chunk (their low-plane blocks prefetched into L2) for
-stage 1, whose undecided slots wait one more chunk (their third-level
-rows prefetched) for stage 2, whose undecided slots wait one more chunk
-(their rows of X prefetched) for verification, so that the memory has
-arrived; the pipeline is flushed at the end of the query.  The DFS prefetches both
-children's centres (and a relative leaf's first high-plane lines) into L2
-when it pushes them.
+chunk wait one chunk for stage 1, whose undecided slots wait one more
+chunk (their third-level rows prefetched into L2) for stage 2, whose
+undecided slots wait one more chunk (their rows of X prefetched) for
+verification, so that the memory has arrived; the pipeline is flushed at
+the end of the query.  The DFS prefetches both children's centres (and a
+relative leaf's first high-plane lines) into L2 when it pushes them.
+Stage 1's low-plane blocks are not prefetched: on the Intel host a
+software prefetch of them made queries 5% slower (it waits on full miss
+queues), and running stage 1 in the chunk itself instead of one chunk
+later measured the same.
 
 Storage and invariants
 ======================
@@ -2324,9 +2327,9 @@ cdef intp_t _rel_stage2(const CoreView* v, const floating* X, QueryBuf* qb, int 
 
 cdef intp_t _rel_stage1(const CoreView* v, const floating* X, QueryBuf* qb, int mode,
                         vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
-    """Stage 1 of the slots left undecided by stage 0 one chunk earlier
-    (their low-plane blocks prefetched then): with q8 = 16 q_hi + q_lo and
-    K = 2 qmax + 2 (so t = K t2), F = <q8, K qw + qw2> is exact in int64.
+    """Stage 1 of the slots left undecided by stage 0 one chunk earlier:
+    with q8 = 16 q_hi + q_lo and K = 2 qmax + 2 (so t = K t2), F = <q8, K
+    qw + qw2> is exact in int64.
     Accepted slots are reported, undecided ones queued for stage 2 (their
     third-level rows prefetched) or, without stage 2, for verification
     (rows of X prefetched); empties the stage-1 queue, which holds slots of
@@ -2343,9 +2346,9 @@ cdef intp_t _rel_stage1(const CoreView* v, const floating* X, QueryBuf* qb, int 
     cdef intp_t* ver = qb.r2_slot if stage2 else qb.r3_slot
     if n == 0:
         return 0
-    # the blocks holding these slots (the low plane was prefetched, the high
-    # one read by stage 0): one call over their whole span if they fill at
-    # least half of it, else one call per block
+    # the blocks holding these slots (the high plane was read by stage 0):
+    # one call over their whole span if they fill at least half of it, else
+    # one call per block
     b0 = slot[0] >> 4
     b1 = (slot[n - 1] >> 4) + 1
     n_blk = 1
@@ -2415,7 +2418,7 @@ cdef intp_t _scan_leaf_rel(const CoreView* v, const floating* X, QueryBuf* qb, i
     cdef int64_t hi0, lo0, hi1, lo1, hi2, lo2
     cdef int32_t sub = qb.sumq8
     cdef intp_t start = v.node_start[node], end = v.node_end[node]
-    cdef intp_t s0, s1, off, n_acc, n_ver, i, s, blk, cnt = 0
+    cdef intp_t s0, s1, off, n_acc, n_ver, i, cnt = 0
     cdef bint has_dead = v.node_alive[node] < end - start
     cdef int32_t* acc = qb.pos
     cdef int32_t* ver = qb.pos + VER_OFF
@@ -2448,13 +2451,8 @@ cdef intp_t _scan_leaf_rel(const CoreView* v, const floating* X, QueryBuf* qb, i
         cnt += _rel_verify(v, X, qb, b, mode, out_ids, out_sc)
         cnt += _rel_stage2(v, X, qb, mode, out_ids, out_sc)
         cnt += _rel_stage1(v, X, qb, mode, out_ids, out_sc)
-        blk = -1
         for i in range(n_ver):
-            s = s0 + ver[i]
-            qb.r1_slot[i] = s
-            if (s >> 4) != blk:
-                blk = s >> 4
-                sqd_prefetch_span_l2(<const char*>(v.rlo + blk * 8 * v.dpad8), 8 * v.dpad8)
+            qb.r1_slot[i] = s0 + ver[i]
         qb.r1_n = n_ver
         qb.r1_hi = hi1
         qb.r1_lo = lo1
