@@ -147,7 +147,10 @@ class HalfspaceIndex:
     ``__len__`` and ``__contains__`` only read and release the GIL in their
     kernels: they may run concurrently with each other.  ``add``,
     ``remove``, ``update`` and ``rebuild`` mutate and must not run
-    concurrently with any other method.
+    concurrently with any other method.  Each thread that runs single
+    queries (1-D ``w``) keeps its result buffers (ids, scores) between
+    calls, for all indexes: they hold the capacity of its largest result up
+    to 2**20 ids (8 MiB, 16 MiB with scores) and are released past that.
 
     **Errors.**  Every argument is validated before anything changes: a
     call that raises leaves the index unchanged.
