@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import copy
+import gc
 import pickle
 
 import numpy as np
@@ -451,6 +452,40 @@ def test_single_queries_from_several_python_threads(rng):
             np.testing.assert_array_equal(ids[order], expect)
             np.testing.assert_allclose(scores[order], S[q, expect], rtol=1e-12, atol=1e-12)
             np.testing.assert_array_equal(np.sort(ids_only), expect)
+
+
+def test_single_query_reentered_from_a_garbage_collector_callback(rng):
+    """A single query run by a gc callback while another single query on the
+    same thread still holds its results in the thread's buffers: both
+    answers stay exact."""
+    X = clustered(rng, 3000, 12)
+    index = HalfspaceIndex(X, leaf_size=16)
+    W = rng.normal(size=(8, 12))
+    S = W @ X.T
+    b = np.quantile(S, 0.6, axis=1)
+    answers = []
+
+    def nested_query(phase, info):
+        if phase == "start" and len(answers) < 100:
+            q = len(answers) % W.shape[0]
+            answers.append((q, index.query(W[q], b[q], return_scores=True)))
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(nested_query)
+    gc.set_threshold(1)                       # collect at (almost) every allocation
+    try:
+        for _ in range(4):
+            for q in range(W.shape[0]):
+                answers.append((q, index.query(W[q], b[q], return_scores=True)))
+    finally:
+        gc.callbacks.remove(nested_query)
+        gc.set_threshold(*threshold)
+    assert len(answers) > 4 * W.shape[0]      # the callback did run queries
+    for q, (scores, ids) in answers:
+        expect = np.flatnonzero(S[q] >= b[q])
+        order = np.argsort(ids)
+        np.testing.assert_array_equal(ids[order], expect)
+        np.testing.assert_allclose(scores[order], S[q, expect], rtol=1e-12, atol=1e-12)
 
 
 def test_read_only_and_non_contiguous_inputs(rng):

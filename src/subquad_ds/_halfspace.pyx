@@ -3818,10 +3818,18 @@ cdef class _HalfspaceCore:
         """
         cdef CoreView v = self._view()
         cdef QueryBuf* qb = _alloc_qbuf(self.d, 0)
-        # this thread's result buffers (empty between calls)
+        # this thread's result buffers, empty between calls; a call made
+        # while an outer one still holds its results there (from a garbage
+        # collector callback or a finaliser, run by an allocation below) uses
+        # buffers of its own
         cdef vector[intp_t]* res_ids = &sqd_single_ids()
         cdef vector[double]* res_sc = &sqd_single_scores()
+        cdef vector[intp_t] own_ids
+        cdef vector[double] own_sc
         cdef intp_t cnt, n
+        if res_ids.size() or res_sc.size():
+            res_ids = &own_ids
+            res_sc = &own_sc
         cdef intp_t[::1] io
         cdef double[::1] so
         if qb == NULL:
