@@ -3190,11 +3190,7 @@ cdef class _HalfspaceCore:
             self._ec = self._fresh_slots(self._ec, (new_cap,), used)
             self._rows2 = self._fresh_slots(self._rows2, (new_cap, self.dpad + 8), used)
             if self.rel_planes:
-                self._rhi = self._fresh_slots(self._rhi, (new_cap * self.dpad8 // 2,),
-                                              (used + 15) // 16 * 8 * self.dpad8)
-                self._rlo = self._fresh_slots(self._rlo, (new_cap * self.dpad8 // 2,),
-                                              (used + 15) // 16 * 8 * self.dpad8)
-                self._r3 = self._fresh_slots(self._r3, (new_cap * self.r3w,), used * self.r3w)
+                self._fresh_rel_planes(new_cap, used)
             self._ids = self._fresh_slots(self._ids, (new_cap,), used)
             return
         arrays = [(self._X, (new_cap, self.d)), (self._codes, (new_cap * self.dpad,)),
@@ -3509,7 +3505,10 @@ cdef class _HalfspaceCore:
         if not any_leaf:
             return
         if not self.rel_planes:
-            self._alloc_rel_planes()
+            # allocated now for the current slot capacity; from then on
+            # they grow with the slots
+            self._fresh_rel_planes(self._ids.shape[0], 0)
+            self.rel_planes = True
             v = self._view()
         with nogil, parallel(num_threads=n_threads):
             for i in prange(n_nodes, schedule="dynamic"):
@@ -3527,14 +3526,14 @@ cdef class _HalfspaceCore:
                                      v.node_center + node * v.d, scales[i], <uint8_t*>v.rhi,
                                      <uint8_t*>v.rlo, <uint8_t*>v.r3, rel + REL_W * node)
 
-    cdef _alloc_rel_planes(self):
-        """Allocate the relative-code planes (and third-level rows) for the
-        current slot capacity; from then on they grow with the slots."""
-        cdef intp_t cap = self._ids.shape[0]
-        self._rhi = self._fresh_slots(self._rhi, (cap * self.dpad8 // 2,), 0)
-        self._rlo = self._fresh_slots(self._rlo, (cap * self.dpad8 // 2,), 0)
-        self._r3 = self._fresh_slots(self._r3, (cap * self.r3w,), 0)
-        self.rel_planes = True
+    cdef _fresh_rel_planes(self, intp_t cap, intp_t used):
+        """Fresh relative-code planes and third-level rows for ``cap`` slots,
+        holding those of the first ``used`` slots (the planes in whole
+        blocks of 16 slots)."""
+        cdef intp_t plane_used = (used + 15) // 16 * 8 * self.dpad8
+        self._rhi = self._fresh_slots(self._rhi, (cap * self.dpad8 // 2,), plane_used)
+        self._rlo = self._fresh_slots(self._rlo, (cap * self.dpad8 // 2,), plane_used)
+        self._r3 = self._fresh_slots(self._r3, (cap * self.r3w,), used * self.r3w)
 
     cdef _push_segment(self, intp_t start, intp_t end):
         cdef intp_t node0 = 0
