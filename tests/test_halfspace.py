@@ -422,6 +422,15 @@ def test_threads_agree(rng, n_threads):
     np.testing.assert_array_equal(index.search(W, 5)[1], ref.search(W, 5)[1])
 
 
+def _check_single_answer(ids, scores, s, b):
+    """One single query's ids (any order) and scores, given the oracle
+    scores ``s`` of ids 0..n-1 and the threshold ``b``."""
+    expect = np.flatnonzero(s >= b)
+    order = np.argsort(ids)
+    np.testing.assert_array_equal(ids[order], expect)
+    np.testing.assert_allclose(scores[order], s[expect], rtol=1e-12, atol=1e-12)
+
+
 def test_single_queries_from_several_python_threads(rng):
     """Single queries keep per-thread result buffers between calls: threads
     querying one index at once, with results from empty to every point and
@@ -447,11 +456,8 @@ def test_single_queries_from_several_python_threads(rng):
         results = list(pool.map(run, range(0, 4 * 29, 29)))
     for out in results:
         for q, level, ids, scores, ids_only in out:
-            expect = np.flatnonzero(S[q] >= b[level, q])
-            order = np.argsort(ids)
-            np.testing.assert_array_equal(ids[order], expect)
-            np.testing.assert_allclose(scores[order], S[q, expect], rtol=1e-12, atol=1e-12)
-            np.testing.assert_array_equal(np.sort(ids_only), expect)
+            _check_single_answer(ids, scores, S[q], b[level, q])
+            np.testing.assert_array_equal(np.sort(ids_only), np.flatnonzero(S[q] >= b[level, q]))
 
 
 def test_single_query_reentered_from_a_garbage_collector_callback(rng):
@@ -482,10 +488,7 @@ def test_single_query_reentered_from_a_garbage_collector_callback(rng):
         gc.set_threshold(*threshold)
     assert len(answers) > 4 * W.shape[0]      # the callback did run queries
     for q, (scores, ids) in answers:
-        expect = np.flatnonzero(S[q] >= b[q])
-        order = np.argsort(ids)
-        np.testing.assert_array_equal(ids[order], expect)
-        np.testing.assert_allclose(scores[order], S[q, expect], rtol=1e-12, atol=1e-12)
+        _check_single_answer(ids, scores, S[q], b[q])
 
 
 def test_read_only_and_non_contiguous_inputs(rng):
