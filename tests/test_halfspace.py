@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 
 from subquad_ds import HalfspaceIndex
-from subquad_ds._halfspace import _cap_screening_kernel, screening_kernel
+from subquad_ds._halfspace import _cap_screening_kernel, _set_split_min_work, screening_kernel
 
 from _oracles import check_csr_equal, halfspace_bruteforce, topk_bruteforce
 
@@ -489,6 +489,107 @@ def test_single_query_reentered_from_a_garbage_collector_callback(rng):
     assert len(answers) > 4 * W.shape[0]      # the callback did run queries
     for q, (scores, ids) in answers:
         _check_single_answer(ids, scores, S[q], b[q])
+
+
+@pytest.fixture
+def split_every_query():
+    """Split every single query that straddles two or more subtrees across
+    threads, however small (the default waits for ~10k points at d = 32)."""
+    old = _set_split_min_work(0)
+    yield
+    _set_split_min_work(old)
+
+
+@pytest.mark.parametrize("n_threads", [2, 3, 7])
+@pytest.mark.parametrize("kind", ["gaussian", "clustered", "duplicates"])
+def test_split_single_queries_against_oracle(dtype, rng, kind, n_threads, split_every_query):
+    """A single query cut into subtrees walked by several threads (more
+    threads than cores too), on an index with several segments, tombstones
+    and updated points: ids, scores and counts match the oracle, from
+    nothing to every point reported."""
+    d = 13
+    if kind == "gaussian":
+        X = rng.normal(size=(1500, d))
+    elif kind == "clustered":
+        X = clustered(rng, 1500, d)
+    else:
+        X = np.repeat(rng.normal(size=(5, d)), 300, axis=0)
+    X = X.astype(dtype)
+    index = HalfspaceIndex(X[:1000], leaf_size=8)
+    index.add(X[1000:1300])                       # a second segment
+    for x in X[1300:]:
+        index.add(x[None])                        # the insertion buffer
+    index.remove(rng.choice(1500, size=200, replace=False))
+    moved = rng.choice(index.ids, size=50, replace=False)
+    index.update(moved, X[rng.integers(1500, size=50)])
+    Xl, ids = _live(index)
+    W = rng.normal(size=(30, d)).astype(dtype)
+    S = W.astype(np.float64) @ Xl.astype(np.float64).T
+    b = _thresholds(Xl, W, [0.001, 0.01, 0.1, 0.5, 0.9], rng)
+    b[0] = S[0].max() + 1.0
+    b[1] = S[1].min() - 1.0
+    n_split = 0
+    for q in range(W.shape[0]):
+        expect = ids[S[q] >= b[q]]
+        scores, got = index.query(W[q], b[q], return_scores=True, n_threads=n_threads)
+        order = np.argsort(got)
+        np.testing.assert_array_equal(got[order], expect)
+        rtol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(scores[order], S[q][S[q] >= b[q]][np.argsort(ids[S[q] >= b[q]])],
+                                   rtol=rtol, atol=rtol)
+        np.testing.assert_array_equal(np.sort(index.query(W[q], b[q], n_threads=n_threads)),
+                                      expect)
+        assert index.query_count(W[q], b[q], n_threads=n_threads) == expect.size
+        st = index._core.query_stats(W[q].astype(np.float64), b[q], n_threads)
+        assert st["count"] == expect.size
+        n_split += st["subtrees"] > 0
+    assert n_split >= 20                          # the queries were split
+
+
+def test_split_query_output_is_deterministic(rng, split_every_query):
+    """A split query's hits come in the order of its subtrees, not of the
+    threads' timing: repeated calls return identical arrays."""
+    X = clustered(rng, 3000, 16)
+    index = HalfspaceIndex(X, leaf_size=8)
+    w = rng.normal(size=16)
+    b = float(np.quantile(X @ w, 0.7))
+    first_scores, first = index.query(w, b, return_scores=True, n_threads=2)
+    assert index._core.query_stats(w, b, 2)["subtrees"] > 1
+    for _ in range(30):
+        scores, ids = index.query(w, b, return_scores=True, n_threads=2)
+        np.testing.assert_array_equal(ids, first)
+        np.testing.assert_array_equal(scores, first_scores)
+
+
+def test_small_batches_split_each_query(dtype, rng, split_every_query):
+    """Fewer than 4 queries per thread run one after the other, each split
+    across the threads: same answers as the oracle, CSR layout intact."""
+    X = clustered(rng, 2000, 9).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=8, n_threads=2)
+    W = rng.normal(size=(3, 9)).astype(dtype)
+    b = _thresholds(X, W, [0.01, 0.3, 0.9], rng)
+    check_against_oracle(index, W, b, k=4)
+    rows = sp.csr_array(np.where(rng.random((3, 9)) < 0.5, W, 0))
+    ptr, idx = index.query(rows, b)
+    ref_ptr, ref_idx, _ = halfspace_bruteforce(X, np.arange(2000), rows.toarray(), b)
+    check_csr_equal(ptr, idx, ref_ptr, ref_idx)
+
+
+def test_large_single_queries_split_by_default(rng):
+    """Without the test hook: a query straddling ~20k points at d = 32 is
+    split (and answered exactly); a selective one on clustered data or
+    n_threads=1 is not."""
+    X = rng.standard_normal((20000, 32), dtype=np.float32)
+    index = HalfspaceIndex(X)
+    w = rng.standard_normal(32).astype(np.float32)
+    s = X.astype(np.float64) @ w.astype(np.float64)
+    b = float(np.quantile(s, 0.9))
+    assert index._core.query_stats(w, b, 2)["subtrees"] > 1
+    assert index._core.query_stats(w, b, 1)["subtrees"] == 0
+    np.testing.assert_array_equal(np.sort(index.query(w, b, n_threads=2)), np.flatnonzero(s >= b))
+    C = clustered(rng, 20000, 32).astype(np.float32)
+    b = float(np.quantile(C.astype(np.float64) @ w.astype(np.float64), 0.999))
+    assert HalfspaceIndex(C)._core.query_stats(w, b, 2)["subtrees"] == 0
 
 
 def test_read_only_and_non_contiguous_inputs(rng):

@@ -6,6 +6,7 @@ from hypothesis.extra import numpy as hynp
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from subquad_ds import HalfspaceIndex
+from subquad_ds._halfspace import _set_split_min_work
 
 from _oracles import halfspace_bruteforce, topk_bruteforce
 
@@ -115,6 +116,27 @@ def make_machine(points, dtype, d=D):
             b = float(X[i] @ w) + delta / 2 ** 16
             ref = ids[X @ w >= b]
             np.testing.assert_array_equal(np.sort(self.index.query(w.astype(dtype), b)), ref)
+
+        @rule(W=hynp.arrays(np.float64, (2, d), elements=coord),
+              b=st.lists(coord, min_size=2, max_size=2), n_threads=st.sampled_from([2, 3]))
+        def split_queries(self, W, b, n_threads):
+            # every query split across threads, however small: single
+            # queries, and a batch too small to share out by queries
+            ids, X = self._live()
+            ref_ptr, ref_idx, _ = halfspace_bruteforce(X, ids, W, b)
+            old = _set_split_min_work(0)
+            try:
+                for q in range(2):
+                    got = self.index.query(W[q].astype(dtype), b[q], n_threads=n_threads)
+                    np.testing.assert_array_equal(np.sort(got), ref_idx[ref_ptr[q]:ref_ptr[q + 1]])
+                    assert self.index.query_count(W[q], b[q], n_threads=n_threads) == got.size
+                indptr, indices = self.index.query(W.astype(dtype), b, n_threads=n_threads)
+            finally:
+                _set_split_min_work(old)
+            np.testing.assert_array_equal(indptr, ref_ptr)
+            for q in range(2):
+                np.testing.assert_array_equal(np.sort(indices[indptr[q]:indptr[q + 1]]),
+                                              ref_idx[ref_ptr[q]:ref_ptr[q + 1]])
 
         @rule(w=hynp.arrays(np.float64, (d,), elements=coord), k=st.integers(0, 6))
         def search(self, w, k):

@@ -181,6 +181,27 @@ software prefetch of them made queries 5% slower (it waits on full miss
 queues), and running stage 1 in the chunk itself instead of one chunk
 later measured the same.
 
+Splitting one query across threads
+----------------------------------
+A batch shares its queries out among the threads.  One large query (a
+single ``w``, or each query of a batch with fewer than 4 queries per
+thread) is split instead (``_query_split``): the calling thread bounds the
+segment roots and keeps opening the heaviest straddling subtree, skipping
+or reporting whole the children its bounds decide, until no subtree holds
+more than 1 / (4 threads) of the straddling points (or 64 subtrees); the
+threads then walk the subtrees, heaviest first, each taking the next one
+when done, with their own query buffers (the query is prepared again from
+the same float64 ``w``, so every bound is the same) and part buffers.
+Each subtree's walk flushes the relative-code pipeline at its end, so its
+hits are one run; the runs are concatenated in subtree order, which
+depends on the thread count but not on the timing.  A point is decided by
+the same bounds and kernels as on one thread, so the answer is the same
+set.  The split costs about 5 us (waking the threads, their buffers); it
+is made only when the straddling points times ``d + 16`` reach 2**19 (it
+broke even at about 10k points at d = 32 and 4k at d = 128), and never
+with n_threads = 1.  On the benchmark's N = 200k, two threads answered
+large single queries 1.4-1.9 times faster than one.
+
 Storage and invariants
 ======================
 Points live in *slots* ``0 .. n_slots-1`` of growable arrays (``X`` in the
@@ -320,10 +341,10 @@ not run concurrently with anything else (the public class documents this).
 import numpy as np
 cimport numpy as cnp
 from cython cimport floating
-from cython.parallel cimport parallel, prange
+from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport sqrt, fabs, ceil, floor, nearbyint, nextafterf, INFINITY, HUGE_VAL, NAN
 from libc.stdint cimport int8_t, uint8_t, int16_t, int32_t, int64_t, uint64_t
-from libc.stdlib cimport malloc, free
+from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memset
 from libcpp.vector cimport vector
 from libcpp.unordered_map cimport unordered_map
@@ -1621,10 +1642,27 @@ cdef extern from *:
         static thread_local std::vector<double> v;
         return v;
     }
+    /* The parts of one single query that a helper thread reports when the
+       query is split across threads (see _query_split); kept per thread
+       like the buffers above, and only used inside that parallel region. */
+    static std::vector<Py_ssize_t>& sqd_part_ids() {
+        static thread_local std::vector<Py_ssize_t> v;
+        return v;
+    }
+    static std::vector<double>& sqd_part_scores() {
+        static thread_local std::vector<double> v;
+        return v;
+    }
+    static inline Py_ssize_t sqd_next_task(Py_ssize_t* counter) {
+        return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+    }
 
     """
     vector[intp_t]& sqd_single_ids() noexcept nogil
     vector[double]& sqd_single_scores() noexcept nogil
+    vector[intp_t]& sqd_part_ids() noexcept nogil
+    vector[double]& sqd_part_scores() noexcept nogil
+    intp_t sqd_next_task(intp_t* counter) noexcept nogil
     int sqd_isa() noexcept nogil
     void sqd_advise_hugepages(void* p, size_t n) noexcept nogil
     void sqd_prefetch_rows(const char* rows, intp_t row_bytes, intp_t s0,
@@ -1712,6 +1750,9 @@ cdef double INT_LIM = 1073741824.0          # 2**30 > every integer dot of the r
 cdef double INT_LIM40 = 1099511627776.0     # 2**40 > every stage-1 and stage-2 integer
 cdef intp_t REL_W = 7                       # floats per node in node_rel
 cdef intp_t STAGE2_MIN_ROW = 512            # stage 2 runs if a row of X has this many bytes
+cdef intp_t MAX_TASKS = 64                  # subtrees a split single query is cut into
+cdef intp_t SPLIT_MIN_WORK = 1 << 19         # a single query is split if straddling points * (d + 16) reach this
+cdef intp_t SPLIT_SHARE = 4                 # ... into subtrees of at most 1 / (this * threads) each
 
 # Modes of the query kernel.
 cdef enum:
@@ -1812,6 +1853,7 @@ cdef struct QueryBuf:
     intp_t n_pend
     intp_t n_verified
     intp_t n_bulk
+    intp_t n_tasks     # subtrees a split query was cut into (0: not split)
     # top-k heap (search)
     double* hscore
     intp_t* hid
@@ -2493,69 +2535,292 @@ cdef inline void _prefetch_node(const CoreView* v, intp_t node) noexcept nogil:
                              min(8 * v.dpad8, 512))
 
 
+cdef intp_t _walk(const CoreView* v, const floating* X, QueryBuf* qb, double b, int mode,
+                  intp_t node0, intp_t root, vector[intp_t]* out_ids,
+                  vector[double]* out_sc) noexcept nogil:
+    """Report (or count) the points with score >= b in the subtree of the
+    segment whose nodes start at node0, from its local node ``root``
+    (bounded again here); the query must be prepared.  Slots left in the
+    relative-code pipeline wait for ``_rel_flush``."""
+    cdef intp_t node, top, cnt = 0
+    cdef intp_t pend_start = 0, pend_end = 0     # pending run of leaves to screen
+    cdef double lo, hi, cw
+    cdef intp_t rcnt
+    qb.stack[0] = root
+    top = 1
+    while top > 0:
+        top -= 1
+        node = node0 + qb.stack[top]
+        if v.node_alive[node] == 0:
+            continue
+        cw = _node_bounds(v, node, qb, &lo, &hi)
+        qb.n_nodes += 1
+        if hi < b:
+            continue
+        if lo >= b:
+            qb.n_bulk += v.node_alive[node]
+            if mode == MODE_COUNT:
+                cnt += v.node_alive[node]
+            else:
+                cnt += _report_range(v, X, qb, node, v.node_start[node], v.node_end[node],
+                                     mode, out_ids, out_sc)
+            continue
+        if v.node_right[node] < 0:
+            if v.node_rel[REL_W * node] > 0.0:
+                # leaf-relative codes (this leaf's points lie close to
+                # its centre); -1: this query cannot use them
+                rcnt = _scan_leaf_rel(v, X, qb, node, cw, b, mode, out_ids, out_sc)
+                if rcnt >= 0:
+                    cnt += rcnt
+                    continue
+            # Leaves come in slot order: runs of adjacent leaves are
+            # screened in one pass (long chunks vectorise better).
+            if v.node_start[node] != pend_end:
+                if pend_end > pend_start:
+                    cnt += _scan_range(v, X, qb, pend_start, pend_end, b, mode,
+                                       out_ids, out_sc)
+                pend_start = v.node_start[node]
+            pend_end = v.node_end[node]
+            continue
+        qb.stack[top + 1] = qb.stack[top] + 1           # left child, visited first
+        qb.stack[top] = v.node_right[node]
+        top += 2
+        # both children will be bounded: fetch their centres into L2, and
+        # the start of a relative leaf's high plane
+        _prefetch_node(v, node + 1)
+        _prefetch_node(v, node0 + v.node_right[node])
+    if pend_end > pend_start:
+        cnt += _scan_range(v, X, qb, pend_start, pend_end, b, mode, out_ids, out_sc)
+    return cnt
+
+
+cdef inline void _reset_counters(QueryBuf* qb) noexcept nogil:
+    qb.n_nodes = qb.n_screened = qb.n_refined = qb.n_refined2 = qb.n_verified = 0
+    qb.n_bulk = qb.n_tasks = 0
+    qb.n_pend = qb.r1_n = qb.r2_n = qb.r3_n = 0
+
+
 cdef intp_t _query_one(const CoreView* v, const floating* X, QueryBuf* qb, double b,
                        int mode, vector[intp_t]* out_ids,
                        vector[double]* out_sc) noexcept nogil:
     """Report (or count) the points with score >= b; qb.w must be set."""
-    cdef intp_t seg, node0, n_nodes, node, top, cnt = 0
-    cdef intp_t pend_start = 0, pend_end = 0     # pending run of leaves to screen
-    cdef double lo, hi, cw
-    cdef intp_t rcnt
+    cdef intp_t seg, cnt = 0
     _prepare_query(qb, v.d, v.dpad, v.gam)
-    qb.n_nodes = qb.n_screened = qb.n_refined = qb.n_refined2 = qb.n_verified = 0
-    qb.n_bulk = 0
-    qb.n_pend = qb.r1_n = qb.r2_n = qb.r3_n = 0
+    _reset_counters(qb)
     for seg in range(v.n_segs):
-        node0 = v.seg_node0[seg]
-        n_nodes = v.seg_n_nodes[seg]
-        qb.stack[0] = 0
-        top = 1
-        while top > 0:
-            top -= 1
-            node = node0 + qb.stack[top]
-            if v.node_alive[node] == 0:
-                continue
-            cw = _node_bounds(v, node, qb, &lo, &hi)
-            qb.n_nodes += 1
-            if hi < b:
-                continue
-            if lo >= b:
-                qb.n_bulk += v.node_alive[node]
-                if mode == MODE_COUNT:
-                    cnt += v.node_alive[node]
-                else:
-                    cnt += _report_range(v, X, qb, node, v.node_start[node], v.node_end[node],
-                                         mode, out_ids, out_sc)
-                continue
-            if v.node_right[node] < 0:
-                if v.node_rel[REL_W * node] > 0.0:
-                    # leaf-relative codes (this leaf's points lie close to
-                    # its centre); -1: this query cannot use them
-                    rcnt = _scan_leaf_rel(v, X, qb, node, cw, b, mode, out_ids, out_sc)
-                    if rcnt >= 0:
-                        cnt += rcnt
-                        continue
-                # Leaves come in slot order: runs of adjacent leaves are
-                # screened in one pass (long chunks vectorise better).
-                if v.node_start[node] != pend_end:
-                    if pend_end > pend_start:
-                        cnt += _scan_range(v, X, qb, pend_start, pend_end, b, mode,
-                                           out_ids, out_sc)
-                    pend_start = v.node_start[node]
-                pend_end = v.node_end[node]
-                continue
-            qb.stack[top + 1] = qb.stack[top] + 1           # left child, visited first
-            qb.stack[top] = v.node_right[node]
-            top += 2
-            # both children will be bounded: fetch their centres into L2, and
-            # the start of a relative leaf's high plane
-            _prefetch_node(v, node + 1)
-            _prefetch_node(v, node0 + v.node_right[node])
-        if pend_end > pend_start:
-            cnt += _scan_range(v, X, qb, pend_start, pend_end, b, mode, out_ids, out_sc)
-        pend_start = pend_end = 0
+        cnt += _walk(v, X, qb, b, mode, v.seg_node0[seg], 0, out_ids, out_sc)
     cnt += _rel_flush(v, X, qb, b, mode, out_ids, out_sc)
     return cnt
+
+
+cdef struct Task:
+    # a subtree of one segment that a split single query walks
+    intp_t node0       # the segment's first node
+    intp_t local       # the subtree's root, local to the segment
+    intp_t weight      # its live points
+    int thread         # the thread that walked it,
+    intp_t begin       # where its hits start in that thread's part buffers,
+    intp_t count       # and how many points it reported (or counted)
+
+
+cdef intp_t _add_task(const CoreView* v, const floating* X, QueryBuf* qb, double b, int mode,
+                      intp_t node0, intp_t local, Task* tasks, intp_t* n_tasks,
+                      vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
+    """Bound a node: skip it, report it whole (returning its count), or
+    append it to ``tasks`` when it straddles the hyperplane."""
+    cdef intp_t node = node0 + local, alive = v.node_alive[node]
+    cdef double lo, hi
+    if alive == 0:
+        return 0
+    _node_bounds(v, node, qb, &lo, &hi)
+    qb.n_nodes += 1
+    if hi < b:
+        return 0
+    if lo >= b:
+        qb.n_bulk += alive
+        if mode == MODE_COUNT:
+            return alive
+        return _report_range(v, X, qb, node, v.node_start[node], v.node_end[node], mode,
+                             out_ids, out_sc)
+    tasks[n_tasks[0]].node0 = node0
+    tasks[n_tasks[0]].local = local
+    tasks[n_tasks[0]].weight = alive
+    n_tasks[0] += 1
+    return 0
+
+
+cdef inline bint _split_pays(const CoreView* v, intp_t straddling) noexcept nogil:
+    """Whether splitting a query whose straddling subtrees hold this many
+    live points across threads pays: the split costs about 5 us (waking
+    the threads, their buffers); on this measure it broke even at about
+    10k points at d = 32 and 4k at d = 128 (work ~ 2**19)."""
+    return straddling * (v.d + 16) >= SPLIT_MIN_WORK
+
+
+cdef intp_t _split_tasks(const CoreView* v, const floating* X, QueryBuf* qb, double b,
+                         int mode, int n_threads, Task* tasks, intp_t* n_tasks,
+                         intp_t* total, vector[intp_t]* out_ids,
+                         vector[double]* out_sc) noexcept nogil:
+    """Cut the query into straddling subtrees: start from the segment roots
+    and open the heaviest internal subtree (skipping or reporting whole the
+    children the bounds decide) until every subtree holds at most
+    1 / (SPLIT_SHARE n_threads) of the straddling points, MAX_TASKS are
+    reached, or too few points straddle for a split to pay (see
+    ``_split_pays``).  Returns the count of the points reported on the
+    way; ``total`` gets the straddling points."""
+    cdef intp_t seg, i, j, node, cnt = 0
+    cdef Task t
+    n_tasks[0] = 0
+    for seg in range(v.n_segs):
+        cnt += _add_task(v, X, qb, b, mode, v.seg_node0[seg], 0, tasks, n_tasks,
+                         out_ids, out_sc)
+    while True:
+        total[0] = 0
+        j = -1
+        for i in range(n_tasks[0]):
+            total[0] += tasks[i].weight
+            if (v.node_right[tasks[i].node0 + tasks[i].local] >= 0
+                    and (j < 0 or tasks[i].weight > tasks[j].weight)):
+                j = i
+        if (j < 0 or n_tasks[0] > MAX_TASKS - 2 or not _split_pays(v, total[0])
+                or tasks[j].weight * SPLIT_SHARE * n_threads <= total[0]):
+            return cnt
+        t = tasks[j]
+        n_tasks[0] -= 1
+        tasks[j] = tasks[n_tasks[0]]
+        node = t.node0 + t.local
+        cnt += _add_task(v, X, qb, b, mode, t.node0, t.local + 1, tasks, n_tasks,
+                         out_ids, out_sc)
+        cnt += _add_task(v, X, qb, b, mode, t.node0, v.node_right[node], tasks, n_tasks,
+                         out_ids, out_sc)
+
+
+cdef inline void _sort_tasks(Task* tasks, intp_t n, bint by_weight) noexcept nogil:
+    """Insertion sort (n <= MAX_TASKS): by decreasing weight, or by node
+    (slot order, as the serial walk visits them)."""
+    cdef intp_t i, j
+    cdef Task t
+    for i in range(1, n):
+        t = tasks[i]
+        j = i
+        while j > 0 and ((by_weight and tasks[j - 1].weight < t.weight) or
+                         (not by_weight and tasks[j - 1].node0 + tasks[j - 1].local
+                          > t.node0 + t.local)):
+            tasks[j] = tasks[j - 1]
+            j -= 1
+        tasks[j] = t
+
+
+cdef inline void _add_counters(QueryBuf* dst, const QueryBuf* src) noexcept nogil:
+    dst.n_nodes += src.n_nodes
+    dst.n_screened += src.n_screened
+    dst.n_refined += src.n_refined
+    dst.n_refined2 += src.n_refined2
+    dst.n_verified += src.n_verified
+    dst.n_bulk += src.n_bulk
+
+
+cdef intp_t _query_split(const CoreView* v, const floating* X, QueryBuf* qb, double b,
+                         int mode, int n_threads, vector[intp_t]* out_ids,
+                         vector[double]* out_sc) noexcept nogil:
+    """``_query_one`` for one large query on up to n_threads threads.
+
+    The straddling subtrees (see ``_split_tasks``) are walked by the
+    threads, heaviest first, each thread taking the next subtree when it is
+    done; each subtree's walk ends with a flush of the relative-code
+    pipeline, so its hits are one run in the part buffer of the thread that
+    walked it.  The runs are appended to ``out_*`` in the order of the
+    subtrees: the output order depends on n_threads but not on the timing
+    of the threads.  Queries too small for a split to pay (see
+    ``_split_pays``), and all with n_threads == 1 or no memory for the
+    split, run on the calling thread alone.  qb.w must be set; qb's
+    counters get the whole query's work."""
+    cdef Task tasks[64]
+    cdef intp_t n_tasks = 0, total = 0, cnt = 0, i, k, n, next_task = 0
+    cdef intp_t* next_ptr = &next_task
+    cdef QueryBuf** helpers = NULL
+    cdef vector[intp_t]** part_ids = NULL
+    cdef vector[double]** part_sc = NULL
+    cdef QueryBuf* mine
+    cdef vector[intp_t]* my_ids
+    cdef vector[double]* my_sc
+    cdef intp_t t
+    cdef int tid
+    if n_threads <= 1:
+        return _query_one(v, X, qb, b, mode, out_ids, out_sc)
+    _prepare_query(qb, v.d, v.dpad, v.gam)
+    _reset_counters(qb)
+    cnt = _split_tasks(v, X, qb, b, mode, n_threads, tasks, &n_tasks, &total,
+                       out_ids, out_sc)
+    if n_tasks > 1 and _split_pays(v, total):
+        helpers = <QueryBuf**>calloc(n_threads, sizeof(QueryBuf*))
+        part_ids = <vector[intp_t]**>calloc(n_threads, sizeof(void*))
+        part_sc = <vector[double]**>calloc(n_threads, sizeof(void*))
+    if helpers == NULL or part_ids == NULL or part_sc == NULL:
+        free(helpers)
+        free(part_ids)
+        free(part_sc)
+        _sort_tasks(tasks, n_tasks, False)
+        for i in range(n_tasks):
+            cnt += _walk(v, X, qb, b, mode, tasks[i].node0, tasks[i].local, out_ids, out_sc)
+        return cnt + _rel_flush(v, X, qb, b, mode, out_ids, out_sc)
+    _sort_tasks(tasks, n_tasks, True)
+    for i in range(n_tasks):
+        tasks[i].count = 0
+    qb.n_tasks = n_tasks
+    with parallel(num_threads=n_threads):
+        tid = threadid()
+        mine = qb
+        if tid > 0:
+            mine = _alloc_qbuf(v.d, 0)
+            helpers[tid] = mine
+            if mine != NULL:
+                memcpy(mine.w, qb.w, v.d * sizeof(double))
+                _prepare_query(mine, v.d, v.dpad, v.gam)
+                _reset_counters(mine)
+        if mine != NULL:
+            my_ids = &sqd_part_ids()
+            my_sc = &sqd_part_scores()
+            part_ids[tid] = my_ids
+            part_sc[tid] = my_sc
+            t = sqd_next_task(next_ptr)
+            while t < n_tasks:
+                tasks[t].thread = tid
+                tasks[t].begin = my_ids.size()
+                tasks[t].count = (_walk(v, X, mine, b, mode, tasks[t].node0, tasks[t].local,
+                                        my_ids, my_sc)
+                                  + _rel_flush(v, X, mine, b, mode, my_ids, my_sc))
+                t = sqd_next_task(next_ptr)
+    n = 0
+    for i in range(n_tasks):
+        n += tasks[i].count
+    if mode != MODE_COUNT and n > 0:
+        k = out_ids.size()
+        out_ids.resize(k + n)
+        if mode == MODE_SCORES:
+            out_sc.resize(k + n)
+        for i in range(n_tasks):
+            t = tasks[i].thread
+            memcpy(out_ids.data() + k, part_ids[t].data() + tasks[i].begin,
+                   tasks[i].count * sizeof(intp_t))
+            if mode == MODE_SCORES:
+                memcpy(out_sc.data() + k, part_sc[t].data() + tasks[i].begin,
+                       tasks[i].count * sizeof(double))
+            k += tasks[i].count
+    for t in range(n_threads):
+        if helpers[t] != NULL:
+            _add_counters(qb, helpers[t])
+            _free_qbuf(helpers[t])
+        if part_ids[t] != NULL:
+            part_ids[t].clear()
+            part_sc[t].clear()
+            if part_ids[t].capacity() > SINGLE_KEEP:    # do not hold on to a huge part
+                part_ids[t].shrink_to_fit()
+                part_sc[t].shrink_to_fit()
+    free(helpers)
+    free(part_ids)
+    free(part_sc)
+    return cnt + n
 
 
 cdef void _search_range(const CoreView* v, const floating* X, QueryBuf* qb,
@@ -2737,11 +3002,23 @@ cdef int _batch_query(const CoreView* v, const floating* X, const floating* W,
                       const intp_t* indptr, const intp_t* indices, intp_t n_queries,
                       const double* b, int mode, int n_threads, intp_t* counts,
                       vector[intp_t]* res_ids, vector[double]* res_sc) except -1 nogil:
-    """Run n_queries queries across OpenMP threads; results per query."""
+    """Run n_queries queries across OpenMP threads; results per query.
+    Fewer than 4 queries per thread run one after the other, each split
+    across the threads if it is large (``_query_split``)."""
     cdef intp_t q
     cdef QueryBuf* qb
     cdef int failed = 0
     cdef int* failed_ptr = &failed      # written through a pointer: shared
+    if n_queries < 4 * n_threads:
+        qb = _alloc_qbuf(v.d, 0)
+        if qb == NULL:
+            with gil:
+                raise MemoryError()
+        for q in range(n_queries):
+            _load_query(qb, q, v.d, W, indptr, indices)
+            counts[q] = _query_split(v, X, qb, b[q], mode, n_threads, &res_ids[q], &res_sc[q])
+        _free_qbuf(qb)
+        return 0
     with parallel(num_threads=n_threads):
         qb = _alloc_qbuf(v.d, 0)
         if qb == NULL:
@@ -3041,6 +3318,19 @@ def _cap_screening_kernel(int level):
     global sqd_isa_cap
     old = sqd_isa_cap
     sqd_isa_cap = level
+    return old
+
+
+def _set_split_min_work(intp_t n):
+    """Set the work (straddling points times d + 16) from which a single
+    query is split across threads; returns the old value.
+
+    For tests (to split queries on small indexes) and calibration only:
+    not thread-safe, and must not change while queries run.
+    """
+    global SPLIT_MIN_WORK
+    old = SPLIT_MIN_WORK
+    SPLIT_MIN_WORK = max(n, 0)
     return old
 
 
@@ -3776,8 +4066,6 @@ cdef class _HalfspaceCore:
                 ix = &indices[0]
         res_ids.resize(n_queries)
         res_sc.resize(n_queries)
-        if n_queries < 4 * n_threads:
-            n_threads = 1
         with nogil:
             if self.is32:
                 _batch_query(&v, <const float*>v.X, <const float*>cnp.PyArray_DATA(Wa),
@@ -3808,8 +4096,9 @@ cdef class _HalfspaceCore:
             off += res_ids[q].size()
         return indptr_out, ids_out, scores_out
 
-    def query_single(self, cnp.ndarray w, double b, int mode):
-        """One dense query on the calling thread (no OpenMP region).
+    def query_single(self, cnp.ndarray w, double b, int mode, int n_threads):
+        """One dense query, on the calling thread or, if it is large, split
+        across up to n_threads threads (see ``_query_split``).
 
         ``w``: C-contiguous 1-D array of the core's dtype (checked by the
         caller).  Returns ``(count, ids, scores)``; ids/scores are None for
@@ -3837,10 +4126,12 @@ cdef class _HalfspaceCore:
             with nogil:
                 if self.is32:
                     _load_query(qb, 0, v.d, <const float*>cnp.PyArray_DATA(w), NULL, NULL)
-                    cnt = _query_one(&v, <const float*>v.X, qb, b, mode, res_ids, res_sc)
+                    cnt = _query_split(&v, <const float*>v.X, qb, b, mode, n_threads,
+                                       res_ids, res_sc)
                 else:
                     _load_query(qb, 0, v.d, <const double*>cnp.PyArray_DATA(w), NULL, NULL)
-                    cnt = _query_one(&v, <const double*>v.X, qb, b, mode, res_ids, res_sc)
+                    cnt = _query_split(&v, <const double*>v.X, qb, b, mode, n_threads,
+                                       res_ids, res_sc)
                 _free_qbuf(qb)
             if mode == MODE_COUNT:
                 return cnt, None, None
@@ -3893,10 +4184,12 @@ cdef class _HalfspaceCore:
 
     # -- introspection ------------------------------------------------------
 
-    def query_stats(self, w, double b):
-        """Work done by one query: nodes bounded, points screened through their
-        codes, points refined through their level-2 codes, points verified
-        exactly, points reported by whole subtrees."""
+    def query_stats(self, w, double b, int n_threads=1):
+        """Work done by one query (counted, on up to n_threads threads):
+        nodes bounded, points screened through their codes, points refined
+        through their level-2 codes, points verified exactly, points
+        reported by whole subtrees, and the subtrees the query was split
+        into (0: it ran on one thread)."""
         cdef CoreView v = self._view()
         cdef QueryBuf* qb = _alloc_qbuf(self.d, 0)
         cdef vector[intp_t] ids
@@ -3907,16 +4200,17 @@ cdef class _HalfspaceCore:
         w = np.asarray(w, dtype=np.float64)
         for j in range(self.d):
             qb.w[j] = w[j]
-        if self.is32:
-            cnt = _query_one(&v, <const float*>v.X, qb, b, MODE_COUNT, &ids, &sc)
-        else:
-            cnt = _query_one(&v, <const double*>v.X, qb, b, MODE_COUNT, &ids, &sc)
+        with nogil:
+            if self.is32:
+                cnt = _query_split(&v, <const float*>v.X, qb, b, MODE_COUNT, n_threads, &ids, &sc)
+            else:
+                cnt = _query_split(&v, <const double*>v.X, qb, b, MODE_COUNT, n_threads, &ids,
+                                   &sc)
         out = {"count": cnt, "nodes": qb.n_nodes, "screened": qb.n_screened,
                "refined": qb.n_refined, "refined2": qb.n_refined2,
-               "verified": qb.n_verified, "bulk": qb.n_bulk}
+               "verified": qb.n_verified, "bulk": qb.n_bulk, "subtrees": qb.n_tasks}
         _free_qbuf(qb)
         return out
-
 
     def tree_arrays(self):
         """Copies of the node arrays and segment table (tests, diagnostics)."""
