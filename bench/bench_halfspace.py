@@ -1,7 +1,8 @@
 """HalfspaceIndex benchmarks: subquad_ds side by side with numpy and faiss.
 
 Groups (one per operation and size): ``halfspace-query1-<data>-d<d>-sel<s>``
-(single-query latency), ``halfspace-batch64-<data>-d<d>-sel<s>`` (64
+(single-query latency, one thread each), ``halfspace-query1-allcores-...``
+(the same with every implementation given all cores), ``halfspace-batch64-<data>-d<d>-sel<s>`` (64
 queries per call), ``halfspace-{add,remove,update}1-d<d>`` (one point per
 call on an index of N points), ``halfspace-build-<data>-d<d>``,
 ``halfspace-top10-<data>-d<d>`` and ``halfspace-trainer-m16384-d64``
@@ -116,6 +117,42 @@ def test_query_single(benchmark, machine_info, data, impl, sel):
             return index.range_search(W[q:q + 1], float(b[q]))
     info(benchmark, machine_info, data, impl=impl, selectivity=sel,
          numpy_blas_threads=1 if threadpool_limits else "default")
+    benchmark(run)
+
+
+@pytest.mark.parametrize("sel", SELECTIVITIES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_query_single_all_cores(benchmark, machine_info, data, impl, sel):
+    """One query per call, every implementation given all cores.
+
+    subquad_ds splits a large query into subtrees walked by its threads;
+    numpy's matrix-vector product uses BLAS's threads; faiss range_search
+    still uses one thread for one query (its thread count only parallelises
+    across queries), so its time matches the one-thread group's.
+    """
+    benchmark.group = f"halfspace-query1-allcores-{data['kind']}-d{data['d']}-sel{sel}"
+    W, b, X = data["W"], data["b"][sel], data["X"]
+    queries = itertools.cycle(range(16))
+    threads = subquad_ds._validation.check_n_threads(None)
+    if impl == "subquad_ds":
+        index = data["index"]
+
+        def run():
+            q = next(queries)
+            return index.query(W[q], b[q], n_threads=threads)
+    elif impl == "numpy":
+        def run():
+            q = next(queries)
+            return np.flatnonzero(X @ W[q] >= b[q])
+    else:
+        faiss, index = faiss_index(data)
+        faiss.omp_set_num_threads(threads)
+
+        def run():
+            q = next(queries)
+            return index.range_search(W[q:q + 1], float(b[q]))
+    info(benchmark, machine_info, data, impl=impl, selectivity=sel, threads=threads,
+         numpy_blas_threads="default")
     benchmark(run)
 
 
