@@ -9,8 +9,9 @@ Each trial builds an index (float32 or float64, d from 1 to 130, Gaussian,
 clustered, small-integer or duplicated points at a random power-of-two
 scale, a random ``leaf_size``), applies a few random batches of adds
 (single and bulk), removes and updates, and after each batch compares
-single queries (with and without scores) and one batched query with the
-oracle.  Thresholds are score quantiles (0% .. 100%) or exactly a stored
+single queries (with and without scores, on 1-3 threads) and one batched
+query with the oracle; in half the trials every query that straddles two or
+more subtrees is split across the threads, however small.  Thresholds are score quantiles (0% .. 100%) or exactly a stored
 point's score.  A point whose oracle score lies within ``1e-12 * sum |p_j
 w_j|`` of ``b`` may go either way (the summation order is unspecified); any
 other difference stops the run with the trial's details.
@@ -22,6 +23,7 @@ import time
 import numpy as np
 
 from subquad_ds import HalfspaceIndex
+from subquad_ds._halfspace import _set_split_min_work
 
 DIMS = [1, 2, 3, 7, 16, 31, 32, 33, 64, 100, 128, 130]
 
@@ -56,18 +58,20 @@ def expected(live, w, b):
 
 def check(rng, index, live, W, b, dtype, trial):
     """Single and batched queries against the oracle; returns the checks made."""
-    ptr, batch = index.query(W, b)
+    threads = int(rng.integers(1, 4))
+    ptr, batch = index.query(W, b, n_threads=threads)
     for q in range(W.shape[0]):
         w = W[q].astype(dtype).astype(np.float64)
         want, ambiguous = expected(live, w, b[q])
         if rng.random() < 0.5:
-            _, single = index.query(W[q], b[q], return_scores=True)
+            _, single = index.query(W[q], b[q], return_scores=True, n_threads=threads)
         else:
-            single = index.query(W[q], b[q])
+            single = index.query(W[q], b[q], n_threads=threads)
         for name, got in (("single", single), ("batch", batch[ptr[q]:ptr[q + 1]])):
             wrong = (set(got.tolist()) ^ want) - ambiguous
             if wrong:
-                raise AssertionError(f"trial {trial}, {name} query {q}: ids {sorted(wrong)[:5]}")
+                raise AssertionError(f"trial {trial}, {name} query {q} on {threads} threads: "
+                                     f"ids {sorted(wrong)[:5]}")
     return 2 * W.shape[0]
 
 
@@ -75,8 +79,11 @@ def run(seconds, seed):
     rng = np.random.default_rng(seed)
     t_end = time.monotonic() + seconds
     trials = checks = 0
+    default_split = _set_split_min_work(0)
+    _set_split_min_work(default_split)
     while time.monotonic() < t_end:
         trials += 1
+        _set_split_min_work(0 if rng.random() < 0.5 else default_split)
         dtype = np.float32 if rng.random() < 0.6 else np.float64
         d = int(rng.choice(DIMS))
         n = int(rng.integers(0, 6000))
@@ -121,6 +128,7 @@ def run(seconds, seed):
             else:
                 b = rng.standard_normal(n_queries)
             checks += check(rng, index, live, W, b, dtype, trials)
+    _set_split_min_work(default_split)
     return trials, checks
 
 
