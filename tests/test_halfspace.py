@@ -431,10 +431,12 @@ def _check_single_answer(ids, scores, s, b):
     np.testing.assert_allclose(scores[order], s[expect], rtol=1e-12, atol=1e-12)
 
 
-def test_single_queries_from_several_python_threads(rng):
+@pytest.mark.parametrize("split", [False, True], ids=["one-thread", "split"])
+def test_single_queries_from_several_python_threads(rng, split):
     """Single queries keep per-thread result buffers between calls: threads
     querying one index at once, with results from empty to every point and
-    with and without scores, each get exactly their own answers."""
+    with and without scores, each get exactly their own answers; also when
+    each query is split across OpenMP threads of its own."""
     X = clustered(rng, 4000, 20)
     index = HalfspaceIndex(X, leaf_size=16)
     W = rng.normal(size=(24, 20))
@@ -444,16 +446,22 @@ def test_single_queries_from_several_python_threads(rng):
     b[-1] -= 1.0                                  # everything reported
     jobs = [(q, level) for q in range(W.shape[0]) for level in range(b.shape[0])]
 
+    threads = 2 if split else 1
+
     def run(offset):
         out = []
         for j in range(len(jobs)):
             q, level = jobs[(j + offset) % len(jobs)]
-            scores, ids = index.query(W[q], b[level, q], return_scores=True)
-            out.append((q, level, ids, scores, index.query(W[q], b[level, q])))
+            scores, ids = index.query(W[q], b[level, q], return_scores=True, n_threads=threads)
+            out.append((q, level, ids, scores, index.query(W[q], b[level, q], n_threads=threads)))
         return out
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(run, range(0, 4 * 29, 29)))
+    old = _set_split_min_work(0 if split else 1 << 62)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(run, range(0, 4 * 29, 29)))
+    finally:
+        _set_split_min_work(old)
     for out in results:
         for q, level, ids, scores, ids_only in out:
             _check_single_answer(ids, scores, S[q], b[level, q])
