@@ -2735,7 +2735,7 @@ cdef intp_t _query_split(const CoreView* v, const floating* X, QueryBuf* qb, dou
     ``_split_pays``), and all with n_threads == 1 or no memory for the
     split, run on the calling thread alone.  qb.w must be set; qb's
     counters get the whole query's work."""
-    cdef Task tasks[64]
+    cdef Task tasks[64]                          # MAX_TASKS
     cdef intp_t n_tasks = 0, total = 0, cnt = 0, i, k, n, next_task = 0
     cdef intp_t* next_ptr = &next_task
     cdef QueryBuf** helpers = NULL
@@ -2746,7 +2746,7 @@ cdef intp_t _query_split(const CoreView* v, const floating* X, QueryBuf* qb, dou
     cdef vector[double]* my_sc
     cdef intp_t t
     cdef int tid
-    if n_threads <= 1:
+    if n_threads <= 1 or v.n_segs > MAX_TASKS - 2:     # (segments: O(log n))
         return _query_one(v, X, qb, b, mode, out_ids, out_sc)
     _prepare_query(qb, v.d, v.dpad, v.gam)
     _reset_counters(qb)

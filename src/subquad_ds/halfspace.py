@@ -135,7 +135,8 @@ class HalfspaceIndex:
     its straddling subtrees hold enough points (about 10k at d = 32, 4k at
     d = 128): the split costs about 5 us and, on the benchmark's 200k
     points, two threads answered 1.4-1.9 times faster than one.  Top-k
-    :meth:`search` of one query always runs on one thread.  Memory: per point, the point itself plus ``2 d' + 28`` bytes
+    :meth:`search` of one query always runs on one thread.  Memory: per
+    point, the point itself plus ``2 d' + 28`` bytes
     (``d'`` = d rounded up to a multiple of 4), plus about 60-70 bytes for
     the id hash map and the tree nodes; once a build finds leaves that
     qualify for leaf-relative codes (clustered data; never Gaussian data),
