@@ -200,7 +200,14 @@ set.  The split costs about 5 us (waking the threads, their buffers); it
 is made only when the straddling points times ``d + 16`` reach 2**19 (it
 broke even at about 10k points at d = 32 and 4k at d = 128), and never
 with n_threads = 1.  On the benchmark's N = 200k, two threads answered
-large single queries 1.4-1.9 times faster than one.
+large single queries 1.4-1.9 times faster than one.  A split ends only
+when every thread of its team has arrived: with another process busy on
+one of the two cores, the median still fell (1.3-2.1x) but 1-10% of the
+queries waited for a time slice (p99 5-8 ms against 0.4-3.3 ms on one
+thread).  A back-off that ran the next queries on one thread after a split
+whose caller waited long did not help (the helper's spin-wait and
+preemption inside the walks are not visible to the caller), so it was not
+kept; the public class tells busy machines to pass n_threads = 1.
 
 Storage and invariants
 ======================

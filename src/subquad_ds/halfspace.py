@@ -162,7 +162,11 @@ class HalfspaceIndex:
     indexes: they hold the capacity of its largest result up to 2**20 ids
     (8 MiB, 16 MiB with scores) and are released past that.  Python
     threads querying at once each start their own OpenMP threads: pass
-    ``n_threads=1`` there to avoid oversubscribing the cores.
+    ``n_threads=1`` there to avoid oversubscribing the cores.  Do the same
+    on a machine whose cores are busy with other work: a split query (like
+    a batch) waits for all its threads, and with one of two cores busy the
+    slowest 1% of large single queries took 5-8 ms instead of 0.4-3 ms
+    (their median still fell 1.3-2.1x, but at d = 128 their mean rose).
 
     **Errors.**  Every argument is validated before anything changes: a
     call that raises leaves the index unchanged.
