@@ -2,9 +2,10 @@
 
 Groups (one per operation and size): ``halfspace-query1-<data>-d<d>-sel<s>``
 (single-query latency, one thread each), ``halfspace-query1-allcores-...``
-(the same with every implementation given all cores), ``halfspace-batch64-<data>-d<d>-sel<s>`` (64
-queries per call), ``halfspace-{add,remove,update}1-d<d>`` (one point per
-call on an index of N points), ``halfspace-build-<data>-d<d>``,
+(the same with every implementation given all cores),
+``halfspace-batch64-<data>-d<d>-sel<s>`` (64 queries per call),
+``halfspace-{add,remove,update}1-d<d>`` (one point per call on an index of N
+points), ``halfspace-build-<data>-d<d>``,
 ``halfspace-top10-<data>-d<d>`` and ``halfspace-trainer-m16384-d64``
 (sparse activations as CSR queries, per-query thresholds).
 

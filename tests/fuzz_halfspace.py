@@ -11,8 +11,8 @@ scale, a random ``leaf_size``), applies a few random batches of adds
 (single and bulk), removes and updates, and after each batch compares
 single queries (with and without scores, on 1-3 threads) and one batched
 query with the oracle; in half the trials every query that straddles two or
-more subtrees is split across the threads, however small.  Thresholds are score quantiles (0% .. 100%) or exactly a stored
-point's score.  A point whose oracle score lies within ``1e-12 * sum |p_j
+more subtrees is split across the threads, however small.  Thresholds are
+score quantiles (0% .. 100%) or exactly a stored point's score.  A point whose oracle score lies within ``1e-12 * sum |p_j
 w_j|`` of ``b`` may go either way (the summation order is unspecified); any
 other difference stops the run with the trial's details.
 """
