@@ -1637,38 +1637,31 @@ cdef extern from *:
                                     refined);
     }
 
-    /* Result buffers of single queries, one pair per thread, that keep
-       their capacity between calls: a query reporting 20k ids would
-       otherwise regrow an empty vector, copying and zero-filling about
-       twice its output. */
-    static std::vector<Py_ssize_t>& sqd_single_ids() {
-        static thread_local std::vector<Py_ssize_t> v;
-        return v;
-    }
-    static std::vector<double>& sqd_single_scores() {
-        static thread_local std::vector<double> v;
-        return v;
-    }
-    /* The parts of one single query that a helper thread reports when the
-       query is split across threads (see _query_split); kept per thread
-       like the buffers above, and only used inside that parallel region. */
-    static std::vector<Py_ssize_t>& sqd_part_ids() {
-        static thread_local std::vector<Py_ssize_t> v;
-        return v;
-    }
-    static std::vector<double>& sqd_part_scores() {
-        static thread_local std::vector<double> v;
-        return v;
+    /* Per-thread result buffers that keep their capacity between calls (a
+       query reporting 20k ids would otherwise regrow an empty vector,
+       copying and zero-filling about twice its output): ids and scores of
+       the single queries a thread runs, and part_ids and part_scores, the
+       hits of the subtrees it walks for a split query (see _query_split;
+       only used inside that parallel region). */
+    struct SqdThreadBuffers {
+        std::vector<Py_ssize_t> ids, part_ids;
+        std::vector<double> scores, part_scores;
+    };
+    static SqdThreadBuffers& sqd_thread_buffers() {
+        static thread_local SqdThreadBuffers b;
+        return b;
     }
     static inline Py_ssize_t sqd_next_task(Py_ssize_t* counter) {
         return __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
     }
 
     """
-    vector[intp_t]& sqd_single_ids() noexcept nogil
-    vector[double]& sqd_single_scores() noexcept nogil
-    vector[intp_t]& sqd_part_ids() noexcept nogil
-    vector[double]& sqd_part_scores() noexcept nogil
+    cppclass SqdThreadBuffers:
+        vector[intp_t] ids
+        vector[intp_t] part_ids
+        vector[double] scores
+        vector[double] part_scores
+    SqdThreadBuffers& sqd_thread_buffers() noexcept nogil
     intp_t sqd_next_task(intp_t* counter) noexcept nogil
     int sqd_isa() noexcept nogil
     void sqd_advise_hugepages(void* p, size_t n) noexcept nogil
@@ -2513,12 +2506,11 @@ cdef intp_t _scan_leaf_rel(const CoreView* v, const floating* X, QueryBuf* qb, i
     return cnt
 
 
-cdef intp_t _report_range(const CoreView* v, const floating* X, QueryBuf* qb,
-                          intp_t node, intp_t start, intp_t end, int mode,
-                          vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
-    """Report every live slot of [start, end), the slots of ``node``, which
-    lies inside the half-space."""
-    cdef intp_t s, cnt = 0
+cdef intp_t _report_node(const CoreView* v, const floating* X, QueryBuf* qb,
+                         intp_t node, int mode, vector[intp_t]* out_ids,
+                         vector[double]* out_sc) noexcept nogil:
+    """Report every live slot of ``node``, which lies inside the half-space."""
+    cdef intp_t s, cnt = 0, start = v.node_start[node], end = v.node_end[node]
     cdef size_t old
     if mode == MODE_IDS and v.node_alive[node] == end - start:
         old = out_ids.size()                 # no tombstones: one copy
@@ -2542,6 +2534,30 @@ cdef inline void _prefetch_node(const CoreView* v, intp_t node) noexcept nogil:
                              min(8 * v.dpad8, 512))
 
 
+cdef inline intp_t _settle_node(const CoreView* v, const floating* X, QueryBuf* qb,
+                                intp_t node, double b, int mode, double* cw,
+                                vector[intp_t]* out_ids,
+                                vector[double]* out_sc) noexcept nogil:
+    """Decide a node by its ball bound.  If that settles it (no live
+    points, outside the half-space, or inside it and reported or counted
+    whole), returns the points reported (>= 0); if it straddles ``b``,
+    returns -1 with its centre's ``<c, w>`` in ``cw``."""
+    cdef intp_t alive = v.node_alive[node]
+    cdef double lo, hi
+    if alive == 0:
+        return 0
+    cw[0] = _node_bounds(v, node, qb, &lo, &hi)
+    qb.n_nodes += 1
+    if hi < b:
+        return 0
+    if lo >= b:
+        qb.n_bulk += alive
+        if mode == MODE_COUNT:
+            return alive
+        return _report_node(v, X, qb, node, mode, out_ids, out_sc)
+    return -1
+
+
 cdef intp_t _walk(const CoreView* v, const floating* X, QueryBuf* qb, double b, int mode,
                   intp_t node0, intp_t root, vector[intp_t]* out_ids,
                   vector[double]* out_sc) noexcept nogil:
@@ -2551,26 +2567,16 @@ cdef intp_t _walk(const CoreView* v, const floating* X, QueryBuf* qb, double b, 
     relative-code pipeline wait for ``_rel_flush``."""
     cdef intp_t node, top, cnt = 0
     cdef intp_t pend_start = 0, pend_end = 0     # pending run of leaves to screen
-    cdef double lo, hi, cw
+    cdef double cw
     cdef intp_t rcnt
     qb.stack[0] = root
     top = 1
     while top > 0:
         top -= 1
         node = node0 + qb.stack[top]
-        if v.node_alive[node] == 0:
-            continue
-        cw = _node_bounds(v, node, qb, &lo, &hi)
-        qb.n_nodes += 1
-        if hi < b:
-            continue
-        if lo >= b:
-            qb.n_bulk += v.node_alive[node]
-            if mode == MODE_COUNT:
-                cnt += v.node_alive[node]
-            else:
-                cnt += _report_range(v, X, qb, node, v.node_start[node], v.node_end[node],
-                                     mode, out_ids, out_sc)
+        rcnt = _settle_node(v, X, qb, node, b, mode, &cw, out_ids, out_sc)
+        if rcnt >= 0:
+            cnt += rcnt
             continue
         if v.node_right[node] < 0:
             if v.node_rel[REL_W * node] > 0.0:
@@ -2633,25 +2639,16 @@ cdef struct Task:
 cdef intp_t _add_task(const CoreView* v, const floating* X, QueryBuf* qb, double b, int mode,
                       intp_t node0, intp_t local, Task* tasks, intp_t* n_tasks,
                       vector[intp_t]* out_ids, vector[double]* out_sc) noexcept nogil:
-    """Bound a node: skip it, report it whole (returning its count), or
+    """Settle a node (``_settle_node``; returns the points it reported), or
     append it to ``tasks`` when it straddles the hyperplane."""
-    cdef intp_t node = node0 + local, alive = v.node_alive[node]
-    cdef double lo, hi
-    if alive == 0:
-        return 0
-    _node_bounds(v, node, qb, &lo, &hi)
-    qb.n_nodes += 1
-    if hi < b:
-        return 0
-    if lo >= b:
-        qb.n_bulk += alive
-        if mode == MODE_COUNT:
-            return alive
-        return _report_range(v, X, qb, node, v.node_start[node], v.node_end[node], mode,
-                             out_ids, out_sc)
+    cdef intp_t node = node0 + local
+    cdef double cw
+    cdef intp_t cnt = _settle_node(v, X, qb, node, b, mode, &cw, out_ids, out_sc)
+    if cnt >= 0:
+        return cnt
     tasks[n_tasks[0]].node0 = node0
     tasks[n_tasks[0]].local = local
-    tasks[n_tasks[0]].weight = alive
+    tasks[n_tasks[0]].weight = v.node_alive[node]
     n_tasks[0] += 1
     return 0
 
@@ -2786,8 +2783,8 @@ cdef intp_t _query_split(const CoreView* v, const floating* X, QueryBuf* qb, dou
                 _prepare_query(mine, v.d, v.dpad, v.gam)
                 _reset_counters(mine)
         if mine != NULL:
-            my_ids = &sqd_part_ids()
-            my_sc = &sqd_part_scores()
+            my_ids = &sqd_thread_buffers().part_ids
+            my_sc = &sqd_thread_buffers().part_scores
             part_ids[tid] = my_ids
             part_sc[tid] = my_sc
             t = sqd_next_task(next_ptr)
@@ -4117,8 +4114,8 @@ cdef class _HalfspaceCore:
         # while an outer one still holds its results there (from a garbage
         # collector callback or a finaliser, run by an allocation below) uses
         # buffers of its own
-        cdef vector[intp_t]* res_ids = &sqd_single_ids()
-        cdef vector[double]* res_sc = &sqd_single_scores()
+        cdef vector[intp_t]* res_ids = &sqd_thread_buffers().ids
+        cdef vector[double]* res_sc = &sqd_thread_buffers().scores
         cdef vector[intp_t] own_ids
         cdef vector[double] own_sc
         cdef intp_t cnt, n
