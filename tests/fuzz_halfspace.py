@@ -11,10 +11,12 @@ scale, a random ``leaf_size``), applies a few random batches of adds
 (single and bulk), removes and updates, and after each batch compares
 single queries (with and without scores, on 1-3 threads) and one batched
 query with the oracle; in half the trials every query that straddles two or
-more subtrees is split across the threads, however small.  Thresholds are
-score quantiles (0% .. 100%) or exactly a stored point's score.  A point whose oracle score lies within ``1e-12 * sum |p_j
-w_j|`` of ``b`` may go either way (the summation order is unspecified); any
-other difference stops the run with the trial's details.
+more subtrees is split across the threads, however small, and each trial
+picks whether relative leaves near ``b`` skip stage 0 (never, by default,
+or always).  Thresholds are score quantiles (0% .. 100%) or exactly a
+stored point's score.  A point whose oracle score lies within ``1e-12 *
+sum |p_j w_j|`` of ``b`` may go either way (the summation order is
+unspecified); any other difference stops the run with the trial's details.
 """
 
 import argparse
@@ -23,7 +25,7 @@ import time
 import numpy as np
 
 from subquad_ds import HalfspaceIndex
-from subquad_ds._halfspace import _set_split_min_work
+from subquad_ds._halfspace import _set_split_min_work, _set_stage0_skip_spreads
 
 DIMS = [1, 2, 3, 7, 16, 31, 32, 33, 64, 100, 128, 130]
 
@@ -81,9 +83,12 @@ def run(seconds, seed):
     trials = checks = 0
     default_split = _set_split_min_work(0)
     _set_split_min_work(default_split)
+    default_skip = _set_stage0_skip_spreads(0.0)
+    _set_stage0_skip_spreads(default_skip)
     while time.monotonic() < t_end:
         trials += 1
         _set_split_min_work(0 if rng.random() < 0.5 else default_split)
+        _set_stage0_skip_spreads(rng.choice([-np.inf, default_skip, np.inf]))
         dtype = np.float32 if rng.random() < 0.6 else np.float64
         d = int(rng.choice(DIMS))
         n = int(rng.integers(0, 6000))
@@ -129,6 +134,7 @@ def run(seconds, seed):
                 b = rng.standard_normal(n_queries)
             checks += check(rng, index, live, W, b, dtype, trials)
     _set_split_min_work(default_split)
+    _set_stage0_skip_spreads(default_skip)
     return trials, checks
 
 

@@ -10,7 +10,8 @@ import pytest
 import scipy.sparse as sp
 
 from subquad_ds import HalfspaceIndex
-from subquad_ds._halfspace import _cap_screening_kernel, _set_split_min_work, screening_kernel
+from subquad_ds._halfspace import (_cap_screening_kernel, _set_split_min_work,
+                                   _set_stage0_skip_spreads, screening_kernel)
 
 from _oracles import check_csr_equal, halfspace_bruteforce, topk_bruteforce
 
@@ -936,6 +937,46 @@ def _relative_leaves(index):
     return int(((t["right"] < 0) & (t["rel"][:, 0] > 0)).sum())
 
 
+@pytest.fixture(params=[-np.inf, np.inf], ids=["stage0", "skip-stage0"])
+def stage0_skip(request):
+    """Run a test with every relative leaf through stage 0, then with every
+    one (of positive radius) skipping it: its whole chunks go to stage 1."""
+    old = _set_stage0_skip_spreads(request.param)
+    yield request.param
+    _set_stage0_skip_spreads(old)
+
+
+@pytest.mark.parametrize("d", [32, 136])
+def test_relative_leaves_near_b_skip_stage0(dtype, rng, d, kernel):
+    # A leaf whose centre lies near b sends whole chunks to stage 1 instead
+    # of screening them at stage 0 first; the answers are the same either
+    # way, and by default only some of the leaves skip.
+    X = clustered(rng, 5000, d, n_clusters=16, spread=0.1).astype(dtype)
+    index = HalfspaceIndex(X, leaf_size=64)
+    t = index._core.tree_arrays()
+    assert _relative_leaves(index) == (t["right"] < 0).sum()
+    W = rng.normal(size=(4, d)).astype(dtype)
+    B = _thresholds(X, W, [0.02, 0.2], rng)
+    default = _set_stage0_skip_spreads(0.0)
+    stats = {}
+    try:
+        for spreads in (-np.inf, default, np.inf):
+            _set_stage0_skip_spreads(spreads)
+            check_against_oracle(index, W, B)
+            stats[spreads] = [index._core.query_stats(W[i], float(B[i])) for i in range(4)]
+    finally:
+        _set_stage0_skip_spreads(default)
+    for never, some, always in zip(stats[-np.inf], stats[default], stats[np.inf]):
+        assert never["count"] == some["count"] == always["count"]
+        assert never["screened"] == some["screened"] == always["screened"] > 0
+        # skipping: every screened slot reaches stage 1
+        assert always["refined"] == always["screened"]
+        assert never["refined"] <= some["refined"] <= always["refined"]
+        assert never["refined"] < always["refined"]
+    refined = {k: sum(s["refined"] for s in v) for k, v in stats.items()}
+    assert refined[-np.inf] < refined[default] < refined[np.inf]
+
+
 def test_relative_codes_are_used_on_clustered_data_only(dtype, rng, kernel):
     # Tight clusters: (almost) every leaf screens through codes relative to
     # its centre; Gaussian data keep the absolute codes.  Both are exact.
@@ -973,7 +1014,8 @@ def test_relative_planes_are_allocated_when_a_leaf_first_needs_them(dtype, rng, 
 @pytest.mark.parametrize("log2_scale", [-90, -20, 0, 30, 90])
 @pytest.mark.parametrize("rel_spread", [14, 10, 7])
 @pytest.mark.parametrize("d", [24, 136])
-def test_adversarial_relative_band_edges(dtype, rng, log2_scale, rel_spread, d, kernel):
+def test_adversarial_relative_band_edges(dtype, rng, log2_scale, rel_spread, d, kernel,
+                                         stage0_skip):
     # A few tight clusters of points on a 2**-20 (float32) or 2**-40
     # (float64) relative grid, so that every score is exact: thresholds at,
     # one unit above and one unit below scores sweep across the edges of the
@@ -1010,7 +1052,7 @@ def test_adversarial_relative_band_edges(dtype, rng, log2_scale, rel_spread, d, 
 
 
 @pytest.mark.parametrize("d", [32, 130])
-def test_relative_leaves_with_tombstones(dtype, rng, d, kernel):
+def test_relative_leaves_with_tombstones(dtype, rng, d, kernel, stage0_skip):
     # Removed points of relative leaves whose scores lie far above b (decided
     # by stage 0) or near it (stages 1 and 2, verification) never come back.
     X = clustered(rng, 4000, d, n_clusters=10, spread=0.1).astype(dtype)
