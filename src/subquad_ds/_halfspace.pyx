@@ -741,8 +741,9 @@ cdef extern from *:
        u = 16 u_hi + u_lo = q8 + 136 in [16, 255] (one shift and one
        bit-select per half line), so each line takes four vpdpbusd. */
     __attribute__((target("avx512f,avx512bw,avx512vnni")))
-    static void sqd_nib_dots8_vnni(const uint8_t* hi, const uint8_t* lo, Py_ssize_t dpad8,
-                                   const int8_t* qw, const int8_t* qw2, int32_t* out) {
+    static SQD_INLINE void sqd_nib_dots8_block(const uint8_t* hi, const uint8_t* lo,
+                                               Py_ssize_t dpad8, const int8_t* qw,
+                                               const int8_t* qw2, __m512i* dw, __m512i* dw2) {
         const __m512i mhi = _mm512_set1_epi8((char)0xF0);
         __m512i a = _mm512_setzero_si512(), a2 = a, b = a, b2 = a;
         for (Py_ssize_t g = 0; g < dpad8 / 8; ++g) {
@@ -760,8 +761,16 @@ cdef extern from *:
             b = _mm512_dpbusd_epi32(b, u0, _mm512_set1_epi32(r0));
             b2 = _mm512_dpbusd_epi32(b2, u1, _mm512_set1_epi32(r1));
         }
-        _mm512_storeu_si512(out, _mm512_add_epi32(a, a2));
-        _mm512_storeu_si512(out + 16, _mm512_add_epi32(b, b2));
+        *dw = _mm512_add_epi32(a, a2);
+        *dw2 = _mm512_add_epi32(b, b2);
+    }
+    __attribute__((target("avx512f,avx512bw,avx512vnni")))
+    static void sqd_nib_dots8_vnni(const uint8_t* hi, const uint8_t* lo, Py_ssize_t dpad8,
+                                   const int8_t* qw, const int8_t* qw2, int32_t* out) {
+        __m512i dw, dw2;
+        sqd_nib_dots8_block(hi, lo, dpad8, qw, qw2, &dw, &dw2);
+        _mm512_storeu_si512(out, dw);
+        _mm512_storeu_si512(out + 16, dw2);
     }
     #endif
 
@@ -1034,44 +1043,60 @@ cdef extern from *:
     }
 
     #if SQD_X86
-    __attribute__((target("avx512f,avx512vl,avx512dq,popcnt")))
-    static void sqd_stage1_dense_avx512(Py_ssize_t s0, Py_ssize_t n, const int32_t* o,
-                                        int32_t sub, int32_t sub2, int64_t K, int64_t hi,
-                                        int64_t lo, Py_ssize_t base, int32_t* acc,
-                                        Py_ssize_t* n_acc, Py_ssize_t* ver, double* ver_f,
-                                        Py_ssize_t* n_ver) {
+    /* Stage 1 of the n contiguous slots s0 .. s0 + n - 1 in one pass: each
+       block's dots (as sqd_nib_dots8_vnni, with hi and lo at the block of
+       s0) are decided (as sqd_stage1_dense_generic) while in registers. */
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,popcnt")))
+    static void sqd_stage1_fused_vnni(const uint8_t* hi, const uint8_t* lo, Py_ssize_t dpad8,
+                                      Py_ssize_t s0, Py_ssize_t n, const int8_t* qw,
+                                      const int8_t* qw2, int32_t sub, int32_t sub2, int64_t K,
+                                      int64_t thi, int64_t tlo, Py_ssize_t base, int32_t* acc,
+                                      Py_ssize_t* n_acc, Py_ssize_t* ver, double* ver_f,
+                                      Py_ssize_t* n_ver) {
         const __m512i step = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-        Py_ssize_t a = 0, v = *n_ver, b0 = s0 >> 4, e1 = s0 + n;
-        /* 8 slots per step, aligned to half blocks: slots g .. g + 7 */
-        for (Py_ssize_t g = s0 & ~(Py_ssize_t)7; g < e1; g += 8) {
-            unsigned m = 0xFF;
-            if (g < s0) m &= 0xFFu << (s0 - g);
-            if (g + 8 > e1) m &= 0xFFu >> (g + 8 - e1);
-            __mmask8 k = (__mmask8)m;
-            const int32_t* ob = o + 32 * ((g >> 4) - b0) + (g & 15);
-            __m256i p1 = _mm256_loadu_si256((const __m256i*)ob);
-            __m256i p2 = _mm256_loadu_si256((const __m256i*)(ob + 16));
-            __m512i sl = _mm512_add_epi64(_mm512_set1_epi64(g), step);
-            sqd_stage1_step8(k, sl, p1, p2, sub, sub2, K, hi, lo, base, acc, &a, ver, ver_f, &v);
+        Py_ssize_t a = 0, v = *n_ver, e1 = s0 + n, b0 = s0 >> 4, b1 = ((e1 - 1) >> 4) + 1;
+        for (Py_ssize_t blk = b0; blk < b1; ++blk) {
+            __m512i dw, dw2;
+            sqd_nib_dots8_block(hi + (blk - b0) * 8 * dpad8, lo + (blk - b0) * 8 * dpad8, dpad8,
+                                qw, qw2, &dw, &dw2);
+            for (int h = 0; h < 2; ++h) {
+                Py_ssize_t g = 16 * blk + 8 * h;
+                unsigned m = 0xFF;
+                if (g < s0) m = g + 8 <= s0 ? 0u : m & (0xFFu << (s0 - g));
+                if (g + 8 > e1) m = g >= e1 ? 0u : m & (0xFFu >> (g + 8 - e1));
+                if (!m) continue;
+                __m256i p1 = h ? _mm512_extracti64x4_epi64(dw, 1) : _mm512_castsi512_si256(dw);
+                __m256i p2 = h ? _mm512_extracti64x4_epi64(dw2, 1) : _mm512_castsi512_si256(dw2);
+                __m512i sl = _mm512_add_epi64(_mm512_set1_epi64(g), step);
+                sqd_stage1_step8((__mmask8)m, sl, p1, p2, sub, sub2, K, thi, tlo, base, acc, &a,
+                                 ver, ver_f, &v);
+            }
         }
         *n_acc = a;
         *n_ver = v;
     }
     #endif
 
-    static void sqd_stage1_dense(Py_ssize_t s0, Py_ssize_t n, const int32_t* o, int32_t sub,
-                                 int32_t sub2, int64_t K, int64_t hi, int64_t lo,
-                                 Py_ssize_t base, int32_t* acc, Py_ssize_t* n_acc,
-                                 Py_ssize_t* ver, double* ver_f, Py_ssize_t* n_ver) {
+    /* Stage 1 of the n contiguous slots s0 .. s0 + n - 1 (a whole chunk
+       that skipped stage 0): the planes hi and lo start at the block of s0;
+       dots is scratch for 32 entries per block (unused by the fused
+       kernel).  Outputs as sqd_stage1. */
+    static void sqd_stage1_whole(const uint8_t* hi, const uint8_t* lo, Py_ssize_t dpad8,
+                                 Py_ssize_t s0, Py_ssize_t n, const int8_t* qw,
+                                 const int8_t* qw2, int32_t* dots, int32_t sub, int32_t sub2,
+                                 int64_t K, int64_t thi, int64_t tlo, Py_ssize_t base,
+                                 int32_t* acc, Py_ssize_t* n_acc, Py_ssize_t* ver,
+                                 double* ver_f, Py_ssize_t* n_ver) {
     #if SQD_X86
         if (sqd_stage1_vec()) {
-            sqd_stage1_dense_avx512(s0, n, o, sub, sub2, K, hi, lo, base, acc, n_acc, ver,
-                                    ver_f, n_ver);
+            sqd_stage1_fused_vnni(hi, lo, dpad8, s0, n, qw, qw2, sub, sub2, K, thi, tlo, base,
+                                  acc, n_acc, ver, ver_f, n_ver);
             return;
         }
     #endif
-        sqd_stage1_dense_generic(s0, n, o, sub, sub2, K, hi, lo, base, acc, n_acc, ver, ver_f,
-                                 n_ver);
+        sqd_nib_dots8(hi, lo, ((s0 + n - 1) >> 4) - (s0 >> 4) + 1, dpad8, qw, qw2, dots);
+        sqd_stage1_dense_generic(s0, n, dots, sub, sub2, K, thi, tlo, base, acc, n_acc, ver,
+                                 ver_f, n_ver);
     }
 
     /* float32 variant of sqd_classify, twice as wide per vector.  Used only
@@ -1777,9 +1802,11 @@ cdef extern from *:
                        const int8_t* qw, const int8_t* qw2, int32_t* out) noexcept nogil
     void sqd_screen_int(const int32_t* dots, intp_t n, int32_t hi, int32_t lo, int32_t* acc,
                         intp_t* n_acc, int32_t* ver, intp_t* n_ver) noexcept nogil
-    void sqd_stage1_dense(intp_t s0, intp_t n, const int32_t* o, int32_t sub, int32_t sub2,
-                          int64_t K, int64_t hi, int64_t lo, intp_t base, int32_t* acc,
-                          intp_t* n_acc, intp_t* ver, double* ver_f, intp_t* n_ver) noexcept nogil
+    void sqd_stage1_whole(const uint8_t* hi, const uint8_t* lo, intp_t dpad8, intp_t s0, intp_t n,
+                          const int8_t* qw, const int8_t* qw2, int32_t* dots, int32_t sub,
+                          int32_t sub2, int64_t K, int64_t thi, int64_t tlo, intp_t base,
+                          int32_t* acc, intp_t* n_acc, intp_t* ver, double* ver_f,
+                          intp_t* n_ver) noexcept nogil
     void sqd_stage1(const intp_t* slot, intp_t n, const int32_t* o, intp_t b0, int32_t sub,
                     int32_t sub2, int64_t K, int64_t hi, int64_t lo, intp_t base,
                     int32_t* acc, intp_t* n_acc, intp_t* ver, double* ver_f,
@@ -2491,10 +2518,8 @@ cdef intp_t _rel_stage1(const CoreView* v, const floating* X, QueryBuf* qb, int 
     if qb.r1_dense:
         # a whole chunk whose leaf skipped stage 0
         b0 = base >> 4
-        b1 = ((base + n - 1) >> 4) + 1
-        sqd_nib_dots8(v.rhi + b0 * 8 * dpad8, v.rlo + b0 * 8 * dpad8, b1 - b0, dpad8, qb.qw,
-                      qb.qw2, dots)
-        sqd_stage1_dense(base, n, dots, 17 * qb.sumq8, 17 * qb.sumq2_8, K, qb.r1_hi, qb.r1_lo,
+        sqd_stage1_whole(v.rhi + b0 * 8 * dpad8, v.rlo + b0 * 8 * dpad8, dpad8, base, n, qb.qw,
+                         qb.qw2, dots, 17 * qb.sumq8, 17 * qb.sumq2_8, K, qb.r1_hi, qb.r1_lo,
                          base, acc, &n_acc, ver, qb.r2_f, &nv)
     else:
         # the blocks holding these slots (the high plane was read by stage
