@@ -1054,7 +1054,8 @@ def test_adversarial_relative_band_edges(dtype, rng, log2_scale, rel_spread, d, 
 @pytest.mark.parametrize("d", [32, 130])
 def test_relative_leaves_with_tombstones(dtype, rng, d, kernel, stage0_skip):
     # Removed points of relative leaves whose scores lie far above b (decided
-    # by stage 0) or near it (stages 1 and 2, verification) never come back.
+    # by stage 0, or by stage 1 where leaves skip it) or near it (stages 1
+    # and 2, verification) never come back.
     X = clustered(rng, 4000, d, n_clusters=10, spread=0.1).astype(dtype)
     index = HalfspaceIndex(X, leaf_size=64)
     assert _relative_leaves(index) > 0

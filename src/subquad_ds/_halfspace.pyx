@@ -4132,20 +4132,21 @@ cdef class _HalfspaceCore:
             self.rebuild()
         return m
 
-    def update(self, const intp_t[::1] ids, X):
-        """Overwrite the rows of live ids (checked by the caller) in place."""
-        cdef intp_t i, slot, k, local, n_nodes, node0, m = ids.shape[0], d = self.d
+    def update(self, const intp_t[::1] ids, cnp.ndarray X):
+        """Overwrite the rows of live ids (checked by the caller) in place; X:
+        C-contiguous, the core's dtype, one row per id (checked by the
+        caller).  Raw pointers throughout: numpy indexing and typed
+        memoryviews cost more than the update itself for one point."""
+        cdef intp_t i, slot, k, local, node0, m = ids.shape[0], d = self.d
+        cdef intp_t rebuild_from = -1
         cdef double r
-        cdef double[::1] nr
-        cdef intp_t[::1] ne
-        cdef intp_t[::1] nright = self._node_right
-        cdef CoreView v
-        slots = self.slots_of(ids)
-        self._X[slots] = X
-        cdef intp_t[::1] sl = slots
-        v = self._view()
+        cdef size_t row = d * self.dtype.itemsize
+        cdef const char* src = <const char*>cnp.PyArray_DATA(X)
+        cdef CoreView v = self._view()
+        cdef double* nr = <double*>v.node_radius
         for i in range(m):
-            slot = sl[i]
+            slot = self.id2slot[ids[i]]
+            memcpy(<char*>v.X + slot * row, src + i * row, row)
             if self.is32:
                 _encode_point(<const float*>v.X + slot * d, d, self.dpad, <uint8_t*>v.codes,
                               slot, <float*>v.scale + slot, <float*>v.ea + slot,
@@ -4154,34 +4155,31 @@ cdef class _HalfspaceCore:
                 _encode_point(<const double*>v.X + slot * d, d, self.dpad, <uint8_t*>v.codes,
                               slot, <float*>v.scale + slot, <float*>v.ea + slot,
                               <float*>v.ec + slot, <uint8_t*>v.rows2 + slot * v.stride2)
-        nr = self._node_radius
-        ne = self._node_end
-        rebuild = set()
-        for i in range(m):
-            slot = sl[i]
+            # every node on the root-to-leaf path grows its radius to cover
+            # the new value
             k = self._segment_of(slot)
             node0 = self.seg_node0[k]
-            n_nodes = self.seg_n_nodes[k]
             local = 0
             while True:
                 r = _slot_distance_bound(&v, self.is32, slot, v.node_center + (node0 + local) * d)
                 if r > nr[node0 + local]:
                     nr[node0 + local] = r
-                if nright[node0 + local] < 0:
+                if v.node_right[node0 + local] < 0:
                     self._update_rel(&v, node0 + local, slot)
                     break
-                if slot < ne[node0 + local + 1]:
+                if slot < v.node_end[node0 + local + 1]:
                     local = local + 1
                 else:
-                    local = nright[node0 + local]
+                    local = v.node_right[node0 + local]
             self.seg_stale[k] += 1
-            if self.seg_stale[k] > max((self.seg_end[k] - self.seg_start[k]) // 2,
-                                       self.leaf_size):
-                rebuild.add(k)
-        if rebuild:
+            if (self.seg_stale[k] > max((self.seg_end[k] - self.seg_start[k]) // 2,
+                                        self.leaf_size)
+                    and (rebuild_from < 0 or k < rebuild_from)):
+                rebuild_from = k
+        if rebuild_from >= 0:
             # Segments after k are smaller (sizes at least double towards the
             # front), so rebuilding the tail from k costs O(size of k).
-            self._rebuild_tail(min(rebuild))
+            self._rebuild_tail(rebuild_from)
             self._merge_tail()
 
     cdef void _update_rel(self, const CoreView* v, intp_t node, intp_t slot) noexcept nogil:
