@@ -4349,9 +4349,11 @@ cdef class _HalfspaceCore:
     def query_stats(self, w, double b, int n_threads=1):
         """Work done by one query (counted, on up to n_threads threads):
         nodes bounded, points screened through their codes, points refined
-        through their level-2 codes, points verified exactly, points
-        reported by whole subtrees, and the subtrees the query was split
-        into (0: it ran on one thread)."""
+        (through their level-2 codes, or stage 1 of the relative codes,
+        which takes every point of a leaf that skips stage 0), points
+        that reach stage 2 of the relative codes ("refined2"), points
+        verified exactly, points reported by whole subtrees, and the
+        subtrees the query was split into (0: it ran on one thread)."""
         cdef CoreView v = self._view()
         cdef QueryBuf* qb = _alloc_qbuf(self.d, 0)
         cdef vector[intp_t] ids
