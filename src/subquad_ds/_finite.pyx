@@ -11,7 +11,10 @@ GIL is released for large inputs.
 """
 
 
+cimport numpy as cnp
 from cython cimport floating
+
+cnp.import_array()
 
 
 cdef bint _finite(const floating* x, Py_ssize_t n) noexcept nogil:
@@ -29,15 +32,21 @@ cdef bint _finite(const floating* x, Py_ssize_t n) noexcept nogil:
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) == 0
 
 
-def all_finite_1d(const floating[::1] x):
-    """True iff the contiguous 1-D float32 or float64 array x has no NaN or
-    infinity."""
-    cdef Py_ssize_t n = x.shape[0]
+def all_finite_contiguous(cnp.ndarray x):
+    """True iff x, a C- or F-contiguous float32 or float64 array of any
+    shape (checked by the caller), has no NaN or infinity.
+
+    Takes the array itself, not a typed memoryview: acquiring a fused-type
+    memoryview cost about 1 us per call, as much as a single add's check.
+    """
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(x)
+    cdef void* data = cnp.PyArray_DATA(x)
+    cdef bint is32 = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32
     cdef bint ok
     if n == 0:
         return True
     if n < 65536:
-        return _finite(&x[0], n)
+        return _finite(<const float*>data, n) if is32 else _finite(<const double*>data, n)
     with nogil:
-        ok = _finite(&x[0], n)
+        ok = _finite(<const float*>data, n) if is32 else _finite(<const double*>data, n)
     return ok

@@ -3624,50 +3624,37 @@ cdef class _HalfspaceCore:
         cdef intp_t cap = self._ids.shape[0], new_cap, used = self.n_slots
         if n <= cap:
             return
-        # Grow by 1/16 (at least 1024 slots), in place: realloc moves large
-        # blocks by remapping pages (no O(n) copy), and numpy zero-fills only
-        # the new part, so a growth step costs O(d cap / 16) and every add
-        # pays O(d) amortised, without the latency spike of a doubling.
-        # The arrays are private and no view of them outlives a method call.
-        new_cap = (max(n, cap + max(cap // 16, 1024)) + 15) // 16 * 16
-        if n >= 2 * cap:
-            # From empty, or one add that doubles the size (so at least the
-            # current capacity of new rows): fresh arrays, advised onto huge
-            # pages before they are touched (the copy of the used rows costs
-            # less than writing the new ones).
-            self._X = self._fresh_slots(self._X, (new_cap, self.d), used)
-            # codes come in blocks of 16 slots: copy whole blocks
-            self._codes = self._fresh_slots(self._codes, (new_cap * self.dpad,),
-                                            (used + 15) // 16 * 16 * self.dpad)
-            self._scale = self._fresh_slots(self._scale, (new_cap,), used)
-            self._ea = self._fresh_slots(self._ea, (new_cap,), used)
-            self._ec = self._fresh_slots(self._ec, (new_cap,), used)
-            self._rows2 = self._fresh_slots(self._rows2, (new_cap, self.dpad + 8), used)
-            if self.rel_planes:
-                self._fresh_rel_planes(new_cap, used)
-            self._ids = self._fresh_slots(self._ids, (new_cap,), used)
-            return
-        arrays = [(self._X, (new_cap, self.d)), (self._codes, (new_cap * self.dpad,)),
-                  (self._scale, (new_cap,)), (self._ea, (new_cap,)),
-                  (self._ec, (new_cap,)), (self._rows2, (new_cap, self.dpad + 8)),
-                  (self._ids, (new_cap,))]
+        # Double the capacity into fresh arrays.  The fresh arrays come
+        # zeroed from the system (calloc: pages are mapped and zeroed only
+        # when first touched), are advised onto huge pages before anything
+        # touches them, and receive a copy of the used rows; the unused
+        # capacity costs address space, not memory.  Growing in place by
+        # 1/16 (realloc) was tried: on huge-page-backed arrays the kernel's
+        # remapping splits the huge pages, so each step cost 60-90 ms at
+        # N = 200k, d = 128 (about 5 us per single add, amortised over a
+        # doubling), against one copy of the used rows per doubling here
+        # (O(d) amortised per add, and one pause of about a copy of the
+        # index every time the size doubles).
+        new_cap = (max(n, 2 * cap, 1024) + 15) // 16 * 16
+        self._X = self._fresh_slots(self._X, (new_cap, self.d), used)
+        # codes come in blocks of 16 slots: copy whole blocks
+        self._codes = self._fresh_slots(self._codes, (new_cap * self.dpad,),
+                                        (used + 15) // 16 * 16 * self.dpad)
+        self._scale = self._fresh_slots(self._scale, (new_cap,), used)
+        self._ea = self._fresh_slots(self._ea, (new_cap,), used)
+        self._ec = self._fresh_slots(self._ec, (new_cap,), used)
+        self._rows2 = self._fresh_slots(self._rows2, (new_cap, self.dpad + 8), used)
         if self.rel_planes:
-            arrays += [(self._rhi, (new_cap * self.dpad8 // 2,)),
-                       (self._rlo, (new_cap * self.dpad8 // 2,)),
-                       (self._r3, (new_cap * self.r3w,))]
-        for a, shape in arrays:
-            # Not advised again here: advising the grown arrays at every
-            # growth step cost 3-5 us per single add, amortised, at d = 128
-            # (faults on huge pages under compaction); arrays allocated fresh
-            # (every large build) keep the advice.
-            a.resize(shape, refcheck=False)
+            self._fresh_rel_planes(new_cap, used)
+        self._ids = self._fresh_slots(self._ids, (new_cap,), used)
 
     cdef _fresh_slots(self, old, shape, intp_t used):
-        """Zeroed array of the given shape holding the first ``used`` rows of old."""
-        new = np.empty(shape, dtype=old.dtype)
+        """Zeroed array of the given shape holding the first ``used`` rows of
+        old.  np.zeros takes fresh zero pages from the system for large
+        arrays, so only the copied rows are touched here."""
+        new = np.zeros(shape, dtype=old.dtype)
         sqd_advise_hugepages(cnp.PyArray_DATA(<cnp.ndarray>new), new.nbytes)
         new[:used] = old[:used]
-        new[used:] = 0
         return new
 
     cdef _reserve_nodes(self, intp_t n):
@@ -4037,21 +4024,50 @@ cdef class _HalfspaceCore:
 
     # -- mutation -----------------------------------------------------------
 
-    def add(self, X, const intp_t[::1] ids):
-        """Append rows X (validated, dtype, C order) with new, distinct ids."""
-        cdef intp_t m = ids.shape[0], start = self.n_slots, i
+    def add(self, cnp.ndarray X not None, cnp.ndarray ids):
+        """Append rows X (validated: the core's dtype, C order) with new,
+        distinct ids (an intp array checked by the caller), or with ids
+        next_id, next_id + 1, ... if ids is None (the caller checked they
+        fit in intp).  Returns the ids array (a new one if ids is None).
+
+        Rows and ids are copied through raw pointers: for a single add,
+        numpy slice assignments and typed memoryviews cost more than
+        encoding the point."""
+        cdef intp_t m = X.shape[0], start = self.n_slots, i, s
+        cdef intp_t* new_ids
+        if (X.ndim != 2 or X.shape[1] != self.d or not cnp.PyArray_IS_C_CONTIGUOUS(X)
+                or cnp.PyArray_TYPE(X) != (cnp.NPY_FLOAT32 if self.is32 else cnp.NPY_FLOAT64)):
+            raise TypeError("core.add needs a C-contiguous (m, d) array of the core's dtype")
+        if ids is not None and (cnp.PyArray_TYPE(ids) != cnp.NPY_INTP
+                                or not cnp.PyArray_IS_C_CONTIGUOUS(ids)
+                                or ids.ndim != 1 or ids.shape[0] != m):
+            raise TypeError("core.add needs ids as a contiguous intp array, one per row")
         if m == 0:
-            return
+            return np.empty(0, dtype=np.intp) if ids is None else ids
+        if ids is None:
+            ids = np.empty(m, dtype=np.intp)
+            new_ids = <intp_t*>cnp.PyArray_DATA(ids)
+            for i in range(m):
+                new_ids[i] = self.next_id + i
+        else:
+            new_ids = <intp_t*>cnp.PyArray_DATA(ids)
         self._reserve_slots(start + m)
-        self._X[start:start + m] = X
-        self._ids[start:start + m] = ids
+        cdef CoreView v = self._view()
+        cdef size_t row = self.d * (4 if self.is32 else 8)
+        memcpy(<char*>v.X + start * row, cnp.PyArray_DATA(X), m * row)
+        memcpy(<intp_t*>v.ids + start, new_ids, m * sizeof(intp_t))
         self.n_slots = start + m
         self._encode_range(start, start + m)
         for i in range(m):
-            self.id2slot[ids[i]] = start + i
-            if ids[i] >= self.next_id:
-                self.next_id = ids[i] + 1
+            self.id2slot[new_ids[i]] = start + i
+            if new_ids[i] >= self.next_id:
+                self.next_id = new_ids[i] + 1
         self.n_alive += m
+        self._place_new_slots(start, m)
+        return ids
+
+    cdef _place_new_slots(self, intp_t start, intp_t m):
+        """Put the m slots appended at ``start`` into segments (see add)."""
         cdef intp_t k = <intp_t>self.seg_start.size() - 1
         cdef intp_t merged = m
         # A trailing single-leaf segment acts as an insertion buffer of up to

@@ -21,7 +21,7 @@ import operator
 
 import numpy as np
 
-from ._finite import all_finite_1d
+from ._finite import all_finite_contiguous
 from ._openmp_helpers import max_threads, openmp_enabled
 
 __all__ = [
@@ -69,7 +69,7 @@ def all_finite(arr):
     """
     if (type(arr) is np.ndarray and arr.dtype in _FLOAT_DTYPES
             and (arr.flags.c_contiguous or arr.flags.f_contiguous)):
-        return all_finite_1d(arr.ravel(order="K"))
+        return all_finite_contiguous(arr)
     return bool(np.isfinite(arr).all())
 
 

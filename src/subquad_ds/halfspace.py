@@ -245,6 +245,13 @@ class HalfspaceIndex:
     # -- validation helpers -------------------------------------------------
 
     def _points(self, X, name="X"):
+        if (type(X) is np.ndarray and X.ndim == 2 and X.dtype == self._core.dtype
+                and X.flags.c_contiguous and X.shape[1] == self._core.d):
+            # fast path for the common exact-fit input (a single add or
+            # update spends most of its time validating otherwise)
+            if not all_finite(X):
+                raise ValueError(f"{name} must be finite; found NaN or inf")
+            return X
         X = as_float_array(X, name, dtype=self.dtype, ndim=2)
         if X.shape[1] != self.n_features:
             raise ValueError(f"{name} has {X.shape[1]} features; the index has "
@@ -374,10 +381,9 @@ class HalfspaceIndex:
         """
         X = self._points(X)
         if ids is None:
-            start = self._core.next_id
-            if start + X.shape[0] > _INTP_MAX:  # next_id must stay representable
-                raise ValueError(f"no default ids are left after {start - 1}; pass ids")
-            ids = np.arange(start, start + X.shape[0], dtype=np.intp)
+            if self._core.next_id + X.shape[0] > _INTP_MAX:  # must stay representable
+                raise ValueError(f"no default ids are left after {self._core.next_id - 1}; "
+                                 "pass ids")
         else:
             ids = as_index_array(ids, "ids")
             if ids.shape[0] != X.shape[0]:
@@ -390,10 +396,11 @@ class HalfspaceIndex:
             pos = self._core.first_present(ids)
             if pos >= 0:
                 raise ValueError(f"ids[{pos}] = {ids[pos]} is already in the index")
+            ids = ids.copy()     # the caller's array is not ours to return
         bound = max(self._max_abs, self._entry_bound(X))   # before anything changes
-        self._core.add(X, ids)
+        ids = self._core.add(X, ids)
         self._max_abs = bound
-        return ids.copy()
+        return ids
 
     def remove(self, ids):
         """Remove points by id.
