@@ -309,14 +309,17 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
   while the second last is smaller than twice the last" (tombstones in the
   merged tail are compacted away).  Segment sizes at least double towards
   the front: O(log n) segments, and each point takes part in O(log n)
-  builds, i.e. O(d log^2 n) amortised per point.  Slot arrays grow in place
-  by 1/16 (realloc, no copy), so growth is O(d) amortised with no spike;
-  only an add that needs at least twice the capacity (the first one, for
-  instance) allocates fresh arrays and copies the used rows, which costs
-  less than writing the new ones.  On Linux those fresh slot arrays are
-  advised onto transparent huge pages (a query streams through all of them;
-  with 4 KiB pages the TLB misses cost 10-20% of a Gaussian d = 128 query);
-  growth in place is not advised again (it cost 3-5 us per single add).
+  builds, i.e. O(d log^2 n) amortised per point.  Slot arrays double
+  their capacity into fresh arrays that come zeroed from the system (pages
+  are mapped when first touched, so the unused capacity costs address
+  space, not memory) and receive a copy of the used rows: O(d) amortised
+  per add, with one pause of about a copy of the index per doubling.  On
+  Linux the fresh slot arrays are advised onto transparent huge pages
+  before they are touched (a query streams through all of them; with 4 KiB
+  pages the TLB misses cost 10-20% of a Gaussian d = 128 query).  Growing
+  in place by 1/16 with realloc, tried before, was no cheaper: the
+  kernel's remapping splits the huge pages, 60-90 ms per step at N = 200k,
+  d = 128.
   A segment build moves the codes with their points (no re-encoding), and
   tail segments of fewer than 16384 slots, which single adds rebuild over
   and over, skip the Lloyd splits and the leaf-centre refinement (the first
@@ -401,8 +404,8 @@ cdef extern from *:
     /* Ask for transparent huge pages on the whole 2 MiB pages inside
        [p, p + n) (Linux with THP in "madvise" mode; a no-op elsewhere).
        Pages already touched keep their size until khugepaged collapses
-       them; pages touched later (the tail grown in place by realloc, which
-       keeps the advice) are huge from the start.  Failure only costs speed. */
+       them; pages touched later are huge from the start.  Failure only
+       costs speed. */
     static void sqd_advise_hugepages(void* p, size_t n) {
     #if defined(__linux__) && defined(MADV_HUGEPAGE)
         const uintptr_t huge = (uintptr_t)1 << 21;
