@@ -1398,6 +1398,156 @@ cdef extern from *:
         return sqd_encode_level2_impl<double>(p, d, s1, s2, q);
     }
 
+    /* ---- builder kernels ------------------------------------------------
+       The passes of a tree build over a node's points, compiled for AVX2
+       and baseline.  Every float64 sum runs on eight independent partial
+       sums (vectorisable without -ffast-math); any summation order obeys
+       the rounding covers of the design notes (radii are rounded up by
+       INFL, which covers every order). */
+    template <typename T, typename C>
+    static SQD_INLINE double sqd_dist2_impl(const T* x, const C* c, Py_ssize_t d) {
+        double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        Py_ssize_t j = 0;
+        for (; j + 8 <= d; j += 8)
+            for (int k = 0; k < 8; ++k) {
+                double t = (double)x[j + k] - (double)c[j + k];
+                s[k] += t * t;
+            }
+        for (; j < d; ++j) {
+            double t = (double)x[j] - (double)c[j];
+            s[0] += t * t;
+        }
+        return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    }
+
+    /* The farthest row from row `from` among perm[start], perm[start + step],
+       ... (< end); ties keep the first. */
+    template <typename T>
+    static SQD_INLINE Py_ssize_t sqd_farthest_impl(const T* X, Py_ssize_t d,
+                                                   const Py_ssize_t* perm, Py_ssize_t from,
+                                                   Py_ssize_t start, Py_ssize_t end,
+                                                   Py_ssize_t step) {
+        Py_ssize_t best = perm[start];
+        double bd = -1.0;
+        for (Py_ssize_t k = start; k < end; k += step) {
+            double t = sqd_dist2_impl<T, T>(X + perm[k] * d, X + from * d, d);
+            if (t > bd) { bd = t; best = perm[k]; }
+        }
+        return best;
+    }
+
+    /* One pass over the m rows perm[0..m): each row's projection on u into
+       proj (if not NULL; NaN, from inf - inf, becomes 0), the rows' sum
+       added to sum[0..d), and the largest squared distance to the float32
+       centre pc (if not NULL) returned (else 0). */
+    template <typename T, bool PROJ, bool SUM, bool DIST>
+    static SQD_INLINE double sqd_node_pass_impl(const T* X, Py_ssize_t d, const Py_ssize_t* perm,
+                                                Py_ssize_t m, const double* __restrict u,
+                                                std::pair<double, Py_ssize_t>* proj,
+                                                double* __restrict sum,
+                                                const float* __restrict pc) {
+        /* three simple loops per row (the row stays in L1): fused into one,
+           the compiler kept them scalar.  The rows are visited in perm
+           order, scattered in memory: the row AHEAD rows on is prefetched
+           (without it, half of the pass waited on its first load). */
+        enum { AHEAD = 4 };
+        const size_t row_bytes = (size_t)d * sizeof(T);
+        double r2 = 0.0;
+        for (Py_ssize_t k = 0; k < m; ++k) {
+            if (k + AHEAD < m) {
+                const char* nxt = (const char*)(X + perm[k + AHEAD] * d);
+                for (size_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(nxt + o);
+            }
+            const Py_ssize_t i = perm[k];
+            const T* __restrict x = X + i * d;
+            if (SUM)
+                for (Py_ssize_t j = 0; j < d; ++j) sum[j] += (double)x[j];
+            if (PROJ) {
+                const double p = sqd_dot_impl<T>(x, u, d);
+                proj[k] = std::make_pair(p == p ? p : 0.0, i);
+            }
+            if (DIST) {
+                const double t = sqd_dist2_impl<T, float>(x, pc, d);
+                if (t > r2) r2 = t;
+            }
+        }
+        return r2;
+    }
+
+    /* One Lloyd assignment pass over the rows perm[start], perm[start +
+       step], ... (< end): a row goes to the second mean iff <x, u> > h; its
+       coordinates are added to s2 (else s1) and the counts bumped. */
+    template <typename T>
+    static SQD_INLINE void sqd_lloyd_pass_impl(const T* X, Py_ssize_t d, const Py_ssize_t* perm,
+                                               Py_ssize_t start, Py_ssize_t end,
+                                               Py_ssize_t step, const double* __restrict u,
+                                               double h, double* __restrict s1,
+                                               double* __restrict s2, Py_ssize_t* n1,
+                                               Py_ssize_t* n2) {
+        for (Py_ssize_t k = start; k < end; k += step) {
+            const T* __restrict x = X + perm[k] * d;
+            const bool second = sqd_dot_impl<T>(x, u, d) > h;
+            double* __restrict s = second ? s2 : s1;
+            ++*(second ? n2 : n1);
+            for (Py_ssize_t j = 0; j < d; ++j) s[j] += (double)x[j];
+        }
+    }
+
+#define SQD_BUILDER_KERNELS(T)                                                               \
+    SQD_CLONES static double sqd_row_dist2(const T* x, const T* y, Py_ssize_t d) {          \
+        return sqd_dist2_impl<T, T>(x, y, d);                                               \
+    }                                                                                       \
+    SQD_CLONES static Py_ssize_t sqd_farthest(const T* X, Py_ssize_t d,                     \
+                                              const Py_ssize_t* perm, Py_ssize_t from,      \
+                                              Py_ssize_t start, Py_ssize_t end,             \
+                                              Py_ssize_t step) {                            \
+        return sqd_farthest_impl<T>(X, d, perm, from, start, end, step);                    \
+    }                                                                                       \
+    SQD_CLONES static double sqd_node_pass(const T* X, Py_ssize_t d, const Py_ssize_t* perm, \
+                                           Py_ssize_t m, const double* u,                   \
+                                           std::pair<double, Py_ssize_t>* proj,             \
+                                           double* sum, const float* pc) {                  \
+        if (proj && pc)                                                                     \
+            return sqd_node_pass_impl<T, true, true, true>(X, d, perm, m, u, proj, sum, pc);\
+        if (proj)                                                                           \
+            return sqd_node_pass_impl<T, true, true, false>(X, d, perm, m, u, proj, sum, pc);\
+        if (pc && !sum)                                                                     \
+            return sqd_node_pass_impl<T, false, false, true>(X, d, perm, m, u, proj, sum, pc);\
+        if (pc)                                                                             \
+            return sqd_node_pass_impl<T, false, true, true>(X, d, perm, m, u, proj, sum, pc);\
+        return sqd_node_pass_impl<T, false, true, false>(X, d, perm, m, u, proj, sum, pc);  \
+    }                                                                                       \
+    SQD_CLONES static void sqd_lloyd_pass(const T* X, Py_ssize_t d, const Py_ssize_t* perm, \
+                                          Py_ssize_t start, Py_ssize_t end, Py_ssize_t step,\
+                                          const double* u, double h, double* s1,            \
+                                          double* s2, Py_ssize_t* n1, Py_ssize_t* n2) {     \
+        sqd_lloyd_pass_impl<T>(X, d, perm, start, end, step, u, h, s1, s2, n1, n2);         \
+    }                                                                                       \
+    /* squared distances of rows [start, end) to the float32 centre c */                    \
+    SQD_CLONES static double sqd_range_dist2(const T* X, Py_ssize_t d, Py_ssize_t start,    \
+                                             Py_ssize_t end, const float* c,                \
+                                             double* dist) {                                \
+        double r2 = 0.0;                                                                    \
+        for (Py_ssize_t s = start; s < end; ++s) {                                          \
+            double t = sqd_dist2_impl<T, float>(X + s * d, c, d);                           \
+            if (dist) dist[s - start] = t;                                                  \
+            if (t > r2) r2 = t;                                                             \
+        }                                                                                   \
+        return r2;                                                                          \
+    }                                                                                       \
+    /* sum[0..d) = sum of rows [start, end) */                                              \
+    SQD_CLONES static void sqd_range_sum(const T* X, Py_ssize_t d, Py_ssize_t start,        \
+                                         Py_ssize_t end, double* __restrict sum) {          \
+        for (Py_ssize_t j = 0; j < d; ++j) sum[j] = 0.0;                                    \
+        for (Py_ssize_t s = start; s < end; ++s) {                                          \
+            const T* __restrict x = X + s * d;                                              \
+            for (Py_ssize_t j = 0; j < d; ++j) sum[j] += (double)x[j];                      \
+        }                                                                                   \
+    }
+    SQD_BUILDER_KERNELS(float)
+    SQD_BUILDER_KERNELS(double)
+#undef SQD_BUILDER_KERNELS
+
     /* Tree builder.  Node ranges are positions in perm; nodes are stored in
        DFS preorder, so the left child of node i is i + 1 and the right child
        is rights[i] (-1 for a leaf).  A node of more than leaf_size points is
@@ -1437,6 +1587,20 @@ cdef extern from *:
         std::vector<Py_ssize_t>* starts;
         std::vector<Py_ssize_t>* ends;
         std::vector<Py_ssize_t>* rights;
+        /* Per node, in preorder: the centre (d floats; the centroid, for
+           internal nodes) and the largest squared distance of its points to
+           it (internal nodes only: a leaf's are computed with its refined
+           centre afterwards, see _node_stats).  A node's centroid is summed
+           in the same pass as its projections; its points' distances to it
+           are measured in its children's passes (or, for a leaf child, one
+           pass of its own), so no extra pass over the points is made. */
+        std::vector<float>* centers;
+        std::vector<double>* r2s;
+        /* The parent of this builder's root, for subtrees built apart (see
+           cutoff): its centre, and the largest squared distance of the
+           subtree's points to it. */
+        const float* ext_center = nullptr;
+        double ext_r2 = 0.0;
         Py_ssize_t budget;
         /* Subtrees of at most `cutoff` points (> leaf_size) are not built
            but recorded in `pending` (their node gets right = -2 - index,
@@ -1444,16 +1608,17 @@ cdef extern from *:
            and spliced in afterwards. */
         Py_ssize_t cutoff = 0;
         std::vector<std::pair<Py_ssize_t, Py_ssize_t> > pending;
-        std::vector<Py_ssize_t> pending_depth;
+        std::vector<Py_ssize_t> pending_depth, pending_parent;
         std::vector<std::pair<double, Py_ssize_t> > proj;
-        std::vector<double> pre, pre2, u, c1, c2, s1, s2;
+        std::vector<double> pre, pre2, u, c1, c2, s1, s2, sum;
 
         SqdBuilder(const T* X_, Py_ssize_t d_, Py_ssize_t leaf_size_, Py_ssize_t* perm_,
                    Py_ssize_t n, std::vector<Py_ssize_t>* starts_,
                    std::vector<Py_ssize_t>* ends_, std::vector<Py_ssize_t>* rights_,
-                   bool refined_)
+                   std::vector<float>* centers_, std::vector<double>* r2s_, bool refined_)
             : X(X_), d(d_), leaf_size(leaf_size_), perm(perm_), starts(starts_), ends(ends_),
-              rights(rights_), refined(refined_), u(d_), c1(d_), c2(d_), s1(d_), s2(d_) {
+              rights(rights_), centers(centers_), r2s(r2s_), refined(refined_), u(d_), c1(d_),
+              c2(d_), s1(d_), s2(d_), sum(d_) {
             Py_ssize_t b = 2 * steps(n) + 4;
             budget = b < 120 ? b : 120;
         }
@@ -1469,36 +1634,11 @@ cdef extern from *:
             return k;
         }
         double dist2(Py_ssize_t a, Py_ssize_t b) const {
-            double s = 0;
-            for (Py_ssize_t j = 0; j < d; ++j) {
-                double t = (double)X[a * d + j] - (double)X[b * d + j];
-                s += t * t;
-            }
-            return s;
+            return sqd_row_dist2(X + a * d, X + b * d, d);
         }
-        double dot_u(Py_ssize_t i) const {
-            const T* x = X + i * d;
-            double s0 = 0, s1_ = 0, s2_ = 0, s3 = 0;
-            Py_ssize_t j = 0;
-            for (; j + 4 <= d; j += 4) {
-                s0 += (double)x[j] * u[j];
-                s1_ += (double)x[j + 1] * u[j + 1];
-                s2_ += (double)x[j + 2] * u[j + 2];
-                s3 += (double)x[j + 3] * u[j + 3];
-            }
-            for (; j < d; ++j) s0 += (double)x[j] * u[j];
-            return (s0 + s1_) + (s2_ + s3);
-        }
-        /* Farthest point from `from` among every step-th point of the range. */
         Py_ssize_t farthest(Py_ssize_t from, Py_ssize_t start, Py_ssize_t end,
                             Py_ssize_t step) const {
-            Py_ssize_t best = perm[start];
-            double bd = -1.0;
-            for (Py_ssize_t k = start; k < end; k += step) {
-                double t = dist2(from, perm[k]);
-                if (t > bd) { bd = t; best = perm[k]; }
-            }
-            return best;
+            return sqd_farthest(X, d, perm, from, start, end, step);
         }
         /* Split direction into u: the difference of the two means of a few
            Lloyd iterations on a strided sample, seeded by a far-apart pair.
@@ -1535,14 +1675,8 @@ cdef extern from *:
                 std::fill(s1.begin(), s1.end(), 0.0);
                 std::fill(s2.begin(), s2.end(), 0.0);
                 Py_ssize_t n1 = 0, n2 = 0;
-                for (Py_ssize_t k = start; k < end; k += step) {
-                    const Py_ssize_t i = perm[k];
-                    const bool second = dot_u(i) > h;
-                    double* s = second ? s2.data() : s1.data();
-                    (second ? n2 : n1) += 1;
-                    const T* x = X + i * d;
-                    for (Py_ssize_t j = 0; j < d; ++j) s[j] += (double)x[j];
-                }
+                sqd_lloyd_pass(X, d, perm, start, end, step, u.data(), h, s1.data(), s2.data(),
+                               &n1, &n2);
                 if (n1 == 0 || n2 == 0) break;
                 bool same = true;
                 for (Py_ssize_t j = 0; j < d; ++j) {
@@ -1576,17 +1710,35 @@ cdef extern from *:
             return cut;
         }
 
-        void build(Py_ssize_t start, Py_ssize_t end, Py_ssize_t depth) {
+        /* The largest squared distance t of the parent's points found by a
+           pass of one of its children. */
+        void to_parent(Py_ssize_t parent, double t) {
+            double& r2 = parent >= 0 ? (*r2s)[parent] : ext_r2;
+            if (t > r2) r2 = t;
+        }
+        const float* center_of(Py_ssize_t node) const {
+            return node >= 0 ? centers->data() + node * d : ext_center;
+        }
+
+        void build(Py_ssize_t start, Py_ssize_t end, Py_ssize_t depth, Py_ssize_t parent) {
             Py_ssize_t me = (Py_ssize_t)starts->size();
             starts->push_back(start);
             ends->push_back(end);
             rights->push_back(-1);
+            centers->resize((size_t)(me + 1) * d, 0.0f);
+            r2s->push_back(0.0);
             Py_ssize_t m = end - start;
-            if (m <= leaf_size || m < 2) return;
-            if (m <= cutoff) {
+            if (m <= cutoff && m > leaf_size && m >= 2) {
                 (*rights)[me] = -2 - (Py_ssize_t)pending.size();
                 pending.push_back(std::make_pair(start, end));
                 pending_depth.push_back(depth);
+                pending_parent.push_back(parent);
+                return;
+            }
+            const float* pc = center_of(parent);
+            if (m <= leaf_size || m < 2) {
+                if (pc) to_parent(parent, sqd_node_pass(X, d, perm + start, m, nullptr, nullptr,
+                                                        nullptr, pc));
                 return;
             }
             Py_ssize_t lo = m / 4, hi = m - m / 4;   /* middle half, as offsets */
@@ -1604,15 +1756,18 @@ cdef extern from *:
                more. */
             const Py_ssize_t min_side = lo < 2 ? lo : 2;
             Py_ssize_t cut = m / 2;
-            if (direction(start, end)) {
-                proj.resize(m);
-                for (Py_ssize_t k = 0; k < m; ++k) {
-                    const Py_ssize_t i = perm[start + k];
-                    const double v = dot_u(i);
-                    /* inf - inf (inputs near the overflow limit) gives NaN,
-                       which would break the sort's ordering: any value does */
-                    proj[k] = std::make_pair(v == v ? v : 0.0, i);
-                }
+            const bool split = direction(start, end);
+            /* One pass: projections (NaN, from inf - inf near the overflow
+               limit, would break the sort's ordering: it becomes 0), this
+               node's centroid, and the distances to the parent's centre. */
+            proj.resize(m);
+            std::fill(sum.begin(), sum.end(), 0.0);
+            const double t = sqd_node_pass(X, d, perm + start, m, split ? u.data() : nullptr,
+                                           split ? proj.data() : nullptr, sum.data(), pc);
+            if (pc) to_parent(parent, t);
+            float* c = centers->data() + me * d;
+            for (Py_ssize_t j = 0; j < d; ++j) c[j] = (float)(sum[j] / m);
+            if (split) {
                 std::sort(proj.begin(), proj.end());
                 for (Py_ssize_t k = 0; k < m; ++k) perm[start + k] = proj[k].second;
                 pre.assign(m + 1, 0.0);
@@ -1631,9 +1786,9 @@ cdef extern from *:
                 Py_ssize_t big = cut > m - cut ? cut : m - cut;
                 if (depth + 1 + steps(big) > budget) cut = best_cut(m, lo, hi);
             }
-            build(start, start + cut, depth + 1);
+            build(start, start + cut, depth + 1, me);
             (*rights)[me] = (Py_ssize_t)starts->size();
-            build(start + cut, end, depth + 1);
+            build(start + cut, end, depth + 1, me);
         }
     };
     /* A smaller ball for a leaf: Badoiu-Clarkson steps from the centroid c
@@ -1679,54 +1834,65 @@ cdef extern from *:
         }
     }
 
+    /* A tree's nodes in preorder (see SqdBuilder); ext_r2: for a subtree
+       built apart, the largest squared distance of its points to the
+       centre of its root's parent. */
     struct SqdNodes {
         std::vector<Py_ssize_t> starts, ends, rights;
+        std::vector<float> centers;
+        std::vector<double> r2s;
+        double ext_r2 = 0.0;
     };
 
     /* Append node i of the top tree (and its subtree) to out in preorder,
        replacing each pending node by its separately built subtree. */
     static void sqd_splice(const SqdNodes& top, Py_ssize_t i, const std::vector<SqdNodes>& subs,
-                           std::vector<Py_ssize_t>& starts, std::vector<Py_ssize_t>& ends,
-                           std::vector<Py_ssize_t>& rights) {
+                           Py_ssize_t d, SqdNodes& out) {
         Py_ssize_t r = top.rights[i];
         if (r <= -2) {
             const SqdNodes& sub = subs[-2 - r];
-            Py_ssize_t base = (Py_ssize_t)starts.size();
+            Py_ssize_t base = (Py_ssize_t)out.starts.size();
             for (size_t j = 0; j < sub.starts.size(); ++j) {
-                starts.push_back(sub.starts[j]);
-                ends.push_back(sub.ends[j]);
-                rights.push_back(sub.rights[j] >= 0 ? sub.rights[j] + base : -1);
+                out.starts.push_back(sub.starts[j]);
+                out.ends.push_back(sub.ends[j]);
+                out.rights.push_back(sub.rights[j] >= 0 ? sub.rights[j] + base : -1);
+                out.r2s.push_back(sub.r2s[j]);
             }
+            out.centers.insert(out.centers.end(), sub.centers.begin(), sub.centers.end());
             return;
         }
-        Py_ssize_t me = (Py_ssize_t)starts.size();
-        starts.push_back(top.starts[i]);
-        ends.push_back(top.ends[i]);
-        rights.push_back(-1);
+        Py_ssize_t me = (Py_ssize_t)out.starts.size();
+        out.starts.push_back(top.starts[i]);
+        out.ends.push_back(top.ends[i]);
+        out.rights.push_back(-1);
+        out.r2s.push_back(top.r2s[i]);
+        out.centers.insert(out.centers.end(), top.centers.begin() + i * d,
+                           top.centers.begin() + (i + 1) * d);
         if (r == -1) return;
-        sqd_splice(top, i + 1, subs, starts, ends, rights);
-        rights[me] = (Py_ssize_t)starts.size();
-        sqd_splice(top, r, subs, starts, ends, rights);
+        sqd_splice(top, i + 1, subs, d, out);
+        out.rights[me] = (Py_ssize_t)out.starts.size();
+        sqd_splice(top, r, subs, d, out);
     }
 
-    /* Build the tree of n points; large inputs build the top levels first,
-       then the subtrees below them in parallel (OpenMP), then splice. */
+    /* Build the tree of n points into out; large inputs build the top
+       levels first, then the subtrees below them in parallel (OpenMP), then
+       splice. */
     template <typename T>
     static void sqd_build_tree_impl(const T* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
-                                    Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
-                                    std::vector<Py_ssize_t>& ends,
-                                    std::vector<Py_ssize_t>& rights, int n_threads,
+                                    Py_ssize_t leaf_size, SqdNodes& out, int n_threads,
                                     bool refined) {
         if (n_threads <= 1 || n < 16384) {
-            SqdBuilder<T> b(X, d, leaf_size, perm, n, &starts, &ends, &rights, refined);
-            b.build(0, n, 0);
+            SqdBuilder<T> b(X, d, leaf_size, perm, n, &out.starts, &out.ends, &out.rights,
+                            &out.centers, &out.r2s, refined);
+            b.build(0, n, 0, -1);
             return;
         }
         SqdNodes top;
-        SqdBuilder<T> b(X, d, leaf_size, perm, n, &top.starts, &top.ends, &top.rights, refined);
+        SqdBuilder<T> b(X, d, leaf_size, perm, n, &top.starts, &top.ends, &top.rights,
+                        &top.centers, &top.r2s, refined);
         Py_ssize_t cutoff = n / (4 * (Py_ssize_t)n_threads);
         b.cutoff = cutoff > leaf_size ? cutoff : leaf_size + 1;
-        b.build(0, n, 0);
+        b.build(0, n, 0, -1);
         std::vector<SqdNodes> subs(b.pending.size());
         int failed = 0;
         #pragma omp parallel for schedule(dynamic, 1) num_threads(n_threads)
@@ -1734,29 +1900,32 @@ cdef extern from *:
             try {
                 /* n, not the subtree's size: the same depth budget */
                 SqdBuilder<T> sb(X, d, leaf_size, perm, n, &subs[k].starts, &subs[k].ends,
-                                 &subs[k].rights, refined);
-                sb.build(b.pending[k].first, b.pending[k].second, b.pending_depth[k]);
+                                 &subs[k].rights, &subs[k].centers, &subs[k].r2s, refined);
+                /* a pending node is never the root: its parent is a top node */
+                sb.ext_center = top.centers.data() + b.pending_parent[k] * d;
+                sb.build(b.pending[k].first, b.pending[k].second, b.pending_depth[k], -1);
+                subs[k].ext_r2 = sb.ext_r2;
             } catch (...) {
                 #pragma omp atomic write
                 failed = 1;
             }
         }
         if (failed) throw std::bad_alloc();
-        sqd_splice(top, 0, subs, starts, ends, rights);
+        for (size_t k = 0; k < subs.size(); ++k) {
+            double& r2 = top.r2s[b.pending_parent[k]];
+            if (subs[k].ext_r2 > r2) r2 = subs[k].ext_r2;
+        }
+        sqd_splice(top, 0, subs, d, out);
     }
     static void sqd_build_tree(const float* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
-                               Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
-                               std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights,
-                               int n_threads, bool refined) {
-        sqd_build_tree_impl<float>(X, d, perm, n, leaf_size, starts, ends, rights, n_threads,
-                                   refined);
+                               Py_ssize_t leaf_size, SqdNodes& out, int n_threads,
+                               bool refined) {
+        sqd_build_tree_impl<float>(X, d, perm, n, leaf_size, out, n_threads, refined);
     }
     static void sqd_build_tree(const double* X, Py_ssize_t d, Py_ssize_t* perm, Py_ssize_t n,
-                               Py_ssize_t leaf_size, std::vector<Py_ssize_t>& starts,
-                               std::vector<Py_ssize_t>& ends, std::vector<Py_ssize_t>& rights,
-                               int n_threads, bool refined) {
-        sqd_build_tree_impl<double>(X, d, perm, n, leaf_size, starts, ends, rights, n_threads,
-                                    refined);
+                               Py_ssize_t leaf_size, SqdNodes& out, int n_threads,
+                               bool refined) {
+        sqd_build_tree_impl<double>(X, d, perm, n, leaf_size, out, n_threads, refined);
     }
 
     /* Per-thread result buffers that keep their capacity between calls (a
@@ -1851,12 +2020,22 @@ cdef extern from *:
     int omp_get_max_threads() noexcept nogil
     void sqd_refine_center[T](const T* X, intp_t d, intp_t start, intp_t m,
                               const double* dist2, intp_t* order, double* c) noexcept nogil
+    cppclass SqdNodes:
+        vector[intp_t] starts, ends, rights
+        vector[float] centers
+        vector[double] r2s
     void sqd_build_tree(const float* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
-                        vector[intp_t]& starts, vector[intp_t]& ends,
-                        vector[intp_t]& rights, int n_threads, bint refined) except + nogil
+                        SqdNodes& out, int n_threads, bint refined) except + nogil
     void sqd_build_tree(const double* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
-                        vector[intp_t]& starts, vector[intp_t]& ends,
-                        vector[intp_t]& rights, int n_threads, bint refined) except + nogil
+                        SqdNodes& out, int n_threads, bint refined) except + nogil
+    double sqd_range_dist2(const float* X, intp_t d, intp_t start, intp_t end, const float* c,
+                           double* dist) noexcept nogil
+    double sqd_range_dist2(const double* X, intp_t d, intp_t start, intp_t end, const float* c,
+                           double* dist) noexcept nogil
+    void sqd_range_sum(const float* X, intp_t d, intp_t start, intp_t end,
+                       double* sum) noexcept nogil
+    void sqd_range_sum(const double* X, intp_t d, intp_t start, intp_t end,
+                       double* sum) noexcept nogil
 
 
 cdef double U64 = 1.1102230246251565e-16   # 2**-53
@@ -3408,42 +3587,32 @@ cdef void _encode_leaf_rel(const floating* X, const intp_t* ids, const float* ec
 cdef void _node_stats(const floating* X, const intp_t* ids, intp_t d, intp_t start,
                       intp_t end, bint refine, float* center, double* radius,
                       double* cnorm, intp_t* alive, double* buf) noexcept nogil:
-    """Centre (float32) of [start, end) and an upper bound on the distance of
-    every slot to it; any centre is valid, since the radius is measured from
-    the stored one.  The centre is the centroid; if ``refine`` (leaves), a
-    Badoiu-Clarkson refinement of it when that gives a smaller radius.
-    ``buf`` holds 2 d + 2 (end - start) doubles when refining, else d."""
+    """Centre (float32) of the leaf [start, end) and an upper bound on the
+    distance of every slot to it; any centre is valid, since the radius is
+    measured from the stored one.  The centre is the centroid; if ``refine``,
+    a Badoiu-Clarkson refinement of it when that gives a smaller radius.
+    ``buf`` holds 2 d + 2 (end - start) doubles when refining, else d.
+    (Internal nodes get theirs from the builder's passes.)"""
     cdef intp_t s, j, n = end - start, n_alive = 0
-    cdef double r2 = 0.0, r2b = 0.0, dist2, c2 = 0.0
+    cdef double r2 = 0.0, r2b = 0.0, c2 = 0.0
     cdef double* dist = buf + d
     cdef float* cand = <float*>(buf + d + n)
     cdef intp_t* order = <intp_t*>(buf + 2 * d + n)
-    for j in range(d):
-        buf[j] = 0.0
     for s in range(start, end):
         if ids[s] >= 0:
             n_alive += 1
-        for j in range(d):
-            buf[j] += <double>X[s * d + j]
+    sqd_range_sum(X, d, start, end, buf)
     for j in range(d):
         center[j] = <float>(buf[j] / n) if n > 0 else 0.0
     refine = refine and n > 2
-    for s in range(start, end):
-        dist2 = _dist2_to(X + s * d, center, d)
-        if refine:
-            dist[s - start] = dist2
-        if dist2 > r2:
-            r2 = dist2
+    r2 = sqd_range_dist2(X, d, start, end, center, dist if refine else NULL)
     if refine:
         for j in range(d):
             buf[j] = <double>center[j]
         sqd_refine_center(X, d, start, n, dist, order, buf)
         for j in range(d):
             cand[j] = <float>buf[j]
-        for s in range(start, end):
-            dist2 = _dist2_to(X + s * d, cand, d)
-            if dist2 > r2b:
-                r2b = dist2
+        r2b = sqd_range_dist2(X, d, start, end, cand, NULL)
         if r2b < r2:
             r2 = r2b
             for j in range(d):
@@ -3840,7 +4009,7 @@ cdef class _HalfspaceCore:
         cdef int* alloc_failed_ptr = &alloc_failed
         perm = np.arange(n, dtype=np.intp)
         cdef intp_t[::1] p = perm
-        cdef vector[intp_t] starts, ends, rights
+        cdef SqdNodes nodes
         cdef CoreView v = self._view()
         cdef int build_threads = 1 if n < 16384 else omp_get_max_threads()
         # The first segment (every build of a whole index) and large ones get
@@ -3851,11 +4020,11 @@ cdef class _HalfspaceCore:
         with nogil:
             if self.is32:
                 sqd_build_tree(<const float*>v.X + start * d, d, &p[0], n, self.leaf_size,
-                               starts, ends, rights, build_threads, refined)
+                               nodes, build_threads, refined)
             else:
                 sqd_build_tree(<const double*>v.X + start * d, d, &p[0], n, self.leaf_size,
-                               starts, ends, rights, build_threads, refined)
-        n_nodes = <intp_t>starts.size()
+                               nodes, build_threads, refined)
+        n_nodes = <intp_t>nodes.starts.size()
         # only the last segment is ever (re)built, so its nodes may grow
         self._reserve_nodes(node0 + n_nodes)
         perm += start
@@ -3879,10 +4048,22 @@ cdef class _HalfspaceCore:
         cdef double[::1] nr = self._node_radius
         cdef double[::1] nn = self._node_cnorm
         cdef intp_t[::1] nright = self._node_right
+        cdef intp_t j, r
+        cdef double c2
         for i in range(n_nodes):
-            ns[node0 + i] = start + starts[i]
-            ne[node0 + i] = start + ends[i]
-            nright[node0 + i] = rights[i]
+            ns[node0 + i] = start + nodes.starts[i]
+            ne[node0 + i] = start + nodes.ends[i]
+            r = nodes.rights[i]
+            nright[node0 + i] = r
+            if r >= 0:
+                # internal node: the builder's centroid and the largest
+                # squared distance of its points to it (see SqdBuilder)
+                c2 = 0.0
+                for j in range(d):
+                    nc[node0 + i, j] = nodes.centers[i * d + j]
+                    c2 += <double>nc[node0 + i, j] * <double>nc[node0 + i, j]
+                nr[node0 + i] = sqrt(nodes.r2s[i]) * INFL + d * TINY
+                nn[node0 + i] = sqrt(c2) * INFL
         v = self._view()
         n_threads = 1 if n < 8192 else omp_get_max_threads()
         cdef double* buf
@@ -3894,8 +4075,9 @@ cdef class _HalfspaceCore:
             buf = <double*>malloc((2 * d + 2 * leaf_cap) * sizeof(double))
             if buf != NULL:
                 for i in prange(n_nodes, schedule="dynamic"):
-                    refine = (nright[node0 + i] < 0
-                              and ne[node0 + i] - ns[node0 + i] <= leaf_cap)
+                    if nright[node0 + i] >= 0:
+                        continue
+                    refine = ne[node0 + i] - ns[node0 + i] <= leaf_cap
                     if self.is32:
                         _node_stats(<const float*>v.X, v.ids, d, ns[node0 + i],
                                     ne[node0 + i], refine, &nc[node0 + i, 0],
@@ -3909,6 +4091,9 @@ cdef class _HalfspaceCore:
                 alloc_failed_ptr[0] = 1
         if alloc_failed:
             raise MemoryError()
+        for i in range(n_nodes - 1, -1, -1):     # live counts, bottom-up
+            if nright[node0 + i] >= 0:
+                na[node0 + i] = na[node0 + i + 1] + na[node0 + nright[node0 + i]]
         self._encode_leaves_rel(node0, n_nodes, refined)
         self.seg_n_nodes[k] = n_nodes
         self.seg_stale[k] = 0
