@@ -1398,6 +1398,97 @@ cdef extern from *:
         return sqd_encode_level2_impl<double>(p, d, s1, s2, q);
     }
 
+    /* ---- leaf-relative codes of one point (see _rel_codes) ------------
+       One group of 8 features at a time: their codes are computed first
+       (branch-free, vectorisable), then stored as whole bytes: a byte of a
+       nibble plane holds features j and j + 4 of the same slot, so no byte
+       is read back.  sums[0..7) receives sum qh^2, q8^2, q12^2, ||e0||^2,
+       ||e1||^2, ||e2||^2 and ||r||^2 (eight partial sums each). */
+    template <typename T, bool FULL>
+    static SQD_INLINE void sqd_rel_group(const T* __restrict p, const float* __restrict c,
+                                         Py_ssize_t j0, Py_ssize_t d, double s4, double s8,
+                                         double s12, int32_t* __restrict vh,
+                                         int32_t* __restrict vl, int32_t* __restrict v3,
+                                         double (* __restrict acc)[8]) {
+        const double magic = 6755399441055744.0;   /* 1.5 * 2**52: rounds half to even */
+        double r[8], y[8];
+        int32_t q12[8], q8[8], qh[8];
+        /* simple loops of 8, one step each, so that they vectorise */
+        for (int q = 0; q < 8; ++q)
+            r[q] = (FULL || j0 + q < d) ? (double)p[j0 + q] - (double)c[j0 + q] : 0.0;
+        for (int q = 0; q < 8; ++q) {
+            double t = r[q] / s12;
+            t = t > 1911.0 ? 1911.0 : t;
+            y[q] = t < -1911.0 ? -1911.0 : t;
+        }
+        for (int q = 0; q < 8; ++q) q12[q] = (int32_t)((y[q] + magic) - magic);
+        /* floors of non-negative integers (|q12| <= 1911, |q8| <= 119) */
+        for (int q = 0; q < 8; ++q) q8[q] = ((q12[q] + 8 + 4096) >> 4) - 256;
+        for (int q = 0; q < 8; ++q) qh[q] = ((q8[q] + 8 + 4096) >> 4) - 256;
+        for (int q = 0; q < 8; ++q) {
+            vh[q] = qh[q] + 8;
+            vl[q] = q8[q] - 16 * qh[q] + 8;
+            v3[q] = q12[q] - 16 * q8[q] + 8;
+        }
+        for (int q = 0; q < 8; ++q) {
+            const double fh = (double)qh[q], f8 = (double)q8[q], f12 = (double)q12[q];
+            const double e0 = r[q] - s4 * fh, e1 = r[q] - s8 * f8, e2 = r[q] - s12 * f12;
+            acc[0][q] += fh * fh;
+            acc[1][q] += f8 * f8;
+            acc[2][q] += f12 * f12;
+            acc[3][q] += e0 * e0;
+            acc[4][q] += e1 * e1;
+            acc[5][q] += e2 * e2;
+            acc[6][q] += r[q] * r[q];
+        }
+    }
+    template <typename T>
+    static SQD_INLINE void sqd_rel_codes_impl(const T* p, const float* c, Py_ssize_t d,
+                                              Py_ssize_t dpad8, double s4, Py_ssize_t slot,
+                                              uint8_t* rhi, uint8_t* rlo, uint8_t* r3,
+                                              double* sums) {
+        const double s8 = s4 / 16.0, s12 = s4 / 256.0;
+        const Py_ssize_t half = dpad8 / 2;
+        const Py_ssize_t base = (slot >> 4) * 8 * dpad8 + (slot & 15) * 4;
+        uint8_t* row = r3 ? r3 + slot * half : nullptr;
+        double acc[7][8];
+        for (int k = 0; k < 7; ++k)
+            for (int q = 0; q < 8; ++q) acc[k][q] = 0.0;
+        int32_t vh[8], vl[8], v3[8];
+        for (Py_ssize_t j0 = 0; j0 < dpad8; j0 += 8) {
+            if (j0 + 8 <= d)
+                sqd_rel_group<T, true>(p, c, j0, d, s4, s8, s12, vh, vl, v3, acc);
+            else   /* padding features: r = 0, codes 0 (nibble 8) */
+                sqd_rel_group<T, false>(p, c, j0, d, s4, s8, s12, vh, vl, v3, acc);
+            const Py_ssize_t byte = base + (j0 >> 3) * 64;
+            for (int k = 0; k < 4; ++k) {
+                rhi[byte + k] = (uint8_t)(vh[k] | (vh[k + 4] << 4));
+                rlo[byte + k] = (uint8_t)(vl[k] | (vl[k + 4] << 4));
+            }
+            if (row)   /* point-major: feature j in byte j % half, high nibble if j >= half */
+                for (int q = 0; q < 8; ++q) {
+                    const Py_ssize_t j = j0 + q;
+                    if (j < half) row[j] = (uint8_t)v3[q];
+                    else row[j - half] = (uint8_t)((row[j - half] & 0x0F) | (v3[q] << 4));
+                }
+        }
+        for (int k = 0; k < 7; ++k)
+            sums[k] = ((acc[k][0] + acc[k][4]) + (acc[k][1] + acc[k][5]))
+                      + ((acc[k][2] + acc[k][6]) + (acc[k][3] + acc[k][7]));
+    }
+    SQD_CLONES
+    static void sqd_rel_codes(const float* p, const float* c, Py_ssize_t d, Py_ssize_t dpad8,
+                              double s4, Py_ssize_t slot, uint8_t* rhi, uint8_t* rlo,
+                              uint8_t* r3, double* sums) {
+        sqd_rel_codes_impl<float>(p, c, d, dpad8, s4, slot, rhi, rlo, r3, sums);
+    }
+    SQD_CLONES
+    static void sqd_rel_codes(const double* p, const float* c, Py_ssize_t d, Py_ssize_t dpad8,
+                              double s4, Py_ssize_t slot, uint8_t* rhi, uint8_t* rlo,
+                              uint8_t* r3, double* sums) {
+        sqd_rel_codes_impl<double>(p, c, d, dpad8, s4, slot, rhi, rlo, r3, sums);
+    }
+
     /* ---- builder kernels ------------------------------------------------
        The passes of a tree build over a node's points, compiled for AVX2
        and baseline.  Every float64 sum runs on eight independent partial
@@ -1534,6 +1625,37 @@ cdef extern from *:
             if (t > r2) r2 = t;                                                             \
         }                                                                                   \
         return r2;                                                                          \
+    }                                                                                       \
+    /* the largest |x_j - c_j| over the live rows of [start, end) (ids >= 0), and    \
+       their number and sum of ec into *n_live and *sum_ec */                                \
+    SQD_CLONES static double sqd_range_maxdiff(const T* X, Py_ssize_t d, const Py_ssize_t* ids,\
+                                               const float* ec, Py_ssize_t start,           \
+                                               Py_ssize_t end, const float* c,              \
+                                               Py_ssize_t* n_live, double* sum_ec) {        \
+        double m[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                             \
+        Py_ssize_t n = 0;                                                                   \
+        double se = 0.0;                                                                    \
+        for (Py_ssize_t s = start; s < end; ++s) {                                          \
+            if (ids[s] < 0) continue;                                                       \
+            ++n;                                                                            \
+            se += ec[s];                                                                    \
+            const T* __restrict x = X + s * d;                                              \
+            Py_ssize_t j = 0;                                                               \
+            for (; j + 8 <= d; j += 8)                                                      \
+                for (int q = 0; q < 8; ++q) {                                               \
+                    const double t = std::fabs((double)x[j + q] - (double)c[j + q]);        \
+                    m[q] = t > m[q] ? t : m[q];                                             \
+                }                                                                           \
+            for (; j < d; ++j) {                                                            \
+                const double t = std::fabs((double)x[j] - (double)c[j]);                    \
+                m[0] = t > m[0] ? t : m[0];                                                 \
+            }                                                                               \
+        }                                                                                   \
+        *n_live = n;                                                                        \
+        *sum_ec = se;                                                                       \
+        double r = 0.0;                                                                     \
+        for (int q = 0; q < 8; ++q) r = m[q] > r ? m[q] : r;                                \
+        return r;                                                                           \
     }                                                                                       \
     /* sum[0..d) = sum of rows [start, end) */                                              \
     SQD_CLONES static void sqd_range_sum(const T* X, Py_ssize_t d, Py_ssize_t start,        \
@@ -2034,6 +2156,18 @@ cdef extern from *:
                            double* dist) noexcept nogil
     void sqd_range_sum(const float* X, intp_t d, intp_t start, intp_t end,
                        double* sum) noexcept nogil
+    void sqd_rel_codes(const float* p, const float* c, intp_t d, intp_t dpad8, double s4,
+                       intp_t slot, uint8_t* rhi, uint8_t* rlo, uint8_t* r3,
+                       double* sums) noexcept nogil
+    void sqd_rel_codes(const double* p, const float* c, intp_t d, intp_t dpad8, double s4,
+                       intp_t slot, uint8_t* rhi, uint8_t* rlo, uint8_t* r3,
+                       double* sums) noexcept nogil
+    double sqd_range_maxdiff(const float* X, intp_t d, const intp_t* ids, const float* ec,
+                             intp_t start, intp_t end, const float* c, intp_t* n_live,
+                             double* sum_ec) noexcept nogil
+    double sqd_range_maxdiff(const double* X, intp_t d, const intp_t* ids, const float* ec,
+                             intp_t start, intp_t end, const float* c, intp_t* n_live,
+                             double* sum_ec) noexcept nogil
     void sqd_range_sum(const double* X, intp_t d, intp_t start, intp_t end,
                        double* sum) noexcept nogil
 
@@ -3451,14 +3585,6 @@ cdef inline double _slot_distance_bound(const CoreView* v, bint is32, intp_t s,
     return sqrt(dist2) * INFL + v.d * TINY
 
 
-cdef inline void _put_nibble(uint8_t* row, intp_t j, intp_t half, int u) noexcept nogil:
-    """Store u (0..15) as feature j of a point-major nibble row: byte j,
-    low nibble, for j < half; byte j - half, high nibble, otherwise."""
-    cdef intp_t at = j - half if j >= half else j
-    cdef int sh = 4 if j >= half else 0
-    row[at] = <uint8_t>((row[at] & (0xF0 >> sh)) | (u << sh))
-
-
 cdef inline void _rel_codes(const floating* p, const float* c, intp_t d, intp_t dpad8,
                             double s4, intp_t slot, uint8_t* rhi, uint8_t* rlo, uint8_t* r3,
                             double* out) noexcept nogil:
@@ -3477,46 +3603,15 @@ cdef inline void _rel_codes(const floating* p, const float* c, intp_t d, intp_t 
     double their residual), and |e_k| <= 1.15 |r| (a nonzero code needs
     |r| >= 7.5 units of the next finer level).  Each residual is computed
     from r directly, so it errs by at most u (|e_k| + |r|) plus the error
-    of r, u |r|: 6 u ||r|| covers the error of every norm.
+    of r, u |r|: 6 u ||r|| covers the error of every norm.  The codes and
+    the sums of squares come from sqd_rel_codes (vectorised, eight partial
+    sums per norm; any summation order is covered by INFL).
     """
-    cdef intp_t j, byte, half = dpad8 // 2
-    cdef double r, e0, e1, e2, s8 = s4 / 16.0, s12 = s4 / 256.0
-    cdef double qh2 = 0.0, q82 = 0.0, q122 = 0.0, n0 = 0.0, n1 = 0.0, n2 = 0.0, nr = 0.0
-    cdef int qh, ql, q3, q8, q12
-    cdef intp_t base = (slot >> 4) * 8 * dpad8 + (slot & 15) * 4
-    cdef uint8_t* row = r3 + slot * half if r3 != NULL else NULL
-    cdef uint8_t sh
-    for j in range(d, dpad8):                    # padding features: q = 0
-        byte = base + (j >> 3) * 64 + (j & 3)
-        sh = 4 if (j & 4) else 0
-        rhi[byte] = <uint8_t>((rhi[byte] & (0xF0 >> sh)) | (8 << sh))
-        rlo[byte] = <uint8_t>((rlo[byte] & (0xF0 >> sh)) | (8 << sh))
-        if row != NULL:
-            _put_nibble(row, j, half, 8)
-    for j in range(d):
-        r = <double>p[j] - <double>c[j]
-        q12 = _code(r, s12, 1911)
-        # floors of non-negative integers (|q12| <= 1911, |q8| <= 119)
-        q8 = ((q12 + 8 + 4096) >> 4) - 256
-        q3 = q12 - 16 * q8
-        qh = ((q8 + 8 + 4096) >> 4) - 256
-        ql = q8 - 16 * qh
-        e0 = r - s4 * <double>qh
-        e1 = r - s8 * <double>q8
-        e2 = r - s12 * <double>q12
-        qh2 += <double>(qh * qh)
-        q82 += <double>(q8 * q8)
-        q122 += <double>(q12 * q12)
-        n0 += e0 * e0
-        n1 += e1 * e1
-        n2 += e2 * e2
-        nr += r * r
-        byte = base + (j >> 3) * 64 + (j & 3)
-        sh = 4 if (j & 4) else 0
-        rhi[byte] = <uint8_t>((rhi[byte] & (0xF0 >> sh)) | ((qh + 8) << sh))
-        rlo[byte] = <uint8_t>((rlo[byte] & (0xF0 >> sh)) | ((ql + 8) << sh))
-        if row != NULL:
-            _put_nibble(row, j, half, q3 + 8)
+    cdef double sums[7]
+    cdef double s8 = s4 / 16.0, s12 = s4 / 256.0
+    cdef double qh2, q82, q122, n0, n1, n2, nr
+    sqd_rel_codes(p, c, d, dpad8, s4, slot, rhi, rlo, r3, sums)
+    qh2, q82, q122, n0, n1, n2, nr = sums[0], sums[1], sums[2], sums[3], sums[4], sums[5], sums[6]
     out[0] = s4 * sqrt(qh2) * INFL
     out[1] = sqrt(n0) * INFL + 6.0 * U64 * sqrt(nr) + d * TINY
     out[2] = s8 * sqrt(q82) * INFL
@@ -3530,19 +3625,10 @@ cdef float _leaf_rel_scale(const floating* X, const intp_t* ids, const float* ec
     """The scale s4 of a leaf's relative codes (max |p_j - c_j| / 7 over its
     live slots), or 0 if a quick estimate says they would not pay (see
     _encode_leaf_rel)."""
-    cdef intp_t s, j, n_live = 0
-    cdef double maxabs = 0.0, x, sum_ec = 0.0
-    cdef float s4f
-    for s in range(start, end):
-        if ids[s] < 0:
-            continue
-        n_live += 1
-        sum_ec += ec[s]
-        for j in range(d):
-            x = fabs(<double>X[s * d + j] - <double>c[j])
-            if x > maxabs:
-                maxabs = x
-    s4f = <float>(maxabs / 7.0)
+    cdef intp_t n_live = 0
+    cdef double sum_ec = 0.0
+    cdef double maxabs = sqd_range_maxdiff(X, d, ids, ec, start, end, c, &n_live, &sum_ec)
+    cdef float s4f = <float>(maxabs / 7.0)
     # s4 / 256 must stay a normal float32; huge scales are not worth it
     if n_live == 0 or d > MAX_SCREEN_D or not (s4f >= 256.0 * FLT_MIN and s4f < 1e30):
         return 0.0
