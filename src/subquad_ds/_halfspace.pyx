@@ -4205,8 +4205,9 @@ cdef class _HalfspaceCore:
         cdef int n_threads = 1 if n_nodes < 256 else omp_get_max_threads()
         cdef float[::1] scales
         cdef bint any_leaf = False
-        for i in range(n_nodes):
-            rel[REL_W * (node0 + i)] = 0.0
+        # scale 0 (codes unused); the other constants zeroed too, so that
+        # tree_arrays() shows no leftovers of earlier trees
+        memset(rel + REL_W * node0, 0, n_nodes * REL_W * sizeof(float))
         if not refined:
             return
         scales = np.zeros(n_nodes, dtype=np.float32)
