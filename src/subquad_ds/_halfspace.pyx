@@ -1548,7 +1548,8 @@ cdef extern from *:
         /* three simple loops per row (the row stays in L1): fused into one,
            the compiler kept them scalar.  The rows are visited in perm
            order, scattered in memory: the row AHEAD rows on is prefetched
-           (without it, half of the pass waited on its first load). */
+           (without it, builds took 1.08-1.12x as long at d = 128; 8 or 16
+           rows ahead measured the same as 4). */
         enum { AHEAD = 4 };
         const size_t row_bytes = (size_t)d * sizeof(T);
         double r2 = 0.0;
