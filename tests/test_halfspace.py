@@ -991,6 +991,30 @@ def test_relative_codes_are_used_on_clustered_data_only(dtype, rng, kernel):
     assert _relative_leaves(HalfspaceIndex(G, leaf_size=64)) == 0
 
 
+@pytest.mark.parametrize("d", [5, 37, 130])
+@pytest.mark.parametrize("log2_scale", [-60, 0, 60])
+def test_relative_codes_are_the_same_on_every_kernel(rng, d, log2_scale):
+    # float32 points get their leaf-relative codes from AVX2 intrinsics
+    # where the CPU has AVX2, else from the generic code: the codes and the
+    # leaf constants (sums of squares in the same order) must be identical
+    if screening_kernel() == "portable":
+        pytest.skip("this CPU lacks AVX2")
+    X = (clustered(rng, 3000, d, n_clusters=12, spread=0.1) * 2.0 ** log2_scale).astype(np.float32)
+    fast = HalfspaceIndex(X, leaf_size=64)
+    old = _cap_screening_kernel(0)
+    try:
+        generic = HalfspaceIndex(X, leaf_size=64)
+    finally:
+        _cap_screening_kernel(old)
+    tf, tg = fast._core.tree_arrays(), generic._core.tree_arrays()
+    assert (tf["rel"][:, 0] > 0).sum() > 0
+    for key in tf:
+        np.testing.assert_array_equal(tf[key], tg[key])
+    for slot in range(0, 3000, 3):
+        for a, b in zip(fast._core.rel_codes(slot), generic._core.rel_codes(slot)):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("d", [40, 130])
 def test_relative_planes_are_allocated_when_a_leaf_first_needs_them(dtype, rng, d, kernel):
     # Gaussian data never use the relative codes, so their planes (1.5 d
