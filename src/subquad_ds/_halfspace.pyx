@@ -1301,6 +1301,12 @@ cdef extern from *:
         }
     }
 
+    /* The sum of eight partial sums, in the one fixed order every kernel
+       uses (so that vectorised and generic versions agree bit for bit). */
+    static SQD_INLINE double sqd_fold8(const double* s) {
+        return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    }
+
     /* Dot products accumulated in float64 with eight independent partial
        sums (vectorisable without -ffast-math); any summation order obeys
        the gamma_d bound of the design notes. */
@@ -1311,7 +1317,7 @@ cdef extern from *:
         for (; j + 8 <= d; j += 8)
             for (int k = 0; k < 8; ++k) s[k] += (double)a[j + k] * b[j + k];
         for (; j < d; ++j) s[0] += (double)a[j] * b[j];
-        return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+        return sqd_fold8(s);
     }
     SQD_CLONES
     static double sqd_xdot(const float* a, const double* b, Py_ssize_t d) {
@@ -1370,8 +1376,8 @@ cdef extern from *:
             sqd_level1_step((double)p[j], s, q_out + j, a, b, m);
         double mx = 0;
         for (int k = 0; k < 8; ++k) mx = m[k] > mx ? m[k] : mx;
-        *qn2 = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
-        *en2 = ((b[0] + b[4]) + (b[1] + b[5])) + ((b[2] + b[6]) + (b[3] + b[7]));
+        *qn2 = sqd_fold8(a);
+        *en2 = sqd_fold8(b);
         *maxe = mx;
     }
     /* Level 2 in place over the codes written by level 1; returns the sum
@@ -1453,6 +1459,18 @@ cdef extern from *:
             acc[6][q] += r[q] * r[q];
         }
     }
+    /* The third-level nibbles v3 of features j0 .. j0 + 7 into a point-major
+       row: feature j in byte j % half, high nibble if j >= half (features
+       are stored in increasing order, so a high nibble's byte already holds
+       its low one). */
+    static SQD_INLINE void sqd_rel_row_group(uint8_t* row, Py_ssize_t j0, Py_ssize_t half,
+                                             const int32_t* v3) {
+        for (int q = 0; q < 8; ++q) {
+            const Py_ssize_t j = j0 + q;
+            if (j < half) row[j] = (uint8_t)v3[q];
+            else row[j - half] = (uint8_t)((row[j - half] & 0x0F) | (v3[q] << 4));
+        }
+    }
     template <typename T>
     static SQD_INLINE void sqd_rel_codes_impl(const T* p, const float* c, Py_ssize_t d,
                                               Py_ssize_t dpad8, double s4, Py_ssize_t slot,
@@ -1476,16 +1494,9 @@ cdef extern from *:
                 rhi[byte + k] = (uint8_t)(vh[k] | (vh[k + 4] << 4));
                 rlo[byte + k] = (uint8_t)(vl[k] | (vl[k + 4] << 4));
             }
-            if (row)   /* point-major: feature j in byte j % half, high nibble if j >= half */
-                for (int q = 0; q < 8; ++q) {
-                    const Py_ssize_t j = j0 + q;
-                    if (j < half) row[j] = (uint8_t)v3[q];
-                    else row[j - half] = (uint8_t)((row[j - half] & 0x0F) | (v3[q] << 4));
-                }
+            if (row) sqd_rel_row_group(row, j0, half, v3);
         }
-        for (int k = 0; k < 7; ++k)
-            sums[k] = ((acc[k][0] + acc[k][4]) + (acc[k][1] + acc[k][5]))
-                      + ((acc[k][2] + acc[k][6]) + (acc[k][3] + acc[k][7]));
+        for (int k = 0; k < 7; ++k) sums[k] = sqd_fold8(acc[k]);
     }
     SQD_CLONES
     static void sqd_rel_codes_generic(const float* p, const float* c, Py_ssize_t d,
@@ -1564,11 +1575,7 @@ cdef extern from *:
             if (row) {
                 _mm256_store_si256((__m256i*)v3, _mm256_add_epi32(
                     _mm256_sub_epi32(q12, _mm256_slli_epi32(q8, 4)), eight));
-                for (int q = 0; q < 8; ++q) {
-                    const Py_ssize_t j = j0 + q;
-                    if (j < half) row[j] = (uint8_t)v3[q];
-                    else row[j - half] = (uint8_t)((row[j - half] & 0x0F) | (v3[q] << 4));
-                }
+                sqd_rel_row_group(row, j0, half, v3);
             }
             const __m256d fh[2] = {_mm256_cvtepi32_pd(_mm256_castsi256_si128(qh)),
                                    _mm256_cvtepi32_pd(_mm256_extracti128_si256(qh, 1))};
@@ -1591,7 +1598,7 @@ cdef extern from *:
         for (int k = 0; k < 7; ++k) {
             _mm256_store_pd(a, acc[k][0]);
             _mm256_store_pd(a + 4, acc[k][1]);
-            sums[k] = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+            sums[k] = sqd_fold8(a);
         }
     }
     #endif
@@ -1632,7 +1639,7 @@ cdef extern from *:
             double t = (double)x[j] - (double)c[j];
             s[0] += t * t;
         }
-        return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+        return sqd_fold8(s);
     }
 
     /* The farthest row from row `from` among perm[start], perm[start + step],
