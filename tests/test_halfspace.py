@@ -656,6 +656,31 @@ def test_single_adds_use_the_insertion_buffer(dtype, rng):
     assert max(sizes) > 4          # the buffer leaf outgrew leaf_size
 
 
+def test_merge_rule_follows_the_mix_of_adds_and_queries(dtype, rng):
+    # single adds with no queries merge lazily (base 3: each segment holds
+    # more than half of all later ones, and fewer rebuilds); with a query
+    # after every add the tail merges eagerly (each segment at least twice
+    # the next: fewer segments to walk); answers are exact either way
+    X = clustered(rng, 9000, 6).astype(dtype)
+    lazy = HalfspaceIndex(X[:600], leaf_size=8)
+    eager = HalfspaceIndex(X[:600], leaf_size=8)
+    w = rng.normal(size=6)
+    for k in range(600, len(X)):
+        lazy.add(X[k:k + 1])
+        eager.add(X[k:k + 1])
+        eager.query(w, 0.0)
+    sizes = lazy._core.segment_sizes
+    assert all(2 * s > sum(sizes[i + 1:]) for i, s in enumerate(sizes))
+    assert any(s < 2 * t for s, t in zip(sizes, sizes[1:]))
+    sizes = eager._core.segment_sizes
+    assert all(s >= 2 * t for s, t in zip(sizes, sizes[1:]))
+    assert lazy._core.n_rebuilds < eager._core.n_rebuilds
+    W = rng.normal(size=(4, 6))
+    for index in (lazy, eager):
+        index._core.check_invariants()
+        check_against_oracle(index, W, _thresholds(X, W, [0.01, 0.3], rng), k=3)
+
+
 def test_dimension_beyond_integer_screening(rng):
     # d > 16384: integer dots could overflow int32, so screening is off and
     # every candidate leaf is verified exactly
