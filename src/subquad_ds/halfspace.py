@@ -128,8 +128,9 @@ class HalfspaceIndex:
     buffer leaf in O(d)).  While adds outnumber query rows 32 to 1 (over
     the recent calls), segments merge lazily: each added point is rebuilt
     about half as often, and queries walk more segments (1.06-1.25x the
-    time on an index grown that way).  Otherwise each segment is kept at
-    least twice the next.  :meth:`rebuild` makes a single segment.
+    time on an index grown that way).  Otherwise they merge eagerly (the
+    last two whenever the last reaches half the size of the one before).
+    :meth:`rebuild` makes a single segment.
     ``update``: O(d log n) in place (ancestor radii
     grow; the tail from a segment is rebuilt after that segment absorbed as
     many updates as half its size).  Query: in the worst case (no pruning)
