@@ -5,7 +5,8 @@ Groups (one per operation and size): ``halfspace-query1-<data>-d<d>-sel<s>``
 (the same with every implementation given all cores),
 ``halfspace-batch64-<data>-d<d>-sel<s>`` (64 queries per call),
 ``halfspace-{add,remove,update}1-d<d>`` (one point per call on an index of N
-points), ``halfspace-build-<data>-d<d>``,
+points), ``halfspace-addrun-<data>-d<d>-<workload>`` (N single adds onto N
+points, alone or with a query every 16 adds), ``halfspace-build-<data>-d<d>``,
 ``halfspace-top10-<data>-d<d>`` and ``halfspace-trainer-m16384-d64``
 (sparse activations as CSR queries, per-query thresholds).
 
@@ -22,6 +23,7 @@ Run: ``pytest bench/bench_halfspace.py --benchmark-only
 
 import contextlib
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -301,6 +303,70 @@ def test_update_one(benchmark, machine_info, dynamic, impl, op, request):
         return (fresh[i:i + 1],), {}
     info(benchmark, machine_info, dynamic, impl=impl, op=op)
     benchmark.pedantic(run, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+# -- runs of single adds: the amortised cost, merges included -------------------
+
+@pytest.fixture(scope="module", params=list(itertools.product(KINDS, DIMS)),
+                ids=lambda p: f"{p[0]}-d{p[1]}")
+def growing(request):
+    kind, d = request.param
+    n = N_SMOKE if _smoke(request.config) else N_FULL
+    rng = np.random.default_rng(1234)
+    X = make_points(kind, 2 * n, d, rng)
+    w = rng.standard_normal(d, dtype=np.float32)
+    b = float(np.quantile(X[:n] @ w, 0.99))          # 1% selectivity
+    return {"kind": kind, "d": d, "n": n, "X": X, "w": w, "b": b}
+
+
+@pytest.mark.parametrize("workload", ["adds", "adds+queries"])
+@pytest.mark.parametrize("impl", ["subquad_ds", "faiss"])
+def test_add_run(benchmark, machine_info, growing, impl, workload, request):
+    """A run of N single adds (one call per point) that doubles an index of
+    N points: the time of one round divided by N is the amortised cost of
+    an add, every merge included.  With "adds+queries" a single query (1%
+    selectivity, one thread) follows every 16th add: the index then merges
+    eagerly (see HalfspaceIndex), and the round also holds N / 16 queries.
+    The index is built in the untimed setup.  faiss runs the adds only (its
+    IndexFlatIP appends in O(d); its queries take milliseconds each)."""
+    if impl == "faiss" and workload != "adds":
+        pytest.skip("faiss: adds only (a faiss query scans the whole index)")
+    n, d, X, w, b = growing["n"], growing["d"], growing["X"], growing["w"], growing["b"]
+    benchmark.group = f"halfspace-addrun-{growing['kind']}-d{d}-{workload}"
+    every = 16 if workload == "adds+queries" else 0
+
+    def setup():
+        if impl == "faiss":
+            index = require("faiss").IndexFlatIP(d)
+            index.add(X[:n])
+        else:
+            index = HalfspaceIndex(X[:n])
+        return (index,), {}
+
+    parts = {"add_us": [], "query_us": []}   # per round, for the mixed workload
+
+    def run(index):
+        if not every:
+            for k in range(n, 2 * n):
+                index.add(X[k:k + 1])
+            return
+        t_add = t_query = 0.0
+        for k in range(n, 2 * n):
+            t0 = time.perf_counter()
+            index.add(X[k:k + 1])
+            t1 = time.perf_counter()
+            t_add += t1 - t0
+            if k % every == every - 1:
+                index.query(w, b, n_threads=1)
+                t_query += time.perf_counter() - t1
+        parts["add_us"].append(round(t_add / n * 1e6, 2))
+        parts["query_us"].append(round(t_query / (n // every) * 1e6, 1))
+
+    info(benchmark, machine_info, growing, impl=impl, workload=workload, adds=n,
+         queries=n // every if every else 0)
+    if every:   # the adds and the queries of each round, timed apart
+        benchmark.extra_info.update(parts)
+    benchmark.pedantic(run, setup=setup, rounds=_rounds(request.config, 3), iterations=1)
 
 
 # -- the trainer's use: fired neurons of a first layer --------------------------
