@@ -130,10 +130,9 @@ class HalfspaceIndex:
     about half as often, and queries walk more segments (1.06-1.25x the
     time on an index grown that way).  Otherwise they merge eagerly (the
     last two whenever the last reaches half the size of the one before).
-    :meth:`rebuild` makes a single segment.
-    ``update``: O(d log n) in place (ancestor radii
-    grow; the tail from a segment is rebuilt after that segment absorbed as
-    many updates as half its size).  Query: in the worst case (no pruning)
+    :meth:`rebuild` makes a single segment.  ``update``: O(d log n) in
+    place (ancestor radii grow; the tail from a segment is rebuilt after
+    that segment absorbed as many updates as half its size).  Query: in the worst case (no pruning)
     2 n d one-byte integer multiply-adds (n d bytes read), plus O(d) per
     point whose error bound straddles ``b`` and O(1) per reported point;
     with pruning, only the leaves that straddle the hyperplane are
