@@ -316,7 +316,7 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
     ones together: O(log n) segments, about 1.5 times as many, and each
     point takes part in about half as many builds (a simulation of 200k
     single adds onto 200k points: 2.9 instead of 8.5 points rebuilt per
-    added point; measured, 0.54-0.60 times the time of an add at d = 128).
+    added point; measured, 0.49-0.61 times the time of an add at d = 128).
     A query, though, walks more segments, and small segments prune worse
     (per straddling cluster they screen a leaf each, of up to leaf_size
     points): on an index grown that way (clustered, d = 128) queries took
@@ -327,7 +327,7 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
   segment build, so they describe the recent calls), eager otherwise.  An
   add saves about 10 us under the lazy rule, and a query loses 50-130 us
   on a grown index of 400k points, so the lazy rule pays only when there
-  are more than about 10-15 adds per query; 32 leaves a margin (measured,
+  are more than about 5-15 adds per query; 32 leaves a margin (measured,
   200k single adds onto 200k clustered points at d = 128, a 1% query
   every Q adds, total time against the eager rule alone: Q = 4 and 16,
   0.93-0.99 (the same rule); Q = 64, 0.82-0.89 under threshold 16; Q =
@@ -398,8 +398,9 @@ best-child-first with a bounded heap, pruning nodes and points by their
 upper bounds (level-1 screening only).
 
 Thread-safety: queries only read the index (they add their rows to the
-merge rule's counter while holding the GIL); mutations (add/remove/update/rebuild) must
-not run concurrently with anything else (the public class documents this).
+merge rule's counter while holding the GIL); mutations (add/remove/update/
+rebuild) must not run concurrently with anything else (the public class
+documents this).
 """
 
 import numpy as np
