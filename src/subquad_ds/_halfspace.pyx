@@ -1498,15 +1498,30 @@ cdef extern from *:
             else row[j - half] = (uint8_t)((row[j - half] & 0x0F) | (v3[q] << 4));
         }
     }
+    /* Where a slot's relative codes go: its bytes in the nibble planes
+       start at `base` (then one 64-byte line per 8 features); its
+       third-level row (NULL without stage 2) holds `half` bytes. */
+    struct SqdRelPlace {
+        Py_ssize_t half, base;
+        uint8_t* row;
+    };
+    static SQD_INLINE SqdRelPlace sqd_rel_place(Py_ssize_t dpad8, Py_ssize_t slot,
+                                                uint8_t* r3) {
+        SqdRelPlace at;
+        at.half = dpad8 / 2;
+        at.base = (slot >> 4) * 8 * dpad8 + (slot & 15) * 4;
+        at.row = r3 ? r3 + slot * at.half : nullptr;
+        return at;
+    }
     template <typename T>
     static SQD_INLINE void sqd_rel_codes_impl(const T* p, const float* c, Py_ssize_t d,
                                               Py_ssize_t dpad8, double s4, Py_ssize_t slot,
                                               uint8_t* rhi, uint8_t* rlo, uint8_t* r3,
                                               double* sums) {
         const double s8 = s4 / 16.0, s12 = s4 / 256.0;
-        const Py_ssize_t half = dpad8 / 2;
-        const Py_ssize_t base = (slot >> 4) * 8 * dpad8 + (slot & 15) * 4;
-        uint8_t* row = r3 ? r3 + slot * half : nullptr;
+        const SqdRelPlace at = sqd_rel_place(dpad8, slot, r3);
+        const Py_ssize_t half = at.half, base = at.base;
+        uint8_t* row = at.row;
         double acc[7][8];
         for (int k = 0; k < 7; ++k)
             for (int q = 0; q < 8; ++q) acc[k][q] = 0.0;
@@ -1543,9 +1558,9 @@ cdef extern from *:
                                        uint8_t* rhi, uint8_t* rlo, uint8_t* r3,
                                        double* sums) {
         const double s8 = s4 / 16.0, s12 = s4 / 256.0;
-        const Py_ssize_t half = dpad8 / 2;
-        const Py_ssize_t base = (slot >> 4) * 8 * dpad8 + (slot & 15) * 4;
-        uint8_t* row = r3 ? r3 + slot * half : nullptr;
+        const SqdRelPlace at = sqd_rel_place(dpad8, slot, r3);
+        const Py_ssize_t half = at.half, base = at.base;
+        uint8_t* row = at.row;
         const __m256d vs4 = _mm256_set1_pd(s4), vs8 = _mm256_set1_pd(s8);
         const __m256d vs12 = _mm256_set1_pd(s12);
         const __m256d lim = _mm256_set1_pd(1911.0), nlim = _mm256_set1_pd(-1911.0);
