@@ -854,6 +854,27 @@ def test_build_is_independent_of_thread_count(rng):
     assert sum(st["refined"] for st in stats[0]) > 0
 
 
+def test_tree_shape_is_independent_of_the_data_scale(dtype, rng):
+    # Splits sort float32 keys of the projections, offset and scaled by a
+    # power of two per node: data scaled by 2**k (exact) get the same cuts
+    # at any scale, with no key overflowing or underflowing float32 (at
+    # 2**+-400 the raw projections lie far outside its range).
+    X = clustered(rng, 6000, 24, n_clusters=30).astype(np.float64)
+    exps = [-60, 0, 60] if dtype == np.float32 else [-400, -60, 0, 60, 400]
+    shapes = []
+    for e in exps:
+        Xe = (X * 2.0 ** e).astype(dtype)
+        index = HalfspaceIndex(Xe[:5000], leaf_size=16)
+        for k in range(5000, 6000, 7):      # tail segments: the unrefined builds
+            index.add(Xe[k:k + 7])
+        t = index._core.tree_arrays()
+        shapes.append([t[key] for key in ["start", "end", "right", "segments"]])
+        assert len(t["segments"]) > 1
+    for shape in shapes[1:]:
+        for a, b in zip(shape, shapes[0]):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_leaf_balls_are_no_larger_than_centroid_balls(dtype, rng):
     # a leaf's centre is refined (approximate minimum enclosing ball) only
     # when that shrinks its radius; on Gaussian blobs it mostly does

@@ -357,16 +357,22 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
 - Build of s points: O(s d log s) (depth O(log s); per node a far-pair
   search on at most 512 points (64 in tail segments), Lloyd iterations on
   at most 256 sampled points, one pass over its points and a sort of the
-  projections; a leaf's centre refinement costs O(d) per step).  The one
+  projections; a leaf's centre refinement costs O(d) per step).  The sort
+  is a radix sort of float32 keys (the projections less the first point's,
+  scaled by a power of two so that no scale of data overflows or
+  underflows them), O(s) per level: ``std::sort`` of (float64, index)
+  pairs was 14-19% of a build.  The one
   pass computes the projections, the node's centroid and the points'
   distances to the parent's centre, so an internal node's radius is exact
   without a pass of its own (a leaf's points take one extra pass for their
   parent, then two for the leaf's own centre and radius).  Computing every
   node's centroid and radius in passes of their own cost a quarter of a
   build at d = 128.  The passes are compiled for AVX2 and baseline (eight
-  partial sums each, which any summation order's rounding cover allows).
-  For s >= 16384 the top levels are built first (each node's pass and
-  sort split over the threads: 0.88-0.93x the build time at d = 128), the
+  partial sums each, which any summation order's rounding cover allows;
+  the node pass takes two rows at a time, so that their sums' dependency
+  chains interleave).
+  For s >= 16384 the top levels are built first (each node's pass split
+  over the threads: 0.88-0.93x the build time at d = 128), the
   subtrees of at most s / (4 threads) points below them in parallel
   (OpenMP), and the pieces are spliced back in preorder; a split depends
   only on the node's points and depth, so the tree is identical to the
@@ -1662,6 +1668,24 @@ cdef extern from *:
         sqd_rel_codes_impl<double>(p, c, d, dpad8, s4, slot, rhi, rlo, r3, sums);
     }
 
+    /* Four float64 lanes (GCC / Clang vector extensions: AVX2 registers in
+       the AVX2 clones, SSE2 pairs in the baseline ones).  Lane arithmetic
+       is plain IEEE double arithmetic, so a kernel written with them gives
+       the same bits as its scalar form with the same order of operations. */
+    typedef double sqd_v4d __attribute__((vector_size(32)));
+    typedef float sqd_v4f __attribute__((vector_size(16)));
+    static SQD_INLINE sqd_v4d sqd_load4(const double* p) {
+        sqd_v4d v;
+        std::memcpy(&v, p, sizeof(v));
+        return v;
+    }
+    static SQD_INLINE sqd_v4d sqd_load4(const float* p) {
+        sqd_v4f v;
+        std::memcpy(&v, p, sizeof(v));
+        return __builtin_convertvector(v, sqd_v4d);
+    }
+    static SQD_INLINE void sqd_store4(double* p, sqd_v4d v) { std::memcpy(p, &v, sizeof(v)); }
+
     /* ---- builder kernels ------------------------------------------------
        The passes of a tree build over a node's points, compiled for AVX2
        and baseline.  Every float64 sum runs on eight independent partial
@@ -1700,36 +1724,165 @@ cdef extern from *:
         return best;
     }
 
-    /* One pass over the m rows perm[0..m): each row's projection on u into
-       proj (if not NULL; NaN, from inf - inf, becomes 0), the rows' sum
+    /* A row and its projection, as a float32 order key: the unsigned
+       integer order of the keys is the order of the rounded projections
+       (-0 sorts just below +0). */
+    struct SqdKeyed {
+        uint32_t key;
+        Py_ssize_t idx;
+    };
+    static SQD_INLINE uint32_t sqd_order_key(double p) {
+        const float f = p == p ? (float)p : 0.0f;   /* NaN (inf - inf) counts as 0 */
+        uint32_t u;
+        std::memcpy(&u, &f, sizeof(u));
+        return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    }
+    static SQD_INLINE double sqd_key_value(uint32_t key) {
+        const uint32_t u = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+        float f;
+        std::memcpy(&f, &u, sizeof(f));
+        return (double)f;
+    }
+    /* Stable sort of a[0..m) by key (tmp: m scratch items): insertion sort
+       below 64 items, else least-significant-digit radix sort, three passes
+       of 11 bits, a pass skipped when every key shares its digit.  O(m),
+       against O(m log m) comparisons of (double, index) pairs with
+       std::sort, which was 14-19% of a build. */
+    static void sqd_sort_keyed(SqdKeyed* a, SqdKeyed* tmp, Py_ssize_t m) {
+        if (m < 64) {
+            for (Py_ssize_t i = 1; i < m; ++i) {
+                const SqdKeyed x = a[i];
+                Py_ssize_t j = i;
+                for (; j > 0 && a[j - 1].key > x.key; --j) a[j] = a[j - 1];
+                a[j] = x;
+            }
+            return;
+        }
+        enum { BITS = 11, BUCKETS = 1 << BITS };
+        std::vector<Py_ssize_t> count(3 * BUCKETS, 0);
+        for (Py_ssize_t i = 0; i < m; ++i) {
+            const uint32_t k = a[i].key;
+            ++count[k & (BUCKETS - 1)];
+            ++count[BUCKETS + ((k >> BITS) & (BUCKETS - 1))];
+            ++count[2 * BUCKETS + (k >> (2 * BITS))];
+        }
+        SqdKeyed* src = a;
+        SqdKeyed* dst = tmp;
+        for (int pass = 0; pass < 3; ++pass) {
+            Py_ssize_t* c = count.data() + pass * BUCKETS;
+            const int shift = pass * BITS;
+            if (c[(src[0].key >> shift) & (BUCKETS - 1)] == m) continue;
+            Py_ssize_t total = 0;
+            for (int b = 0; b < BUCKETS; ++b) {
+                const Py_ssize_t n = c[b];
+                c[b] = total;
+                total += n;
+            }
+            for (Py_ssize_t i = 0; i < m; ++i)
+                dst[c[(src[i].key >> shift) & (BUCKETS - 1)]++] = src[i];
+            std::swap(src, dst);
+        }
+        if (src != a) std::memcpy(a, src, (size_t)m * sizeof(SqdKeyed));
+    }
+
+    /* One pass over the m rows perm[0..m): each row with the sort key of
+       its projection on u, (<x, u> - offset) * scale, into proj (if not
+       NULL; see sqd_order_key), the rows' sum
        added to sum[0..d), and the largest squared distance to the float32
        centre pc (if not NULL) returned (else 0). */
     template <typename T, bool PROJ, bool SUM, bool DIST>
     static SQD_INLINE double sqd_node_pass_impl(const T* X, Py_ssize_t d, const Py_ssize_t* perm,
                                                 Py_ssize_t m, const double* __restrict u,
-                                                std::pair<double, Py_ssize_t>* proj,
+                                                double offset, double scale, SqdKeyed* proj,
                                                 double* __restrict sum,
                                                 const float* __restrict pc) {
-        /* three simple loops per row (the row stays in L1): fused into one,
-           the compiler kept them scalar.  The rows are visited in perm
-           order, scattered in memory: the row AHEAD rows on is prefetched
+        /* Rows are taken two at a time, each with its own eight partial
+           sums per quantity: every result is bit for bit what one row at a
+           time gives (the same additions in the same order, sum[j] gets
+           row k's term before row k + 1's), but the two rows' dependency
+           chains interleave (one row at a time, the pass waited on the
+           latency of its partial sums).  The rows are visited in perm
+           order, scattered in memory: the rows AHEAD rows on are prefetched
            (without it, builds took 1.08-1.12x as long at d = 128; 8 or 16
            rows ahead measured the same as 4). */
         enum { AHEAD = 4 };
         const size_t row_bytes = (size_t)d * sizeof(T);
         double r2 = 0.0;
-        for (Py_ssize_t k = 0; k < m; ++k) {
-            if (k + AHEAD < m) {
-                const char* nxt = (const char*)(X + perm[k + AHEAD] * d);
+        Py_ssize_t k = 0;
+        for (; k + 2 <= m; k += 2) {
+            for (Py_ssize_t a = k + AHEAD; a < k + AHEAD + 2 && a < m; ++a) {
+                const char* nxt = (const char*)(X + perm[a] * d);
                 for (size_t o = 0; o < row_bytes; o += 64) __builtin_prefetch(nxt + o);
             }
+            const Py_ssize_t i0 = perm[k], i1 = perm[k + 1];
+            const T* __restrict x0 = X + i0 * d;
+            const T* __restrict x1 = X + i1 * d;
+            /* partial sums q = 0..3 in the *l vectors, 4..7 in the *h ones */
+            const sqd_v4d zero = {0, 0, 0, 0};
+            sqd_v4d p0l = zero, p0h = zero, p1l = zero, p1h = zero;
+            sqd_v4d e0l = zero, e0h = zero, e1l = zero, e1h = zero;
+            Py_ssize_t j = 0;
+            for (; j + 8 <= d; j += 8) {
+                const sqd_v4d y0l = sqd_load4(x0 + j), y0h = sqd_load4(x0 + j + 4);
+                const sqd_v4d y1l = sqd_load4(x1 + j), y1h = sqd_load4(x1 + j + 4);
+                if (SUM) {
+                    sqd_store4(sum + j, (sqd_load4(sum + j) + y0l) + y1l);
+                    sqd_store4(sum + j + 4, (sqd_load4(sum + j + 4) + y0h) + y1h);
+                }
+                if (PROJ) {
+                    const sqd_v4d ul = sqd_load4(u + j), uh = sqd_load4(u + j + 4);
+                    p0l += y0l * ul;
+                    p0h += y0h * uh;
+                    p1l += y1l * ul;
+                    p1h += y1h * uh;
+                }
+                if (DIST) {
+                    const sqd_v4d cl = sqd_load4(pc + j), ch = sqd_load4(pc + j + 4);
+                    const sqd_v4d t0l = y0l - cl, t0h = y0h - ch;
+                    const sqd_v4d t1l = y1l - cl, t1h = y1h - ch;
+                    e0l += t0l * t0l;
+                    e0h += t0h * t0h;
+                    e1l += t1l * t1l;
+                    e1h += t1h * t1h;
+                }
+            }
+            double p0[8], p1[8], e0[8], e1[8];
+            sqd_store4(p0, p0l); sqd_store4(p0 + 4, p0h);
+            sqd_store4(p1, p1l); sqd_store4(p1 + 4, p1h);
+            sqd_store4(e0, e0l); sqd_store4(e0 + 4, e0h);
+            sqd_store4(e1, e1l); sqd_store4(e1 + 4, e1h);
+            for (; j < d; ++j) {
+                const double y0 = (double)x0[j], y1 = (double)x1[j];
+                if (SUM) sum[j] = (sum[j] + y0) + y1;
+                if (PROJ) {
+                    p0[0] += y0 * u[j];
+                    p1[0] += y1 * u[j];
+                }
+                if (DIST) {
+                    const double t0 = y0 - (double)pc[j], t1 = y1 - (double)pc[j];
+                    e0[0] += t0 * t0;
+                    e1[0] += t1 * t1;
+                }
+            }
+            if (PROJ) {
+                const double a0 = sqd_fold8(p0), a1 = sqd_fold8(p1);
+                proj[k] = SqdKeyed{sqd_order_key((a0 - offset) * scale), i0};
+                proj[k + 1] = SqdKeyed{sqd_order_key((a1 - offset) * scale), i1};
+            }
+            if (DIST) {
+                const double t0 = sqd_fold8(e0), t1 = sqd_fold8(e1);
+                if (t0 > r2) r2 = t0;
+                if (t1 > r2) r2 = t1;
+            }
+        }
+        if (k < m) {   /* the last row of an odd count */
             const Py_ssize_t i = perm[k];
             const T* __restrict x = X + i * d;
             if (SUM)
                 for (Py_ssize_t j = 0; j < d; ++j) sum[j] += (double)x[j];
             if (PROJ) {
                 const double p = sqd_dot_impl<T>(x, u, d);
-                proj[k] = std::make_pair(p == p ? p : 0.0, i);
+                proj[k] = SqdKeyed{sqd_order_key((p - offset) * scale), i};
             }
             if (DIST) {
                 const double t = sqd_dist2_impl<T, float>(x, pc, d);
@@ -1769,18 +1922,24 @@ cdef extern from *:
         return sqd_farthest_impl<T>(X, d, perm, from, start, end, step);                    \
     }                                                                                       \
     SQD_CLONES static double sqd_node_pass(const T* X, Py_ssize_t d, const Py_ssize_t* perm, \
-                                           Py_ssize_t m, const double* u,                   \
-                                           std::pair<double, Py_ssize_t>* proj,             \
+                                           Py_ssize_t m, const double* u, double offset,    \
+                                           double scale,                                    \
+                                           SqdKeyed* proj,                                  \
                                            double* sum, const float* pc) {                  \
         if (proj && pc)                                                                     \
-            return sqd_node_pass_impl<T, true, true, true>(X, d, perm, m, u, proj, sum, pc);\
+            return sqd_node_pass_impl<T, true, true, true>(X, d, perm, m, u, offset, scale, \
+                                                           proj, sum, pc);                  \
         if (proj)                                                                           \
-            return sqd_node_pass_impl<T, true, true, false>(X, d, perm, m, u, proj, sum, pc);\
+            return sqd_node_pass_impl<T, true, true, false>(X, d, perm, m, u, offset, scale,\
+                                                            proj, sum, pc);                 \
         if (pc && !sum)                                                                     \
-            return sqd_node_pass_impl<T, false, false, true>(X, d, perm, m, u, proj, sum, pc);\
+            return sqd_node_pass_impl<T, false, false, true>(X, d, perm, m, u, offset,      \
+                                                             scale, proj, sum, pc);         \
         if (pc)                                                                             \
-            return sqd_node_pass_impl<T, false, true, true>(X, d, perm, m, u, proj, sum, pc);\
-        return sqd_node_pass_impl<T, false, true, false>(X, d, perm, m, u, proj, sum, pc);  \
+            return sqd_node_pass_impl<T, false, true, true>(X, d, perm, m, u, offset, scale,\
+                                                            proj, sum, pc);                 \
+        return sqd_node_pass_impl<T, false, true, false>(X, d, perm, m, u, offset, scale,   \
+                                                         proj, sum, pc);                    \
     }                                                                                       \
     SQD_CLONES static void sqd_lloyd_pass(const T* X, Py_ssize_t d, const Py_ssize_t* perm, \
                                           Py_ssize_t start, Py_ssize_t end, Py_ssize_t step,\
@@ -1903,7 +2062,7 @@ cdef extern from *:
            and their depth is kept), so that they can be built in parallel
            and spliced in afterwards. */
         Py_ssize_t cutoff = 0;
-        /* Threads for the pass and the sort of nodes of at least PAR_MIN
+        /* Threads for the pass of nodes of at least PAR_MIN
            points (the top levels, above the subtrees built in parallel):
            otherwise one thread walks every point at each of those levels
            while the others wait. */
@@ -1911,7 +2070,17 @@ cdef extern from *:
         enum { PAR_MIN = 4096 };
         std::vector<std::pair<Py_ssize_t, Py_ssize_t> > pending;
         std::vector<Py_ssize_t> pending_depth, pending_parent;
-        std::vector<std::pair<double, Py_ssize_t> > proj;
+        std::vector<SqdKeyed> proj, proj_tmp;
+        /* The projection of the node's first row on u (0 if not finite): the
+           sort keys are the projections minus it, rounded to float32, so
+           that their precision is relative to the node's extent along u,
+           not to its distance from the origin. */
+        double u_offset = 0.0;
+        /* A power of two (exact) near 1 / (max |u_j| max |p1_j - p2_j|),
+           which brings the keys of points within the far pair's extent to
+           at most about d: float32 keys then neither overflow nor underflow
+           for data at any scale. */
+        double u_scale = 1.0;
         std::vector<double> pre, pre2, u, c1, c2, s1, s2, sum;
 
         SqdBuilder(const T* X_, Py_ssize_t d_, Py_ssize_t leaf_size_, Py_ssize_t* perm_,
@@ -1997,6 +2166,18 @@ cdef extern from *:
             if (!(un > 0))   /* the means coincide: fall back to the far pair */
                 for (Py_ssize_t j = 0; j < d; ++j)
                     u[j] = (double)X[p2 * d + j] - (double)X[p1 * d + j];
+            u_offset = sqd_xdot(X + perm[start] * d, u.data(), d);
+            if (!std::isfinite(u_offset)) u_offset = 0.0;
+            double umax = 0, xmax = 0;   /* largest |u_j| and |p1_j - p2_j| */
+            for (Py_ssize_t j = 0; j < d; ++j) {
+                umax = std::max(umax, std::fabs(u[j]));
+                xmax = std::max(xmax, std::fabs((double)X[p2 * d + j] - (double)X[p1 * d + j]));
+            }
+            u_scale = 1.0;
+            if (umax > 0 && xmax > 0 && std::isfinite(umax) && std::isfinite(xmax)) {
+                const int e = std::ilogb(umax) + std::ilogb(xmax);
+                u_scale = std::ldexp(1.0, e > 1000 ? -1000 : e < -1000 ? 1000 : -e);
+            }
             return true;
         }
         /* Cut in [lo, hi] minimising the within-side sum of squares of the
@@ -2023,7 +2204,7 @@ cdef extern from *:
             for (int t = 0; t < nt; ++t) {
                 const Py_ssize_t k0 = m * t / nt, k1 = m * (t + 1) / nt;
                 r2[t] = sqd_node_pass(X, d, perm + start + k0, k1 - k0,
-                                      split ? u.data() : nullptr,
+                                      split ? u.data() : nullptr, u_offset, u_scale,
                                       split ? proj.data() + k0 : nullptr,
                                       sums.data() + (size_t)t * d, pc);
             }
@@ -2034,20 +2215,6 @@ cdef extern from *:
             }
             return best;
         }
-        /* std::sort of proj in par_threads pieces, then merged: the same
-           result, as (value, index) pairs are all distinct. */
-        void parallel_sort() {
-            const int nt = par_threads;
-            const Py_ssize_t m = (Py_ssize_t)proj.size();
-            std::vector<Py_ssize_t> cut(nt + 1);
-            for (int t = 0; t <= nt; ++t) cut[t] = m * t / nt;
-            #pragma omp parallel for schedule(static, 1) num_threads(nt)
-            for (int t = 0; t < nt; ++t)
-                std::sort(proj.begin() + cut[t], proj.begin() + cut[t + 1]);
-            for (int t = 1; t < nt; ++t)
-                std::inplace_merge(proj.begin(), proj.begin() + cut[t], proj.begin() + cut[t + 1]);
-        }
-
         /* The largest squared distance t of the parent's points found by a
            pass of one of its children. */
         void to_parent(Py_ssize_t parent, double t) {
@@ -2075,8 +2242,8 @@ cdef extern from *:
             }
             const float* pc = center_of(parent);
             if (m <= leaf_size || m < 2) {
-                if (pc) to_parent(parent, sqd_node_pass(X, d, perm + start, m, nullptr, nullptr,
-                                                        nullptr, pc));
+                if (pc) to_parent(parent, sqd_node_pass(X, d, perm + start, m, nullptr, 0.0,
+                                                        1.0, nullptr, nullptr, pc));
                 return;
             }
             Py_ssize_t lo = m / 4, hi = m - m / 4;   /* middle half, as offsets */
@@ -2095,28 +2262,28 @@ cdef extern from *:
             const Py_ssize_t min_side = lo < 2 ? lo : 2;
             Py_ssize_t cut = m / 2;
             const bool split = direction(start, end);
-            /* One pass: projections (NaN, from inf - inf near the overflow
-               limit, would break the sort's ordering: it becomes 0), this
-               node's centroid, and the distances to the parent's centre. */
+            /* One pass: the projections' sort keys (NaN, from inf - inf
+               near the overflow limit, becomes 0), this node's centroid,
+               and the distances to the parent's centre. */
             proj.resize(m);
             std::fill(sum.begin(), sum.end(), 0.0);
             const bool par = par_threads > 1 && m >= PAR_MIN;
             const double t = par ? parallel_pass(start, m, split, pc)
                                  : sqd_node_pass(X, d, perm + start, m,
-                                                 split ? u.data() : nullptr,
+                                                 split ? u.data() : nullptr, u_offset, u_scale,
                                                  split ? proj.data() : nullptr, sum.data(), pc);
             if (pc) to_parent(parent, t);
             float* c = centers->data() + me * d;
             for (Py_ssize_t j = 0; j < d; ++j) c[j] = (float)(sum[j] / m);
             if (split) {
-                if (par) parallel_sort();
-                else std::sort(proj.begin(), proj.end());
-                for (Py_ssize_t k = 0; k < m; ++k) perm[start + k] = proj[k].second;
+                proj_tmp.resize(m);
+                sqd_sort_keyed(proj.data(), proj_tmp.data(), m);
+                for (Py_ssize_t k = 0; k < m; ++k) perm[start + k] = proj[k].idx;
                 pre.assign(m + 1, 0.0);
                 pre2.assign(m + 1, 0.0);
-                double shift = proj[m / 2].first;   /* centre for stable sums */
+                double shift = sqd_key_value(proj[m / 2].key);   /* centre for stable sums */
                 for (Py_ssize_t k = 0; k < m; ++k) {
-                    double v = proj[k].first - shift;
+                    double v = sqd_key_value(proj[k].key) - shift;
                     pre[k + 1] = pre[k] + v;
                     pre2[k + 1] = pre2[k] + v * v;
                 }
