@@ -2383,6 +2383,41 @@ cdef extern from *:
         sqd_splice(top, r, subs, d, out);
     }
 
+    /* Rows start + i of n_arrays arrays (row i of array a at base[a] +
+       i * row_bytes[a]) get the rows start + perm[i] (perm: a permutation
+       of 0..n-1), in place: each cycle of perm is followed with one row of
+       scratch per array, so every row is read and written once. */
+    static void sqd_permute_rows(char* const* base, const size_t* row_bytes, int n_arrays,
+                                 Py_ssize_t start, const Py_ssize_t* perm, Py_ssize_t n) {
+        size_t total = 0;
+        for (int a = 0; a < n_arrays; ++a) total += row_bytes[a];
+        std::vector<char> scratch(total);
+        std::vector<unsigned char> done(n, 0);
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            if (done[i]) continue;
+            done[i] = 1;
+            if (perm[i] == i) continue;
+            char* tmp = scratch.data();
+            for (int a = 0; a < n_arrays; ++a) {
+                std::memcpy(tmp, base[a] + (start + i) * row_bytes[a], row_bytes[a]);
+                tmp += row_bytes[a];
+            }
+            Py_ssize_t j = i;
+            for (Py_ssize_t src = perm[j]; src != i; j = src, src = perm[j]) {
+                __builtin_prefetch(base[0] + (start + perm[src]) * row_bytes[0]);
+                for (int a = 0; a < n_arrays; ++a)
+                    std::memcpy(base[a] + (start + j) * row_bytes[a],
+                                base[a] + (start + src) * row_bytes[a], row_bytes[a]);
+                done[src] = 1;
+            }
+            tmp = scratch.data();
+            for (int a = 0; a < n_arrays; ++a) {
+                std::memcpy(base[a] + (start + j) * row_bytes[a], tmp, row_bytes[a]);
+                tmp += row_bytes[a];
+            }
+        }
+    }
+
     /* Build the tree of n points into out; large inputs build the top
        levels first, then the subtrees below them in parallel (OpenMP), then
        splice. */
@@ -2534,6 +2569,8 @@ cdef extern from *:
         vector[intp_t] starts, ends, rights
         vector[float] centers
         vector[double] r2s
+    void sqd_permute_rows(char* const* base, const size_t* row_bytes, int n_arrays,
+                          intp_t start, const intp_t* perm, intp_t n) except + nogil
     void sqd_build_tree(const float* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
                         SqdNodes& out, int n_threads, bint refined) except + nogil
     void sqd_build_tree(const double* X, intp_t d, intp_t* perm, intp_t n, intp_t leaf_size,
@@ -4508,15 +4545,26 @@ cdef class _HalfspaceCore:
         n_nodes = <intp_t>nodes.starts.size()
         # only the last segment is ever (re)built, so its nodes may grow
         self._reserve_nodes(node0 + n_nodes)
-        perm += start
-        self._X[start:end] = self._X[perm]
-        self._ids[start:end] = self._ids[perm]
         # The codes and constants of a slot depend only on its point: move
         # them with it (d / 4 four-byte moves per slot instead of encoding).
-        self._scale[start:end] = self._scale[perm]
-        self._ea[start:end] = self._ea[perm]
-        self._ec[start:end] = self._ec[perm]
-        self._rows2[start:end] = self._rows2[perm]
+        # Each row moves once, along the permutation's cycles, in place (a
+        # gather into fresh arrays and a copy back moved every row twice
+        # and page-faulted the temporaries).
+        cdef char* bases[6]
+        cdef size_t row_bytes[6]
+        bases[0] = <char*>cnp.PyArray_DATA(<cnp.ndarray>self._X)
+        row_bytes[0] = d * (4 if self.is32 else 8)
+        bases[1] = <char*>cnp.PyArray_DATA(<cnp.ndarray>self._ids)
+        row_bytes[1] = sizeof(intp_t)
+        bases[2] = <char*>cnp.PyArray_DATA(<cnp.ndarray>self._scale)
+        bases[3] = <char*>cnp.PyArray_DATA(<cnp.ndarray>self._ea)
+        bases[4] = <char*>cnp.PyArray_DATA(<cnp.ndarray>self._ec)
+        row_bytes[2] = row_bytes[3] = row_bytes[4] = sizeof(float)
+        bases[5] = <char*>cnp.PyArray_DATA(<cnp.ndarray>self._rows2)
+        row_bytes[5] = self.dpad + 8
+        with nogil:
+            sqd_permute_rows(bases, row_bytes, 6, start, &p[0], n)
+        perm += start
         self._permute_codes(start, end, perm)
         cdef intp_t[::1] ids = self._ids
         for s in range(start, end):
