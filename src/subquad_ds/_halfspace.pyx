@@ -344,10 +344,17 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
   in place by 1/16 with realloc, tried before, was no cheaper: the
   kernel's remapping splits the huge pages, 60-90 ms per step at N = 200k,
   d = 128.
-  A segment build moves the codes with their points (no re-encoding), and
+  A segment build moves the codes with their points (no re-encoding; each
+  slot's rows move once, along the cycles of the tree order), and
   tail segments of fewer than 16384 slots, which single adds rebuild over
   and over, skip the Lloyd splits and the leaf-centre refinement (the first
-  segment, i.e. every build of a whole index, always gets them).
+  segment, i.e. every build of a whole index, always gets them).  Where an
+  eager add's time goes (200k single adds onto 200k clustered points, d =
+  128, timed per build): builds of segments of 16384 slots or more, 5.7
+  points rebuilt per added point at about 1.9 us each, 11 us per add;
+  tail builds 3.8 points at 0.84 us, 3 us; the call itself, the encoding
+  and the insertion-buffer leaf about 3 us.  Under the lazy rule the large
+  builds are 3.4 points per add (6.3 us).
 - ``update``: overwrite the slot and its code, and grow the radius of each
   ancestor to cover the new value: O(d depth).  When a segment has absorbed
   more updates than half its size, the tail from that segment is rebuilt
