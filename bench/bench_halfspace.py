@@ -52,6 +52,15 @@ def _smoke(config):
     return bool(config.getoption("benchmark_disable", default=False))
 
 
+def _n_points(config):
+    return N_SMOKE if _smoke(config) else N_FULL
+
+
+# a module fixture per (data kind, dimension) pair
+per_dataset = pytest.fixture(scope="module", params=list(itertools.product(KINDS, DIMS)),
+                             ids=lambda p: f"{p[0]}-d{p[1]}")
+
+
 def make_points(kind, n, d, rng):
     if kind == "gaussian":
         return rng.standard_normal((n, d), dtype=np.float32)
@@ -60,11 +69,10 @@ def make_points(kind, n, d, rng):
     return centres[labels] + np.float32(0.1) * rng.standard_normal((n, d), dtype=np.float32)
 
 
-@pytest.fixture(scope="module", params=list(itertools.product(KINDS, DIMS)),
-                ids=lambda p: f"{p[0]}-d{p[1]}")
+@per_dataset
 def data(request):
     kind, d = request.param
-    n = N_SMOKE if _smoke(request.config) else N_FULL
+    n = _n_points(request.config)
     rng = np.random.default_rng(1234)
     X = make_points(kind, n, d, rng)
     W = rng.standard_normal((N_QUERIES, d), dtype=np.float32)
@@ -235,7 +243,7 @@ def test_build(benchmark, machine_info, data, impl, request):
 @pytest.fixture(scope="module", params=DIMS, ids=lambda d: f"d{d}")
 def dynamic(request):
     d = request.param
-    n = N_SMOKE if _smoke(request.config) else N_FULL
+    n = _n_points(request.config)
     rng = np.random.default_rng(1234)
     X = make_points("gaussian", n, d, rng)
     return {"d": d, "n": n, "X": X, "rng": rng, "kind": "gaussian",
@@ -307,11 +315,10 @@ def test_update_one(benchmark, machine_info, dynamic, impl, op, request):
 
 # -- runs of single adds: the amortised cost, merges included -------------------
 
-@pytest.fixture(scope="module", params=list(itertools.product(KINDS, DIMS)),
-                ids=lambda p: f"{p[0]}-d{p[1]}")
+@per_dataset
 def growing(request):
     kind, d = request.param
-    n = N_SMOKE if _smoke(request.config) else N_FULL
+    n = _n_points(request.config)
     rng = np.random.default_rng(1234)
     X = make_points(kind, 2 * n, d, rng)
     w = rng.standard_normal(d, dtype=np.float32)
