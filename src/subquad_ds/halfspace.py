@@ -132,9 +132,10 @@ class HalfspaceIndex:
     last two whenever the last reaches half the size of the one before).
     :meth:`rebuild` makes a single segment.  ``update``: O(d log n) in
     place (ancestor radii grow; the tail from a segment is rebuilt after
-    that segment absorbed as many updates as half its size).  Query: in the worst case (no pruning)
-    2 n d one-byte integer multiply-adds (n d bytes read), plus O(d) per
-    point whose error bound straddles ``b`` and O(1) per reported point;
+    that segment absorbed as many updates as half its size).  Query: in
+    the worst case (no pruning) 2 n d one-byte integer multiply-adds (n d
+    bytes read), plus O(d) per point whose error bound straddles ``b`` and
+    O(1) per reported point;
     with pruning, only the leaves that straddle the hyperplane are
     screened.  A single query is split across ``n_threads`` threads when
     its straddling subtrees hold enough points (about 10k at d = 32, 4k at
