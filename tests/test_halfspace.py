@@ -40,7 +40,8 @@ def check_against_oracle(index, W, b, *, k=None):
     indptr, scores, indices = index.query(W, b, return_scores=True)
     check_csr_equal(indptr, indices, ref_ptr, ref_idx)
     assert indptr.dtype == np.intp and indices.dtype == np.intp
-    assert scores.dtype == index.dtype
+    assert scores.dtype == np.float64       # the exact scores, for either dtype
+    assert (scores >= np.repeat(np.broadcast_to(b, (len(indptr) - 1,)), np.diff(indptr))).all()
     # scores travel with their ids
     for q in range(len(indptr) - 1):
         sl = slice(indptr[q], indptr[q + 1])
@@ -103,6 +104,26 @@ def test_oracle_random_data(dtype, rng, kind, d, kernel):
         W = rng.integers(-2, 3, size=(9, d)).astype(dtype)
     b = _thresholds(X, W, [0.001, 0.01, 0.1, 0.5, 0.99], rng, on_scores=kind == "integers")
     check_against_oracle(index, W, b, k=5)
+
+
+def test_returned_scores_are_the_deciding_float64_scores(rng):
+    # float32 points, thresholds just below each exact score: rounded to
+    # float32, about half of those scores would fall below b
+    X = rng.normal(size=(300, 16)).astype(np.float32)
+    w = rng.normal(size=16).astype(np.float32)
+    index = HalfspaceIndex(X, leaf_size=8)
+    exact = X.astype(np.float64) @ w.astype(np.float64)
+    for p in range(0, 300, 7):
+        b = exact[p] - 1e-12 * abs(exact[p])
+        scores, ids = index.query(w, b, return_scores=True)
+        assert scores.dtype == np.float64 and p in ids
+        np.testing.assert_allclose(scores, exact[ids], rtol=1e-13)
+        assert (scores >= b).all()
+    # top-k: two scores one float64 step apart stay ordered, not a float32 tie
+    Y = np.array([[1.0, 0.0], [1.0 + 2.0**-23, 0.0]], dtype=np.float32)
+    scores, ids = HalfspaceIndex(Y).search(np.array([1.0, 0.0], np.float32), 2)
+    np.testing.assert_array_equal(ids, [1, 0])
+    assert scores[0] > scores[1]
 
 
 def test_ties_are_reported(dtype):

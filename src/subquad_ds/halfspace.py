@@ -43,7 +43,7 @@ class HalfspaceIndex:
     vectors ``w`` and thresholds ``b``, while points are added, removed and
     updated.  It also answers exact top-k inner-product search.
 
-    Two mechanisms beat a brute-force scan (which is memory-bound):
+    Three mechanisms beat a brute-force scan (which is memory-bound):
 
     - a ball tree per segment: with centre ``c`` and radius ``r``, every
       point of a ball scores within ``<c, w> +- r ||w||``, so whole subtrees
@@ -59,11 +59,14 @@ class HalfspaceIndex:
     - leaves whose points lie close to their centre (tight clusters) also
       get 4-bit codes of ``p - c`` with one scale and error bound per leaf:
       they are screened reading half a byte per coordinate with integer
-      thresholds, then the other 4 bits for the points still undecided,
-      then exact verification.  Build-time only: a leaf gets them if their
-      8-bit error bound is at most half its points' mean absolute-code
-      error; a leaf that single adds extend, or an update moves a point far
-      from, falls back to the absolute codes.
+      thresholds, then the other 4 bits for the 16-point blocks holding
+      undecided points (a leaf whose centre scores near ``b`` is read
+      through both halves in one pass), then, where a row of ``X`` spans
+      512 bytes or more, a third 4-bit code per coordinate for the points
+      still undecided, then exact verification.  Build-time only: a leaf
+      gets them if their 8-bit error bound is at most half its points'
+      mean absolute-code error; a leaf that single adds extend, or an
+      update moves a point far from, falls back to the absolute codes.
 
     Parameters
     ----------
@@ -86,10 +89,9 @@ class HalfspaceIndex:
         a batch with fewer than 4 queries per thread) is split into
         subtrees that they walk.  ``None`` or -1: all usable cores; ``-k``:
         all but ``k-1``; 1: every query on the calling thread.  Can be
-        overridden per call.  Builds
-        and large adds use as many threads as OpenMP allows (limit them with
-        ``OMP_NUM_THREADS`` or ``threadpoolctl``); the result does not depend
-        on the thread count.
+        overridden per call.  Builds and large adds use as many threads as
+        OpenMP allows (limit them with ``OMP_NUM_THREADS`` or
+        ``threadpoolctl``); the result does not depend on the thread count.
 
     Attributes
     ----------
@@ -135,9 +137,8 @@ class HalfspaceIndex:
     that segment absorbed as many updates as half its size).  Query: in
     the worst case (no pruning) 2 n d one-byte integer multiply-adds (n d
     bytes read), plus O(d) per point whose error bound straddles ``b`` and
-    O(1) per reported point;
-    with pruning, only the leaves that straddle the hyperplane are
-    screened.  A single query is split across ``n_threads`` threads when
+    O(1) per reported point; with pruning, only the leaves that straddle
+    the hyperplane are screened.  A single query is split across ``n_threads`` threads when
     its straddling subtrees hold enough points (about 10k at d = 32, 4k at
     d = 128): the split costs about 5 us and, on the benchmark's 200k
     points, two threads answered 1.4-1.9 times faster than one.  Top-k
@@ -350,6 +351,8 @@ class HalfspaceIndex:
             f"exceeds {_MAX_SCORE:g}); rescale the queries or the points")
 
     def _thresholds(self, b, n_queries, single):
+        if _holds_bools(b):
+            raise TypeError(f"b must hold real numbers, not bools; got {b!r}")
         if single:
             if type(b) is float or (isinstance(b, numbers.Real)
                                     and not isinstance(b, (bool, np.bool_))):
@@ -492,8 +495,8 @@ class HalfspaceIndex:
 scipy sparse matrix/array of shape (n_queries, n_features)
             Query vectors (sparse input is read as CSR rows).
         b : float or array-like of shape (n_queries,)
-            Thresholds: a scalar for a 1-D ``w``; a scalar or one per query
-            for a batch.
+            Thresholds, finite (not bool): a scalar for a 1-D ``w``; a
+            scalar or one per query for a batch.
         return_scores : bool, default=False
             Also return the scores ``<p, w>`` of the reported points.
         n_threads : int, optional
@@ -510,7 +513,11 @@ scipy sparse matrix/array of shape (n_queries, n_features)
         indptr, indices : ndarray of intp
             For a batch: CSR, query ``q``'s hits are
             ``indices[indptr[q]:indptr[q+1]]``.  With ``return_scores``,
-            ``(indptr, scores, indices)``, scores in the index dtype.
+            ``(indptr, scores, indices)``.  Scores are float64 for either
+            index dtype: they are the values the answer is decided on, so
+            every reported score is ``>= b`` (rounded to float32, a hit
+            within a float32 rounding of ``b`` could show a score below
+            it).
 
         Notes
         -----
@@ -525,7 +532,7 @@ scipy sparse matrix/array of shape (n_queries, n_features)
         if single:
             _, ids, scores = self._core.query_single(data[0], b[0], mode, threads)
             if return_scores:
-                return scores.astype(self.dtype, copy=False), ids
+                return scores, ids
             return ids
         ptr, ids, scores = self._core.query(data, indptr, indices, b, mode, threads)
         if n_queries == 0:
@@ -533,7 +540,6 @@ scipy sparse matrix/array of shape (n_queries, n_features)
             ids = np.empty(0, dtype=np.intp)
             scores = np.empty(0, dtype=np.float64)
         if return_scores:
-            scores = scores.astype(self.dtype, copy=False)
             return (scores, ids) if single else (ptr, scores, ids)
         return ids if single else (ptr, ids)
 
@@ -562,20 +568,27 @@ scipy sparse matrix/array of shape (n_queries, n_features)
 scipy sparse
             Query vectors.
         k : int
-            Number of results per query (>= 0).
+            Number of results per query (>= 0).  A ``k`` above ``len(self)``
+            costs only the padding of the outputs: the search keeps at most
+            ``len(self)`` candidates.
 
         Returns
         -------
-        scores : ndarray of shape (n_queries, k) (or (k,)), index dtype
+        scores : ndarray of shape (n_queries, k) (or (k,)), float64
             Decreasing; ``-inf`` pads when fewer than ``k`` points exist.
+            float64 for either index dtype (the exact scores the order is
+            decided on; float32 could round distinct scores to a tie).
         ids : ndarray of shape (n_queries, k) (or (k,)), intp
             Ties in score are broken by smaller id; ``-1`` pads.
         """
         k = check_int(k, "k", minimum=0)
         single, data, indptr, indices, n_queries = self._queries(W)
-        scores, ids = self._core.search(data, indptr, indices, n_queries, k,
+        kept = min(k, len(self))        # the heaps never hold more than that
+        scores, ids = self._core.search(data, indptr, indices, n_queries, kept,
                                         self._threads(n_threads))
-        scores = scores.astype(self.dtype, copy=False)
+        if kept < k:
+            scores = np.hstack([scores, np.full((n_queries, k - kept), -np.inf)])
+            ids = np.hstack([ids, np.full((n_queries, k - kept), -1, dtype=np.intp)])
         if single:
             return scores[0], ids[0]
         return scores, ids
@@ -594,6 +607,18 @@ scipy sparse
             "points": self._core.live_points(),
         }
         return (_rebuild_index, (type(self), state))
+
+
+def _holds_bools(value):
+    """True for a bool, or an array or list of bools (thresholds reject them)."""
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    if isinstance(value, (list, tuple)):
+        try:
+            value = np.asarray(value)
+        except ValueError:          # ragged: as_float_array names the argument
+            return False
+    return getattr(value, "dtype", None) == np.bool_
 
 
 def _rebuild_index(cls, state):
