@@ -52,10 +52,11 @@ cache, bound by the multiply-adds):
    undecided points; where a row of X spans at least 8 cache lines, stage
    2 reads a third 4-bit code per feature, d / 2 bytes per point stored
    point-major, for the points still undecided; what is left is verified
-   exactly.  On the benchmark's clustered data (N = 200k, d = 128, 10%
-   selectivity) stage 0 leaves about 19% of the screened points to stage
-   1, 1.1% reach stage 2 and 0.08% verification.  Leaves whose centres lie
-   near b skip stage 0 (see "Query side"): there it would leave too many.
+   exactly.  Leaves whose centres lie near b skip stage 0 (see "Query
+   side"): there it would leave too many.  On the benchmark's clustered
+   data (N = 200k, d = 128, 10% selectivity) stage 1 sees about a third of
+   the screened points (30.6k of 96.4k; 18.0k without the skip),
+   1.1% reach stage 2 and 0.08% verification.
 
 Semantics and rounding (why the answer is exact)
 ------------------------------------------------
@@ -330,7 +331,7 @@ Updates and amortised costs (n live points, d features, L = leaf_size)
   are more than about 5-15 adds per query; 32 leaves a margin (measured,
   200k single adds onto 200k clustered points at d = 128, a 1% query
   every Q adds, total time against the eager rule alone: Q = 4 and 16,
-  0.93-0.99 (the same rule); Q = 64, 0.82-0.89 under threshold 16; Q =
+  0.93-0.99 (the same rule); Q = 64, 0.89 under threshold 16; Q =
   128, 0.69).  Either way each point takes part in O(log n) builds, i.e.
   O(d log^2 n) amortised per point, and the answers do not depend on the
   rule.  ``rebuild()`` makes one segment of any index.  Slot arrays double
