@@ -491,6 +491,27 @@ cdef extern from *:
     #define SQD_X86 0
     #endif
 
+    /* Streaming kernels (runs of consecutive 16-slot blocks: the absolute
+       codes, stage 0's high nibble plane, stage 1 of a whole chunk) prefetch
+       the lines SQD_STREAM_AHEAD bytes ahead of the block they start.  The
+       hardware prefetchers ramp up on every new 4 KiB page and leaf after a
+       few misses; running ahead hides that.  Measured (N = 200k, one
+       thread, queries alternating with the same code without it; warm: the
+       index queried back to back, cold: the caches filled with other data
+       before each query): 10% selectivity, clustered d = 128 0.91x the time
+       warm and 0.89x cold, d = 32 0.97x / 0.95x, Gaussian d = 128 0.95x /
+       0.93x, d = 32 0.88x / 0.89x; 0.1-1%: 0.91-0.93x / 0.90-0.97x; on the
+       AVX2 kernels 0.95x warm, 0.77-0.85x cold.  The distance (relative
+       codes only, one run, clustered 10%): 1 KiB gave 0.91x / 0.89x against
+       0.85x / 0.82x for 2 KiB at d = 128; 4 KiB 0.85x / 0.85x there, but
+       0.99x / 0.94x against 0.96x / 0.91x at d = 32.  A run's last lines
+       prefetch past its end: usually the next leaf, screened next. */
+    #define SQD_STREAM_AHEAD 2048
+    static SQD_INLINE void sqd_stream_ahead(const uint8_t* blk, Py_ssize_t blk_bytes) {
+        for (Py_ssize_t o = 0; o < blk_bytes; o += 64)
+            __builtin_prefetch(blk + SQD_STREAM_AHEAD + o);
+    }
+
     /* Both query codes at once: out[i] = <u_i, qw>, out2[i] = <u_i, qw2>
        (the two levels of the query's quantisation share every code load). */
     static void sqd_block_dots_generic(const uint8_t* codes, Py_ssize_t nblk,
@@ -498,6 +519,7 @@ cdef extern from *:
                                        int32_t* out, int32_t* out2) {
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* blk = codes + k * 16 * dpad;
+            if (nblk > 1) sqd_stream_ahead(blk, 16 * dpad);
             int32_t acc[16] = {0}, acc2[16] = {0};
             for (Py_ssize_t g = 0; g < dpad / 4; ++g)
                 for (int r = 0; r < 16; ++r)
@@ -537,6 +559,7 @@ cdef extern from *:
         const Py_ssize_t ng = dpad / 4;
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* blk = codes + k * 16 * dpad;
+            if (nblk > 1) sqd_stream_ahead(blk, 16 * dpad);
             __m256i a0 = _mm256_setzero_si256(), a1 = a0, b0 = a0, b1 = a0;
             for (Py_ssize_t g = 0; g < ng; ++g) {
                 int32_t q4, r4;
@@ -591,6 +614,7 @@ cdef extern from *:
         const Py_ssize_t ng = dpad / 4;
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* blk = codes + k * 16 * dpad;
+            if (nblk > 1) sqd_stream_ahead(blk, 16 * dpad);
             __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
             Py_ssize_t g = 0;
             for (; g + 2 <= ng; g += 2) {
@@ -714,6 +738,7 @@ cdef extern from *:
                                      Py_ssize_t dpad8, const int8_t* qw, int32_t* out) {
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* blk = plane + k * 8 * dpad8;
+            if (nblk > 1) sqd_stream_ahead(blk, 8 * dpad8);
             int32_t acc[16] = {0};
             for (Py_ssize_t g = 0; g < dpad8 / 8; ++g)
                 for (int r = 0; r < 16; ++r)
@@ -736,6 +761,7 @@ cdef extern from *:
         const Py_ssize_t ng = dpad8 / 8;
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* blk = plane + k * 8 * dpad8;
+            if (nblk > 1) sqd_stream_ahead(blk, 8 * dpad8);
             __m256i a0 = _mm256_setzero_si256(), a1 = a0;
             for (Py_ssize_t g = 0; g < ng; ++g) {
                 int32_t q4, r4;
@@ -765,6 +791,7 @@ cdef extern from *:
         const Py_ssize_t ng = dpad8 / 8;
         for (Py_ssize_t k = 0; k < nblk; ++k) {
             const uint8_t* blk = plane + k * 8 * dpad8;
+            if (nblk > 1) sqd_stream_ahead(blk, 8 * dpad8);
             __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
             Py_ssize_t g = 0;
             for (; g + 2 <= ng; g += 2) {
@@ -853,6 +880,10 @@ cdef extern from *:
             const uint8_t* h = hi + k * 8 * dpad8;
             const uint8_t* l = lo + k * 8 * dpad8;
             int32_t* o = out + 32 * k;
+            if (nblk > 1) {
+                sqd_stream_ahead(h, 8 * dpad8);
+                sqd_stream_ahead(l, 8 * dpad8);
+            }
     #if SQD_X86
             if (sqd_isa() == 2) { sqd_nib_dots8_vnni(h, l, dpad8, qw, qw2, o); continue; }
     #endif
@@ -1115,6 +1146,10 @@ cdef extern from *:
         Py_ssize_t a = 0, v = *n_ver, e1 = s0 + n, b0 = s0 >> 4, b1 = ((e1 - 1) >> 4) + 1;
         for (Py_ssize_t blk = b0; blk < b1; ++blk) {
             __m512i dw, dw2;
+            if (b1 - b0 > 1) {
+                sqd_stream_ahead(hi + (blk - b0) * 8 * dpad8, 8 * dpad8);
+                sqd_stream_ahead(lo + (blk - b0) * 8 * dpad8, 8 * dpad8);
+            }
             sqd_nib_dots8_block(hi + (blk - b0) * 8 * dpad8, lo + (blk - b0) * 8 * dpad8, dpad8,
                                 qw, qw2, &dw, &dw2);
             for (int h = 0; h < 2; ++h) {
