@@ -1,8 +1,10 @@
 """HalfspaceIndex benchmarks: subquad_ds side by side with numpy and faiss.
 
 Groups (one per operation and size): ``halfspace-query1-<data>-d<d>-sel<s>``
-(single-query latency, one thread each), ``halfspace-query1-allcores-...``
-(the same with every implementation given all cores),
+(single-query latency, one thread each, queried back to back: warm caches),
+``halfspace-query1-cold-...`` (the same with the caches filled with other
+data before each query), ``halfspace-query1-allcores-...`` (the same as the
+first, with every implementation given all cores),
 ``halfspace-batch64-<data>-d<d>-sel<s>`` (64 queries per call),
 ``halfspace-{add,remove,update}1-d<d>`` (one point per call on an index of N
 points), ``halfspace-addrun-<data>-d<d>-<workload>`` (N single adds onto N
@@ -98,11 +100,14 @@ def info(benchmark, machine_info, data, **extra):
                                 kernel=screening_kernel(), **extra)
 
 
-@pytest.mark.parametrize("sel", SELECTIVITIES)
-@pytest.mark.parametrize("impl", IMPLS)
-def test_query_single(benchmark, machine_info, data, impl, sel):
-    """One query per call, one thread (faiss range_search uses one thread for one query)."""
-    benchmark.group = f"halfspace-query1-{data['kind']}-d{data['d']}-sel{sel}"
+def _single_query_runner(data, impl, sel, threads):
+    """A call that answers the next of 16 queries with ``threads`` threads.
+
+    faiss range_search uses one thread for one query whatever it is given
+    (its thread count only parallelises across queries); numpy's product is
+    limited to one BLAS thread when ``threads == 1`` (if threadpoolctl is
+    installed), else uses BLAS's default.
+    """
     W, b, X = data["W"], data["b"][sel], data["X"]
     queries = itertools.cycle(range(16))
     if impl == "subquad_ds":
@@ -110,25 +115,84 @@ def test_query_single(benchmark, machine_info, data, impl, sel):
 
         def run():
             q = next(queries)
-            return index.query(W[q], b[q], n_threads=1)
+            return index.query(W[q], b[q], n_threads=threads)
     elif impl == "numpy":
-        def one_thread():
-            return threadpool_limits(1) if threadpool_limits else contextlib.nullcontext()
+        def blas_threads():
+            if threads == 1 and threadpool_limits:
+                return threadpool_limits(1)
+            return contextlib.nullcontext()
 
         def run():
             q = next(queries)
-            with one_thread():
+            with blas_threads():
                 return np.flatnonzero(X @ W[q] >= b[q])
     else:
         faiss, index = faiss_index(data)
-        faiss.omp_set_num_threads(1)
+        faiss.omp_set_num_threads(threads)
 
         def run():
             q = next(queries)
             return index.range_search(W[q:q + 1], float(b[q]))
+    return run
+
+
+def _blas_info(threads):
+    return 1 if threads == 1 and threadpool_limits else "default"
+
+
+@pytest.mark.parametrize("sel", SELECTIVITIES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_query_single(benchmark, machine_info, data, impl, sel):
+    """One query per call, one thread (faiss range_search uses one thread for one query)."""
+    benchmark.group = f"halfspace-query1-{data['kind']}-d{data['d']}-sel{sel}"
+    run = _single_query_runner(data, impl, sel, 1)
     info(benchmark, machine_info, data, impl=impl, selectivity=sel,
-         numpy_blas_threads=1 if threadpool_limits else "default")
+         numpy_blas_threads=_blas_info(1))
     benchmark(run)
+
+
+def _last_level_cache_bytes():
+    """Size of the largest CPU cache (Linux sysfs), or 512 MiB if unknown."""
+    sizes = []
+    for index in range(8):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            break
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes) if sizes else 2**29
+
+
+@pytest.fixture(scope="module")
+def cache_flusher(request):
+    """Reads twice the last-level cache (at most 1 GiB) of other data, so that
+    the next call finds neither the index nor faiss's copy of the points in
+    any cache.  The smoke run reads 1 MiB (only to exercise the code)."""
+    n_bytes = 2**20 if _smoke(request.config) else min(2 * _last_level_cache_bytes(), 2**30)
+    junk = np.ones(n_bytes // 8)
+
+    def flush():
+        junk.sum()
+        return (), {}
+    flush.n_bytes = n_bytes
+    return flush
+
+
+@pytest.mark.parametrize("sel", SELECTIVITIES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_query_single_cold(benchmark, machine_info, data, impl, sel, cache_flusher, request):
+    """One query per round on a cold cache, one thread: before each (untimed)
+    the caches are filled with other data.  The warm groups above measure a
+    structure queried back to back; this one, an index (or a faiss copy)
+    that other work has pushed out of the caches in between queries."""
+    benchmark.group = f"halfspace-query1-cold-{data['kind']}-d{data['d']}-sel{sel}"
+    run = _single_query_runner(data, impl, sel, 1)
+    info(benchmark, machine_info, data, impl=impl, selectivity=sel,
+         numpy_blas_threads=_blas_info(1), cache_flush_bytes=cache_flusher.n_bytes)
+    benchmark.pedantic(run, setup=cache_flusher, rounds=_rounds(request.config, 48),
+                       iterations=1)
 
 
 @pytest.mark.parametrize("sel", SELECTIVITIES)
@@ -138,32 +202,14 @@ def test_query_single_all_cores(benchmark, machine_info, data, impl, sel):
 
     subquad_ds splits a large query into subtrees walked by its threads;
     numpy's matrix-vector product uses BLAS's threads; faiss range_search
-    still uses one thread for one query (its thread count only parallelises
-    across queries), so its time matches the one-thread group's.
+    still uses one thread for one query, so its time matches the
+    one-thread group's.
     """
     benchmark.group = f"halfspace-query1-allcores-{data['kind']}-d{data['d']}-sel{sel}"
-    W, b, X = data["W"], data["b"][sel], data["X"]
-    queries = itertools.cycle(range(16))
     threads = subquad_ds._validation.check_n_threads(None)
-    if impl == "subquad_ds":
-        index = data["index"]
-
-        def run():
-            q = next(queries)
-            return index.query(W[q], b[q], n_threads=threads)
-    elif impl == "numpy":
-        def run():
-            q = next(queries)
-            return np.flatnonzero(X @ W[q] >= b[q])
-    else:
-        faiss, index = faiss_index(data)
-        faiss.omp_set_num_threads(threads)
-
-        def run():
-            q = next(queries)
-            return index.range_search(W[q:q + 1], float(b[q]))
+    run = _single_query_runner(data, impl, sel, threads)
     info(benchmark, machine_info, data, impl=impl, selectivity=sel, threads=threads,
-         numpy_blas_threads="default")
+         numpy_blas_threads=_blas_info(threads))
     benchmark(run)
 
 
