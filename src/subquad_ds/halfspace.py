@@ -138,12 +138,12 @@ class HalfspaceIndex:
     the worst case (no pruning) 2 n d one-byte integer multiply-adds (n d
     bytes read), plus O(d) per point whose error bound straddles ``b`` and
     O(1) per reported point; with pruning, only the leaves that straddle
-    the hyperplane are screened.  A single query is split across ``n_threads`` threads when
-    its straddling subtrees hold enough points (about 10k at d = 32, 4k at
-    d = 128): the split costs about 5 us and, on the benchmark's 200k
-    points, two threads answered 1.4-1.9 times faster than one.  Top-k
-    :meth:`search` of one query always runs on one thread.  Memory: per
-    point, the point itself plus ``2 d' + 28`` bytes
+    the hyperplane are screened.  A single query is split across
+    ``n_threads`` threads when its straddling subtrees hold enough points
+    (about 10k at d = 32, 4k at d = 128): the split costs about 5 us and,
+    on the benchmark's 200k points, two threads answered 1.4-1.9 times
+    faster than one.  Top-k :meth:`search` of one query always runs on one
+    thread.  Memory: per point, the point itself plus ``2 d' + 28`` bytes
     (``d'`` = d rounded up to a multiple of 4), plus about 60-70 bytes for
     the id hash map and the tree nodes; once a build finds leaves that
     qualify for leaf-relative codes (clustered data; never Gaussian data),
@@ -351,11 +351,10 @@ class HalfspaceIndex:
             f"exceeds {_MAX_SCORE:g}); rescale the queries or the points")
 
     def _thresholds(self, b, n_queries, single):
-        if _holds_bools(b):
+        if type(b) is not float and _holds_bools(b):     # (a float is the fast path)
             raise TypeError(f"b must hold real numbers, not bools; got {b!r}")
         if single:
-            if type(b) is float or (isinstance(b, numbers.Real)
-                                    and not isinstance(b, (bool, np.bool_))):
+            if type(b) is float or isinstance(b, numbers.Real):   # not bool: see above
                 b = to_float(b)
                 if not math.isfinite(b):
                     raise ValueError("b must be finite; found NaN or inf")
