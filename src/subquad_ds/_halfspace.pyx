@@ -177,7 +177,10 @@ chunk (their third-level rows prefetched into L2) for stage 2, whose
 undecided slots wait one more chunk (their rows of X prefetched) for
 verification, so that the memory has arrived; the pipeline is flushed at
 the end of the query.  The DFS prefetches both children's centres (and a
-relative leaf's first high-plane lines) into L2 when it pushes them.
+relative leaf's first high-plane lines) into L2 when it pushes them, and
+the kernels that stream runs of blocks prefetch 2 KiB ahead of the block
+they start (``sqd_stream_ahead``: 0.88-0.97x the query time with warm
+caches, 0.77-0.95x with cold ones).
 Stage 1's low-plane blocks are not prefetched: on the Intel host a
 software prefetch of them made queries 5% slower (it waits on full miss
 queues), and running stage 1 in the chunk itself instead of one chunk
