@@ -33,6 +33,7 @@ __all__ = [
     "check_n_threads",
     "check_random_state",
     "check_scalar_or_vector",
+    "reject_bools",
     "resolve_float_dtype",
 ]
 
@@ -220,6 +221,22 @@ def check_scalar_or_vector(b, name, *, length, dtype):
             f"{name} must broadcast to ({length},); got shape {arr.shape}"
         )
     return np.ascontiguousarray(np.broadcast_to(arr, (length,)), dtype=dtype)
+
+
+def reject_bools(value, name):
+    """TypeError if ``value`` is a bool, or an array, list or tuple of bools.
+
+    For arguments where a bool is never meant as a number (thresholds),
+    although the dtype policy casts bool arrays of data to float.
+    """
+    seen = value
+    if isinstance(value, (list, tuple)):
+        try:
+            seen = np.asarray(value)
+        except ValueError:          # ragged: the array check that follows names it
+            return
+    if isinstance(seen, (bool, np.bool_)) or getattr(seen, "dtype", None) == np.bool_:
+        raise TypeError(f"{name} must hold real numbers, not bools; got {value!r}")
 
 
 def check_n_threads(n_threads):

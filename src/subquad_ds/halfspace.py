@@ -19,6 +19,7 @@ from ._validation import (
     check_int,
     check_n_threads,
     check_scalar_or_vector,
+    reject_bools,
     is_sparse,
     resolve_float_dtype,
     to_float,
@@ -351,8 +352,8 @@ class HalfspaceIndex:
             f"exceeds {_MAX_SCORE:g}); rescale the queries or the points")
 
     def _thresholds(self, b, n_queries, single):
-        if type(b) is not float and _holds_bools(b):     # (a float is the fast path)
-            raise TypeError(f"b must hold real numbers, not bools; got {b!r}")
+        if type(b) is not float:                          # (a float is the fast path)
+            reject_bools(b, "b")
         if single:
             if type(b) is float or isinstance(b, numbers.Real):   # not bool: see above
                 b = to_float(b)
@@ -606,18 +607,6 @@ scipy sparse
             "points": self._core.live_points(),
         }
         return (_rebuild_index, (type(self), state))
-
-
-def _holds_bools(value):
-    """True for a bool, or an array or list of bools (thresholds reject them)."""
-    if isinstance(value, (bool, np.bool_)):
-        return True
-    if isinstance(value, (list, tuple)):
-        try:
-            value = np.asarray(value)
-        except ValueError:          # ragged: as_float_array names the argument
-            return False
-    return getattr(value, "dtype", None) == np.bool_
 
 
 def _rebuild_index(cls, state):
